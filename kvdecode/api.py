@@ -1,0 +1,136 @@
+"""The public entry point: ``decode_attention``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from .errors import KVDecodeError
+from .plan import DecodePlan, plan
+from .planner import check_backend_name
+from .problem import DecodeProblem
+
+__all__ = ["check_lengths", "decode_attention"]
+
+_PLAN_CACHE: OrderedDict[tuple, DecodePlan] = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+    validate: bool = False,
+    deterministic: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Attention of a few new query tokens against a fixed-capacity KV cache.
+
+    Query ``t`` of row ``b`` sits at position ``seq_lens[b] - T_q + t`` and sees keys
+    ``kv_start[b] .. that position`` (bottom-right causal), further restricted by ``mask``::
+
+        out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j] + mask) @ v[b, h // G, j]
+
+    with ``G = H_q // H_kv`` (GQA; MQA when ``H_kv = 1``). Lengths are read on the device: no host
+    sync, no recompilation as they change.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, H_q, T_q, D]``
+        Queries; float16, bfloat16 or float32; any strides with ``q.stride(-1) == 1``.
+    k_cache, v_cache : Tensor ``[B, H_kv, capacity, D]``
+        The caches in logical BHSD; a BSHD buffer is passed as ``buf.transpose(1, 2)``.
+    seq_lens : int32 Tensor ``[B]`` on q's device
+        Filled length of each row, the ``T_q`` new tokens included (``T_q <= seq_lens <= capacity``).
+    scale : float, optional
+        Score scale; defaults to ``1 / sqrt(D)``.
+    kv_start : int32 Tensor ``[B]``, optional
+        Keys before ``kv_start[b]`` are masked (left padding).
+    mask : Tensor, optional
+        Broadcastable to ``[B, H_q, T_q, capacity]``: bool (True = attend) or float (added to scores).
+    backend : {"auto", "triton", "cudnn", "reference"}
+        ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
+        :class:`~kvdecode.UnsupportedError`.
+    out : Tensor ``[B, H_q, T_q, D]``, optional
+        Written in place and returned.
+    return_lse : bool
+        Also return the natural-log log-sum-exp, float32 ``[B, H_q, T_q]``.
+    validate : bool
+        Sync and check the device lengths (``T_q <= seq_lens <= capacity``, ``kv_start <= seq_lens -
+        T_q``). Off by default: the kernels clamp so nothing is read outside the cache.
+    deterministic : bool
+        Bitwise-reproducible results (fixed merge order, deterministic cuDNN engines).
+
+    Returns
+    -------
+    Tensor ``[B, H_q, T_q, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse``. A row with nothing
+    visible gives zeros and ``lse = -inf``, never NaN.
+
+    Raises
+    ------
+    KVDecodeError
+        Bad input, before any launch; the message names the argument, the value and the fix.
+
+    Examples
+    --------
+    >>> import torch, kvdecode
+    >>> q = torch.randn(2, 8, 1, 64)
+    >>> k = torch.randn(2, 2, 256, 64); v = torch.randn(2, 2, 256, 64)
+    >>> lens = torch.tensor([17, 256], dtype=torch.int32)
+    >>> kvdecode.decode_attention(q, k, v, lens).shape
+    torch.Size([2, 8, 1, 64])
+    """
+    check_backend_name(backend)
+    problem = DecodeProblem.from_tensors(
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask, out=out
+    )
+    if validate:
+        check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
+    the_plan = _cached_plan(problem, backend, deterministic)
+    return the_plan.run(
+        q, k_cache, v_cache, seq_lens, kv_start=kv_start, mask=mask, out=out, return_lse=return_lse
+    )
+
+
+def _cached_plan(problem: DecodeProblem, backend: str, deterministic: bool) -> DecodePlan:
+    key = (problem, backend, deterministic)
+    found = _PLAN_CACHE.get(key)
+    if found is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return found
+    made = plan(problem, backend=backend, deterministic=deterministic)
+    _PLAN_CACHE[key] = made
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
+    return made
+
+
+def check_lengths(
+    seq_lens: torch.Tensor, kv_start: torch.Tensor | None, *, q_len: int, capacity: int
+) -> None:
+    """Sync and check device lengths; raises :class:`KVDecodeError` naming the first bad row."""
+    lens = seq_lens.detach().cpu().tolist()
+    for b, n in enumerate(lens):
+        if n > capacity:
+            raise KVDecodeError(
+                f"seq_lens[{b}] must be <= capacity ({capacity}), got {n}; the cache row is full"
+            )
+        if n < q_len:
+            raise KVDecodeError(
+                f"seq_lens[{b}] must be >= T_q ({q_len}), got {n}; seq_lens counts the new tokens too"
+            )
+    if kv_start is not None:
+        for b, (s, n) in enumerate(zip(kv_start.detach().cpu().tolist(), lens)):
+            if s < 0 or s > n - q_len:
+                raise KVDecodeError(
+                    f"kv_start[{b}] must be in 0..seq_lens[{b}] - T_q ({n - q_len}), got {s}; "
+                    "it marks the first real token of a left-padded row"
+                )

@@ -1,0 +1,93 @@
+"""Backends as data: each answers ``supports(problem) -> reason or None`` and makes launchers.
+
+A launcher is made once per plan (it owns its scratch and, for cuDNN, its graph) and is then called
+with the tensors of each step; it only launches work and never syncs the host.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .problem import DecodeProblem
+
+__all__ = ["Backend", "Launcher", "ReferenceBackend", "get_backend", "register_backend"]
+
+
+class Launcher(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        seq_lens: torch.Tensor,
+        kv_start: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+    ) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, problem: DecodeProblem) -> str | None:
+        """``None`` when this backend can serve ``problem``, else a one-line reason why not."""
+
+    def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> Launcher:
+        """Host work done once: configuration, graph, scratch."""
+
+
+class _ReferenceLauncher:
+    def __init__(self, problem: DecodeProblem) -> None:
+        self.problem = problem
+
+    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+        from .reference import reference_decode_attention
+
+        ref_out, ref_lse = reference_decode_attention(
+            q, k_cache, v_cache, seq_lens, scale=self.problem.scale, kv_start=kv_start, mask=mask
+        )
+        out.copy_(ref_out.to(out.device, out.dtype))
+        if lse is not None:
+            lse.copy_(ref_lse.to(lse.device, lse.dtype))
+
+
+class ReferenceBackend:
+    """The float64 reference as a backend: slow, syncs the host, always right."""
+
+    name = "reference"
+
+    def supports(self, problem: DecodeProblem) -> str | None:
+        return None
+
+    def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> Launcher:
+        return _ReferenceLauncher(problem)
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under ``name``; import-time registration keeps this a dict lookup."""
+    _ensure_registered()
+    return _REGISTRY[name]
+
+
+def backend_names() -> tuple[str, ...]:
+    _ensure_registered()
+    return tuple(_REGISTRY)
+
+
+def _ensure_registered() -> None:
+    if _REGISTRY:
+        return
+    from .triton_kernels import TritonBackend
+
+    register_backend(TritonBackend())
+    register_backend(ReferenceBackend())

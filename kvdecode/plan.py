@@ -1,0 +1,100 @@
+"""Plan once, run many: ``plan`` does the host work, ``DecodePlan.run`` only checks and launches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends import Launcher, get_backend
+from .errors import KVDecodeError
+from .planner import Choice, choose
+from .problem import DecodeProblem
+
+__all__ = ["DecodePlan", "plan"]
+
+
+@dataclass
+class DecodePlan:
+    """A decode problem bound to a backend, its configuration and its scratch.
+
+    ``run`` checks the tensors against the plan (a mismatch raises :class:`KVDecodeError` naming both
+    sides) and launches; it never syncs the host.
+    """
+
+    problem: DecodeProblem
+    choice: Choice
+    deterministic: bool
+    launcher: Launcher = field(repr=False)
+
+    @property
+    def backend(self) -> str:
+        return self.choice.backend
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        kv_start: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``)."""
+        p = self.problem
+        _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
+        kv_shape = (p.batch, p.num_kv_heads, p.capacity, p.head_dim)
+        _same("k_cache", k_cache, p.k_strides, kv_shape, p)
+        _same("v_cache", v_cache, p.v_strides, kv_shape, p)
+        if (kv_start is not None) != p.has_kv_start:
+            raise KVDecodeError(
+                f"kv_start is {'given' if kv_start is not None else 'None'} but the plan was made "
+                f"{'with' if p.has_kv_start else 'without'} it; make a new plan"
+            )
+        if (mask is not None) != (p.mask_kind != "none"):
+            raise KVDecodeError(
+                f"mask is {'given' if mask is not None else 'None'} but the plan was made with mask kind "
+                f"{p.mask_kind!r}; make a new plan"
+            )
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = (
+            torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=q.device)
+            if return_lse
+            else None
+        )
+        self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+        return (out, lse) if return_lse else out
+
+
+def _same(name: str, t: torch.Tensor, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
+    if t.dtype != p.dtype:
+        raise KVDecodeError(
+            f"{name} has dtype {t.dtype} but the plan was made for {p.dtype}; make a new plan"
+        )
+    if tuple(t.shape) != shape:
+        raise KVDecodeError(
+            f"{name} has shape {tuple(t.shape)} but the plan was made for {shape}; make a new plan"
+        )
+    if tuple(t.stride()) != strides:
+        raise KVDecodeError(
+            f"{name} has strides {tuple(t.stride())} but the plan was made for {strides}; make a new plan"
+        )
+    if t.device != p.device:
+        raise KVDecodeError(f"{name} is on {t.device} but the plan was made for {p.device}; make a new plan")
+
+
+def plan(
+    problem: DecodeProblem,
+    *,
+    backend: str = "auto",
+    deterministic: bool = False,
+    max_seq_len: int | None = None,
+) -> DecodePlan:
+    """Choose a backend for ``problem`` and do its host work once (configuration, graph, scratch)."""
+    choice = choose(problem, backend, max_seq_len=max_seq_len)
+    launcher = get_backend(choice.backend).make_launcher(problem, deterministic=deterministic)
+    return DecodePlan(problem=problem, choice=choice, deterministic=deterministic, launcher=launcher)

@@ -1,0 +1,290 @@
+"""One decode-attention problem as data: built and validated once from the tensors.
+
+Shape legend (logical BHSD; any strides with unit stride on D)::
+
+    q        [B, H_q, T_q, D]
+    k_cache  [B, H_kv, capacity, D]
+    v_cache  [B, H_kv, capacity, D]
+    seq_lens int32 [B]       filled length of each row, the T_q new tokens included
+    kv_start int32 [B]       optional: keys before kv_start[b] are masked (left padding)
+    mask     broadcastable to [B, H_q, T_q, capacity], bool (True = attend) or additive float
+    out      [B, H_q, T_q, D], q's dtype
+    lse      float32 [B, H_q, T_q], natural log
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import KVDecodeError
+
+__all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind"]
+
+MaskKind = Literal["none", "bool", "additive"]
+
+SUPPORTED_DTYPES: dict[torch.dtype, str] = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+}
+MAX_HEAD_DIM = 256
+
+Strides = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """Everything about a decode call that does not change from step to step.
+
+    Lengths (``seq_lens``, ``kv_start``) are device values and deliberately not part of the problem:
+    one problem serves every step while the cache fills.
+    """
+
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_len: int
+    capacity: int
+    dtype: torch.dtype
+    device: torch.device
+    q_strides: Strides
+    k_strides: Strides
+    v_strides: Strides
+    scale: float
+    has_kv_start: bool = False
+    mask_kind: MaskKind = "none"
+    mask_dtype: torch.dtype | None = None
+    mask_strides: Strides | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 = MHA, H_q = MQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def dtype_name(self) -> str:
+        return SUPPORTED_DTYPES[self.dtype]
+
+    @property
+    def name(self) -> str:
+        """A readable name for logs, cache files and test reproductions."""
+        parts = [
+            f"b{self.batch}",
+            f"hq{self.num_q_heads}",
+            f"hkv{self.num_kv_heads}",
+            f"d{self.head_dim}",
+            f"tq{self.q_len}",
+            f"cap{self.capacity}",
+            self.dtype_name,
+        ]
+        if self.has_kv_start:
+            parts.append("kvstart")
+        if self.mask_kind != "none":
+            parts.append(f"mask{self.mask_kind}")
+        return "_".join(parts)
+
+    def kv_bytes(self, seq_len: int) -> int:
+        """Bytes of K and V a decode of ``seq_len`` filled tokens per row must read."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.batch * self.num_kv_heads * seq_len * self.head_dim * elem
+
+    @classmethod
+    def from_tensors(
+        cls,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        scale: float | None = None,
+        kv_start: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> DecodeProblem:
+        """Validate the tensors of one call and describe them; raises :class:`KVDecodeError`."""
+        _check_tensor("q", q)
+        _check_tensor("k_cache", k_cache)
+        _check_tensor("v_cache", v_cache)
+        _check_rank("q", q, "[B, H_q, T_q, D]")
+        _check_rank("k_cache", k_cache, "[B, H_kv, capacity, D]")
+        _check_rank("v_cache", v_cache, "[B, H_kv, capacity, D]")
+        device = q.device
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_device(name, t, device)
+        _check_dtype(q, k_cache, v_cache)
+        batch, num_q_heads, q_len, head_dim = q.shape
+        _check_shapes(q, k_cache, v_cache)
+        num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+        if q_len < 1:
+            raise KVDecodeError(f"q.shape[2] (T_q) must be >= 1, got {q_len}; pass at least one query token")
+        if batch < 1 or num_q_heads < 1:
+            raise KVDecodeError(
+                f"q must have B >= 1 and H_q >= 1, got shape {tuple(q.shape)}; pass a non-empty query"
+            )
+        if capacity < q_len:
+            raise KVDecodeError(
+                f"k_cache capacity (k_cache.shape[2] = {capacity}) must be >= T_q ({q_len}); "
+                "the T_q new tokens must fit in the cache"
+            )
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_unit_last_stride(name, t)
+        _check_lengths("seq_lens", seq_lens, batch, device)
+        if kv_start is not None:
+            _check_lengths("kv_start", kv_start, batch, device)
+        mask_kind, mask_dtype, mask_strides = _check_mask(mask, (batch, num_q_heads, q_len, capacity), device)
+        if out is not None:
+            _check_out(out, q)
+        return cls(
+            batch=batch,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            q_len=q_len,
+            capacity=capacity,
+            dtype=q.dtype,
+            device=device,
+            q_strides=tuple(q.stride()),
+            k_strides=tuple(k_cache.stride()),
+            v_strides=tuple(v_cache.stride()),
+            scale=_check_scale(scale, head_dim),
+            has_kv_start=kv_start is not None,
+            mask_kind=mask_kind,
+            mask_dtype=mask_dtype,
+            mask_strides=mask_strides,
+        )
+
+
+# ---- _check_* helpers: each raises KVDecodeError("<arg> must be <rule>, got <value>; <fix>") ----
+
+
+def _check_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KVDecodeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor")
+
+
+def _check_rank(name: str, t: torch.Tensor, legend: str) -> None:
+    if t.dim() != 4:
+        raise KVDecodeError(
+            f"{name} must be 4-D {legend}, got {t.dim()}-D with shape {tuple(t.shape)}; "
+            "a BSHD buffer is passed as buf.transpose(1, 2)"
+        )
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise KVDecodeError(
+            f"{name} must be on q's device ({device}), got {t.device}; move it with .to({str(device)!r})"
+        )
+
+
+def _check_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise KVDecodeError(
+            f"q.dtype must be one of float16, bfloat16, float32, got {q.dtype}; cast the inputs"
+        )
+    for name, t in (("k_cache", k), ("v_cache", v)):
+        if t.dtype != q.dtype:
+            raise KVDecodeError(
+                f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}; cast q or the cache"
+            )
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    batch, num_q_heads, _, head_dim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise KVDecodeError(
+            f"v_cache.shape must equal k_cache.shape {tuple(k.shape)}, got {tuple(v.shape)}; "
+            "K and V caches must have the same layout"
+        )
+    if k.shape[0] != batch:
+        raise KVDecodeError(f"k_cache.shape[0] (B) must equal q.shape[0] ({batch}), got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise KVDecodeError(f"k_cache.shape[3] (D) must equal q.shape[3] ({head_dim}), got {k.shape[3]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise KVDecodeError(f"head_dim (q.shape[3]) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    num_kv_heads = k.shape[1]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
+        raise KVDecodeError(
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads}); "
+            "check the head dimension (dim 1) of q and the caches"
+        )
+
+
+def _check_unit_last_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise KVDecodeError(
+            f"{name}.stride(-1) must be 1 (D contiguous), got {t.stride(-1)}; pass {name}.contiguous() "
+            "or a view whose last dimension is contiguous"
+        )
+
+
+def _check_lengths(name: str, t: object, batch: int, device: torch.device) -> None:
+    _check_tensor(name, t)
+    assert isinstance(t, torch.Tensor)
+    if t.dtype != torch.int32:
+        raise KVDecodeError(f"{name}.dtype must be torch.int32, got {t.dtype}; pass {name}.to(torch.int32)")
+    if tuple(t.shape) != (batch,):
+        raise KVDecodeError(f"{name}.shape must be ({batch},) (one per row), got {tuple(t.shape)}")
+    if t.device != device:
+        raise KVDecodeError(
+            f"{name} must be on q's device ({device}), got {t.device}; lengths are read on the device"
+        )
+
+
+def _check_mask(
+    mask: torch.Tensor | None, full: tuple[int, int, int, int], device: torch.device
+) -> tuple[MaskKind, torch.dtype | None, Strides | None]:
+    if mask is None:
+        return "none", None, None
+    _check_tensor("mask", mask)
+    if mask.dtype == torch.bool:
+        kind: MaskKind = "bool"
+    elif mask.dtype in SUPPORTED_DTYPES:
+        kind = "additive"
+    else:
+        raise KVDecodeError(
+            f"mask.dtype must be bool (True = attend) or a float type (added to the scores), got {mask.dtype}"
+        )
+    if mask.device != device:
+        raise KVDecodeError(f"mask must be on q's device ({device}), got {mask.device}")
+    if mask.dim() > 4:
+        raise KVDecodeError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    try:
+        expanded = mask.expand(full)
+    except RuntimeError:
+        raise KVDecodeError(
+            f"mask.shape {tuple(mask.shape)} must broadcast to [B, H_q, T_q, capacity] = {list(full)}; "
+            "its last dimension spans the whole cache capacity"
+        ) from None
+    return kind, mask.dtype, tuple(expanded.stride())
+
+
+def _check_out(out: object, q: torch.Tensor) -> None:
+    _check_tensor("out", out)
+    assert isinstance(out, torch.Tensor)
+    if tuple(out.shape) != tuple(q.shape):
+        raise KVDecodeError(f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.dtype != q.dtype:
+        raise KVDecodeError(f"out.dtype must equal q.dtype ({q.dtype}), got {out.dtype}")
+    if out.device != q.device:
+        raise KVDecodeError(f"out must be on q's device ({q.device}), got {out.device}")
+    _check_unit_last_stride("out", out)
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise KVDecodeError(f"scale must be a positive finite float, got {scale!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise KVDecodeError(
+            f"scale must be a positive finite float, got {scale!r}; leave it None for 1/sqrt(D)"
+        )
+    return value
