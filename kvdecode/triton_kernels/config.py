@@ -1,16 +1,97 @@
-"""Launch configuration of the split-KV kernel (stub: being written)."""
+"""Launch configuration of the split-KV kernel, and the default policy that picks it.
+
+The split count is fixed per problem (it sets the grid), never per step: lengths are cut into
+``num_splits`` chunks on the device, so one configuration serves every length up to the capacity.
+"""
+
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..errors import KVDecodeError
+from ..problem import DecodeProblem
+
+__all__ = ["MAX_SPLITS", "SplitKVConfig", "default_config", "interpreter_active", "tile_shape"]
+
+LOG2E_CONST = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, BLOCK_D] partials of one query row in registers
+WAVES = 2  # aim for this many CTAs per SM: enough memory requests in flight at small batch
+INTERPRETER_SMS = 4  # nominal SM count under the interpreter: small grids, but still several splits
 
 
 @dataclass(frozen=True)
 class SplitKVConfig:
+    """How the split-KV kernel is launched.
+
+    Parameters
+    ----------
+    num_splits : int
+        Chunks the visible key range of each (row, KV head) is cut into, 1..64; 1 skips the merge.
+    block_n : int
+        Keys per tile (a power of two >= 16).
+    num_warps, num_stages : int
+        Triton launch parameters of the split kernel.
+    use_pdl : bool or None
+        Programmatic dependent launch (Hopper+): the merge kernel starts while the split kernel drains.
+        ``None`` = on where the device and Triton support it.
+    """
+
     num_splits: int
-    block_n: int
+    block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    use_pdl: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_splits <= MAX_SPLITS:
+            raise KVDecodeError(f"num_splits must be in 1..{MAX_SPLITS}, got {self.num_splits}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise KVDecodeError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise KVDecodeError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise KVDecodeError(f"num_stages must be >= 1, got {self.num_stages}")
+
+    @property
+    def name(self) -> str:
+        pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
+        return f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}"
 
 
-def default_config(problem, sm_count: int | None = None) -> SplitKVConfig:
-    raise NotImplementedError
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def tile_shape(problem: DecodeProblem) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_D)``: packed query rows per program and the padded head dim."""
+    block_d = max(16, triton.next_power_of_2(problem.head_dim))
+    rows = problem.group_size * problem.q_len
+    block_m_cap = max(16, 8192 // block_d)  # keep the [BLOCK_M, BLOCK_D] accumulator in registers
+    return min(max(16, triton.next_power_of_2(rows)), block_m_cap), block_d
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
+    """Pick a configuration from the problem's shape and the SM count (no device values are read).
+
+    Enough splits to put ``WAVES`` CTAs on every SM, but never more than there are ``block_n`` tiles in
+    the capacity, and one split (no merge) once the batch and heads alone fill the GPU.
+    """
+    sms = sm_count(problem.device) if sm_count_ is None else sm_count_
+    block_m, block_d = tile_shape(problem)
+    block_n = 64 if block_d <= 128 else 32
+    m_blocks = triton.cdiv(problem.group_size * problem.q_len, block_m)
+    programs = problem.batch * problem.num_kv_heads * m_blocks
+    splits = triton.cdiv(WAVES * sms, programs)
+    splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(problem.capacity, block_n)))
+    return SplitKVConfig(num_splits=splits, block_n=block_n, num_warps=4, num_stages=2)

@@ -1,0 +1,308 @@
+"""``StaticKVCache``: fixed-capacity K/V buffers for N layers with device-side lengths.
+
+Shape legend (logical BHSD, as every kvdecode call sees it)::
+
+    keys(layer), values(layer)  [B, H_kv, capacity, D]
+    seq_lens                    int32 [B]   filled length of each row (the current step's tokens included)
+    kv_start                    int32 [B]   first real token of each row (left padding); only when left_padded
+    q                           [B, H_q, T_q, D]
+    k_new, v_new                [B, H_kv, T_q, D]
+
+One decode step, in this order (every call is capture-safe; capture the whole step in one CUDA graph)::
+
+    cache.advance(T_q)                    # once per step: seq_lens += T_q
+    for layer in range(num_layers):
+        cache.append(layer, k_new, v_new) # writes token t at seq_lens[b] - T_q + t
+        out = cache.attend(layer, q)      # query t at position seq_lens[b] - T_q + t, bottom-right causal
+
+Advancing first makes ``seq_lens`` mean what :func:`kvdecode.decode_attention` wants (the filled length
+with the new tokens) for the whole step, so ``attend`` needs no extra per-layer length arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from ._append import append_kv
+from .api import check_lengths
+from .errors import KVDecodeError
+from .plan import DecodePlan, plan
+from .planner import check_backend_name
+from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES, DecodeProblem
+
+__all__ = ["StaticKVCache"]
+
+_PLANS_PER_CACHE = 16
+
+
+class StaticKVCache:
+    r"""Fixed-capacity K/V buffers for ``num_layers`` layers; lengths live on the device.
+
+    Parameters
+    ----------
+    num_layers, batch, num_kv_heads, capacity, head_dim : int
+        Buffer sizes; each layer holds K and V of ``[B, H_kv, capacity, D]`` (logical).
+    dtype : torch.dtype
+        float16, bfloat16 or float32.
+    device : torch.device or str, optional
+        Defaults to ``"cuda"`` when available, else ``"cpu"`` (Triton then runs through its interpreter).
+    layout : {"bhsd", "bshd"}
+        Storage order of each layer: ``[B, H_kv, capacity, D]`` or ``[B, capacity, H_kv, D]``. Both are
+        exposed as logical BHSD views (``bshd`` through ``transpose(1, 2)``).
+    left_padded : bool
+        Keep a device ``kv_start`` (int32 ``[B]``, zeros): keys before ``kv_start[b]`` are masked.
+    scale : float, optional
+        Score scale of :meth:`attend`; ``1 / sqrt(D)`` by default.
+    backend : {"auto", "triton", "cudnn", "reference"}
+        Backend of the plans :meth:`attend` makes (one per query shape, made on first use).
+    deterministic : bool
+        Passed to :func:`kvdecode.plan`.
+    validate : bool
+        Eager mode only: sync and check lengths in :meth:`advance`, :meth:`append` and :meth:`attend`,
+        raising :class:`~kvdecode.KVDecodeError` naming the first bad row. Skipped while a CUDA graph is
+        being captured (nothing can be read back then).
+
+    Notes
+    -----
+    **Overflow.** With validation on, an :meth:`advance` that would take a row past ``capacity`` raises
+    before changing anything. Without it (and always under capture) ``seq_lens`` keeps counting past
+    ``capacity``, tokens whose position is ``>= capacity`` are dropped by :meth:`append` (never written
+    out of bounds, never written over the last slot), and attention reads at most ``capacity`` keys.
+    :meth:`overflowed` gives a device bool ``[B]`` to check later.
+
+    Examples
+    --------
+    >>> import torch, kvdecode
+    >>> cache = kvdecode.StaticKVCache(2, batch=1, num_kv_heads=2, capacity=64, head_dim=16,
+    ...                                dtype=torch.float32, device="cpu")
+    >>> q = torch.randn(1, 4, 1, 16); k = torch.randn(1, 2, 1, 16); v = torch.randn(1, 2, 1, 16)
+    >>> cache.advance(1)
+    >>> cache.append(0, k, v)
+    >>> cache.attend(0, q).shape
+    torch.Size([1, 4, 1, 16])
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        layout: Literal["bhsd", "bshd"] = "bhsd",
+        left_padded: bool = False,
+        scale: float | None = None,
+        backend: str = "auto",
+        deterministic: bool = False,
+        validate: bool = False,
+    ) -> None:
+        sizes = {"num_layers": num_layers, "batch": batch, "num_kv_heads": num_kv_heads}
+        sizes.update(capacity=capacity, head_dim=head_dim)
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KVDecodeError(f"{name} must be a positive int, got {value!r}")
+        if head_dim > MAX_HEAD_DIM:
+            raise KVDecodeError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise KVDecodeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        if layout not in ("bhsd", "bshd"):
+            raise KVDecodeError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+        self.backend = check_backend_name(backend)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.num_layers, self.batch, self.num_kv_heads = num_layers, batch, num_kv_heads
+        self.capacity, self.head_dim, self.dtype, self.layout = capacity, head_dim, dtype, layout
+        self.scale, self.deterministic, self.validate = scale, deterministic, validate
+        per_layer = (batch, num_kv_heads, capacity) if layout == "bhsd" else (batch, capacity, num_kv_heads)
+        shape = (num_layers, *per_layer, head_dim)
+        # One storage per K and per V for all layers: a layer's view is buf[i] (transposed for bshd).
+        self.k_buffer = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_buffer = torch.zeros(shape, dtype=dtype, device=self.device)
+        view = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+        self._keys = [view(self.k_buffer[i]) for i in range(num_layers)]
+        self._values = [view(self.v_buffer[i]) for i in range(num_layers)]
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.kv_start = torch.zeros(batch, dtype=torch.int32, device=self.device) if left_padded else None
+        self._plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
+
+    # ---- views -------------------------------------------------------------------------------------
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Logical BHSD view ``[B, H_kv, capacity, D]`` of layer ``layer``'s K buffer."""
+        return self._keys[self._check_layer(layer)]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """Logical BHSD view ``[B, H_kv, capacity, D]`` of layer ``layer``'s V buffer."""
+        return self._values[self._check_layer(layer)]
+
+    def overflowed(self) -> torch.Tensor:
+        """Device bool ``[B]``: rows whose length went past ``capacity`` (their extra tokens were dropped)."""
+        return self.seq_lens > self.capacity
+
+    # ---- lengths -----------------------------------------------------------------------------------
+
+    def advance(self, n: int | torch.Tensor = 1) -> None:
+        """``seq_lens += n`` on the device; ``n`` is an int or an int32 tensor ``[B]`` (per-row counts).
+
+        With ``validate`` (eager) a row that would leave ``0..capacity`` raises and nothing changes.
+        """
+        if isinstance(n, torch.Tensor):
+            self._check_row_tensor("n", n)
+        elif not isinstance(n, int) or isinstance(n, bool):
+            raise KVDecodeError(f"n must be an int or an int32 tensor [B], got {type(n).__name__}")
+        if self._validating():
+            new = (self.seq_lens.long() + (n.long() if isinstance(n, torch.Tensor) else n)).tolist()
+            for b, length in enumerate(new):
+                if not 0 <= length <= self.capacity:
+                    raise KVDecodeError(
+                        f"seq_lens[{b}] after advance must be in 0..capacity ({self.capacity}), got {length}; "
+                        f"row {b} is full: reset it (cache.reset([{b}])) or make a larger cache"
+                    )
+        self.seq_lens.add_(n)
+
+    def set_lengths(self, seq_lens: torch.Tensor | Sequence[int], kv_start=None) -> None:
+        """Copy lengths (and ``kv_start`` for a left-padded cache) into the device buffers, in place."""
+        lens = torch.as_tensor(seq_lens, dtype=torch.int32)
+        self._check_row_tensor("seq_lens", lens, check_device=False)
+        if kv_start is not None:
+            if self.kv_start is None:
+                raise KVDecodeError("kv_start must be None for a cache made with left_padded=False")
+            starts = torch.as_tensor(kv_start, dtype=torch.int32)
+            self._check_row_tensor("kv_start", starts, check_device=False)
+            self.kv_start.copy_(starts, non_blocking=True)
+        self.seq_lens.copy_(lens, non_blocking=True)
+        if self._validating():
+            check_lengths(self.seq_lens, self.kv_start, q_len=0, capacity=self.capacity)
+
+    def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Zero ``seq_lens`` (and ``kv_start``) of ``rows``, on the device; ``None`` resets every row.
+
+        ``rows`` is a bool tensor ``[B]`` (True = reset), an integer index tensor, or a sequence of ints.
+        Under capture pass a device tensor (a Python sequence is copied to the device at call time).
+        """
+        targets = [self.seq_lens] + ([self.kv_start] if self.kv_start is not None else [])
+        if rows is None:
+            for t in targets:
+                t.zero_()
+            return
+        if not isinstance(rows, torch.Tensor):
+            rows = list(rows)
+            for r in rows:
+                if not isinstance(r, int) or not -self.batch <= r < self.batch:
+                    raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {r!r}")
+            rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        if rows.device != self.device:
+            raise KVDecodeError(f"rows must be on the cache's device ({self.device}), got {rows.device}")
+        if rows.dtype == torch.bool:
+            self._check_row_tensor("rows", rows)
+            for t in targets:
+                t.masked_fill_(rows, 0)
+        elif rows.dtype in (torch.int32, torch.int64):
+            for t in targets:
+                t.index_fill_(0, rows.long() if rows.dtype == torch.int32 else rows, 0)
+        else:
+            raise KVDecodeError(f"rows must be a bool mask or an integer index tensor, got {rows.dtype}")
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write ``k_new``/``v_new`` ``[B, H_kv, T_q, D]`` at positions ``seq_lens[b] - T_q + t``.
+
+        Call :meth:`advance` first. One kernel launch for K and V, no host sync, no allocation.
+        """
+        k, v = self.keys(layer), self.values(layer)
+        expected = (self.batch, self.num_kv_heads, None, self.head_dim)
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            self._check_new(name, t, expected)
+        if k_new.shape != v_new.shape:
+            raise KVDecodeError(f"v_new.shape must equal k_new.shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
+        q_len = k_new.shape[2]
+        if q_len > self.capacity:
+            raise KVDecodeError(f"k_new.shape[2] (T_q) must be <= capacity ({self.capacity}), got {q_len}")
+        if self._validating():
+            check_lengths(self.seq_lens, None, q_len=q_len, capacity=self.capacity)
+        append_kv(k, v, k_new, v_new, self.seq_lens)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of ``q`` ``[B, H_q, T_q, D]`` over layer ``layer`` with the device lengths.
+
+        Runs a :class:`~kvdecode.DecodePlan` made on the first call for this query shape (and mask and
+        ``out`` kind); later calls only check and launch. Arguments as in :func:`kvdecode.decode_attention`.
+        """
+        k, v = self.keys(layer), self.values(layer)
+        if not isinstance(q, torch.Tensor):
+            raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        key = (tuple(q.shape), q.stride(), q.dtype, q.device, _tensor_key(mask), _tensor_key(out))
+        the_plan = self._plans.get(key)
+        if the_plan is None:
+            the_plan = self._make_plan(key, q, k, v, mask, out)
+        else:
+            self._plans.move_to_end(key)
+        if self._validating():
+            check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
+        return the_plan.run(
+            q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse
+        )
+
+    # ---- helpers -----------------------------------------------------------------------------------
+
+    def _make_plan(self, key, q, k, v, mask, out) -> DecodePlan:
+        problem = DecodeProblem.from_tensors(
+            q, k, v, self.seq_lens, scale=self.scale, kv_start=self.kv_start, mask=mask, out=out
+        )
+        made = plan(
+            problem, backend=self.backend, deterministic=self.deterministic, max_seq_len=self.capacity
+        )
+        self._plans[key] = made
+        if len(self._plans) > _PLANS_PER_CACHE:
+            self._plans.popitem(last=False)
+        return made
+
+    def _validating(self) -> bool:
+        if not self.validate:
+            return False
+        return not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+    def _check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise KVDecodeError(f"layer must be an int in 0..{self.num_layers - 1}, got {layer!r}")
+        return layer
+
+    def _check_row_tensor(self, name: str, t: torch.Tensor, *, check_device: bool = True) -> None:
+        if tuple(t.shape) != (self.batch,):
+            raise KVDecodeError(f"{name}.shape must be ({self.batch},) (one per row), got {tuple(t.shape)}")
+        if t.dtype not in (torch.int32, torch.bool) or (name == "rows") != (t.dtype == torch.bool):
+            raise KVDecodeError(f"{name}.dtype must be {'bool' if name == 'rows' else 'int32'}, got {t.dtype}")
+        if check_device and t.device != self.device:
+            raise KVDecodeError(f"{name} must be on the cache's device ({self.device}), got {t.device}")
+
+    def _check_new(self, name: str, t: torch.Tensor, expected: tuple) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise KVDecodeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)) or t.shape[2] < 1:
+            want = f"[{self.batch}, {self.num_kv_heads}, T_q >= 1, {self.head_dim}]"
+            raise KVDecodeError(f"{name}.shape must be {want}, got {tuple(t.shape)}; pass [B, H_kv, T_q, D]")
+        if t.dtype != self.dtype:
+            raise KVDecodeError(f"{name}.dtype must be the cache's dtype ({self.dtype}), got {t.dtype}")
+        if t.device != self.device:
+            raise KVDecodeError(f"{name} must be on the cache's device ({self.device}), got {t.device}")
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, tuple(t.shape), t.stride())

@@ -1,0 +1,287 @@
+r"""Split-KV ("flash-decoding") vector SDPA kernels.
+
+For one row ``b`` and one KV head, the ``GROUP = H_q / H_kv`` query heads times the ``T_q`` new tokens form
+``M = GROUP * T_q`` query rows that share every K/V tile load (GQA packing). The visible key range
+``[kv_start[b], seq_lens[b])`` is cut on the device into ``NUM_SPLITS`` chunks, so lengths can change every
+step without a host sync or a recompilation. Split ``s`` computes, in base 2 (``exp2``/``log2`` are the
+fast hardware paths; ``1.44269504 = 1/ln 2`` converts)::
+
+    s_ij  = scale * log2(e) * <q_i, k_j>  (+ log2(e) * additive mask)       j in split s, visible to i
+    m_i   = max_j s_ij,  l_i = sum_j 2^(s_ij - m_i)
+    O_si  = sum_j 2^(s_ij - m_i) v_j / l_i,   LSE2_si = m_i + log2(l_i)
+
+and the merge combines the splits with LSE weights::
+
+    LSE2_i = log2 sum_s 2^LSE2_si,   out_i = sum_s 2^(LSE2_si - LSE2_i) O_si
+
+Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``seq_lens[b] - T_q + t``; it sees
+keys ``kv_start[b] <= j <= seq_lens[b] - T_q + t`` (bottom-right causal). A row with nothing visible writes
+zeros and ``LSE = -inf``. With ``NUM_SPLITS == 1`` the split kernel writes the final output itself.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln 2
+LN2 = 0.6931471805599453  # ln 2
+
+
+@triton.jit
+def _to_out(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """Cast fp32 to the output dtype with round-to-nearest-even.
+
+    The Triton 3.9 interpreter truncates fp32 -> bf16 (seen 2026-11-25), doubling the rounding error;
+    there we round the bits ourselves so that the cast that follows is exact.
+    """
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _tile_scores(
+    q,
+    k_tile,
+    offs_n,
+    offs_m,
+    hi,
+    q_pos0,
+    mask_row_ptr,
+    stride_mask_n,
+    qk_scale,
+    T_Q: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
+    INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Scores of one K tile in base 2, ``-inf`` where a key is not visible: ``[BLOCK_M, BLOCK_N]``."""
+    if INTERP_BF16:
+        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
+    s = s * qk_scale
+    # bottom-right causal: row i (token t = i % T_Q) sees keys up to q_pos0 + t, and nothing past hi
+    visible = offs_n[None, :] < hi
+    if T_Q > 1:
+        visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
+    if MASK_KIND == 1:
+        mvals = tl.load(mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
+        visible = visible & (mvals != 0)
+    if MASK_KIND == 2:
+        mvals = tl.load(mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
+        s = s + mvals.to(tl.float32) * 1.4426950408889634  # additive mask, natural log -> base 2
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _attend_range(
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_kn,
+    stride_vn,
+    lo,
+    hi,
+    q_pos0,
+    offs_m,
+    offs_d,
+    mask_row_ptr,
+    stride_mask_n,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    T_Q: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over keys ``[lo, hi)``; returns ``(acc, m, l)`` in base 2."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < hi
+        k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
+        v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
+        s = _tile_scores(
+            q, k_tile, offs_n, offs_m, hi, q_pos0, mask_row_ptr, stride_mask_n, qk_scale,
+            T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if INTERP_BF16:
+            acc = acc * alpha[:, None] + tl.dot(p, v_tile.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def split_kv_kernel(
+    Out,
+    stride_ob,
+    stride_oh,
+    stride_ot,  # [B, H_q, T_q, D]
+    Lse,
+    stride_lb,
+    stride_lh,  # float32 [B, H_q, T_q] (T_q stride 1); used when WRITE_LSE
+    PartO,  # float32 [B * H_kv, M, NUM_SPLITS, D] contiguous
+    PartLse,  # float32 [B * H_kv, M, NUM_SPLITS] contiguous
+    Q,
+    stride_qb,
+    stride_qh,
+    stride_qt,  # [B, H_q, T_q, D]
+    K,
+    stride_kb,
+    stride_kh,
+    stride_kn,  # [B, H_kv, capacity, D]
+    V,
+    stride_vb,
+    stride_vh,
+    stride_vn,  # [B, H_kv, capacity, D]
+    SeqLens,  # int32 [B]
+    KvStart,  # int32 [B]; used when HAS_KV_START
+    Mask,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_mn,  # broadcast view [B, H_q, T_q, capacity]
+    qk_scale,  # scale * log2(e)
+    capacity,
+    H_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    T_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program: one split of the keys of one (row, KV head), for one block of packed query rows."""
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
+    M: tl.constexpr = GROUP * T_Q
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h_kv = bh % H_KV
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    head = h_kv * GROUP + offs_m // T_Q
+    tok = offs_m % T_Q
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+
+    # lengths are clamped so that nothing outside the cache is ever read
+    seq_len = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
+    start = 0
+    if HAS_KV_START:
+        start = tl.minimum(tl.maximum(tl.load(KvStart + b), 0), seq_len)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    q_pos0 = seq_len - T_Q
+
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
+    q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_ptrs = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_d[None, :]
+    mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
+    acc, m_i, l_i = _attend_range(
+        q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, q_pos0, offs_m, offs_d, mask_row_ptr,
+        stride_mn, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+    )  # fmt: skip
+
+    has_any = l_i > 0.0
+    o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
+    lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if NUM_SPLITS == 1:
+        out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
+        tl.store(
+            out_ptrs + offs_d[None, :],
+            _to_out(o, Out.dtype.element_ty, INTERP_BF16),
+            mask=m_ok[:, None] & d_ok,
+        )
+        if WRITE_LSE:
+            lse_ptrs = Lse + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok
+            tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # base 2 -> natural log
+    else:
+        row = bh.to(tl.int64) * M + offs_m
+        tl.store(PartLse + row * NUM_SPLITS + split, lse2, mask=m_ok)
+        po_ptrs = PartO + (row[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :]
+        nonempty = m_ok & (offs_m * 0 + lo < hi)  # empty splits write only their LSE
+        tl.store(po_ptrs, o, mask=nonempty[:, None] & d_ok)
+
+
+@triton.jit
+def merge_kernel(
+    Out,
+    stride_ob,
+    stride_oh,
+    stride_ot,  # [B, H_q, T_q, D]
+    Lse,
+    stride_lb,
+    stride_lh,  # float32 [B, H_q, T_q]
+    PartO,  # float32 [B * H_kv, M, NUM_SPLITS, D]
+    PartLse,  # float32 [B * H_kv, M, NUM_SPLITS]
+    H_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    T_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One program per query row: LSE-weighted sum of the splits' partial outputs, in split order."""
+    M: tl.constexpr = GROUP * T_Q
+    row = tl.program_id(0).to(tl.int64)  # = (b * H_kv + h_kv) * M + m
+    m = row % M
+    bh = row // M
+    b = bh // H_KV
+    head = (bh % H_KV) * GROUP + m // T_Q
+    tok = m % T_Q
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the split kernel's partials are visible after this
+    lse_s = tl.load(PartLse + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse_s, axis=0)
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse_s - lse_ref)  # 0 for empty splits
+    w_sum = tl.sum(w, axis=0)
+    part = tl.load(
+        PartO + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=(w[:, None] > 0.0) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    out_ptrs = Out + b * stride_ob + head * stride_oh + tok * stride_ot + offs_d
+    tl.store(out_ptrs, _to_out(o, Out.dtype.element_ty, INTERP_BF16), mask=offs_d < HEAD_DIM)
+    if WRITE_LSE:
+        lse = tl.where(w_sum > 0.0, (lse_ref + tl.log2(w_sum)) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + b * stride_lb + head * stride_lh + tok, lse)

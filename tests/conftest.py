@@ -1,0 +1,37 @@
+"""Test configuration: hypothesis profiles and the ``gpu`` marker.
+
+Profiles: ``cpu`` keeps the Triton interpreter runs within CI's budget; ``gpu`` runs >= 500 examples per
+property. ``gpu`` is loaded when CUDA is available, else ``cpu``; ``HYPOTHESIS_PROFILE=<name>`` overrides.
+Tests marked ``gpu`` are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(
+    deadline=None,  # first calls compile kernels; interpreter timings vary
+    print_blob=True,  # failures print @reproduce_failure(...)
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("cpu", max_examples=12, **_COMMON)
+settings.register_profile("gpu", max_examples=500, **_COMMON)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
+settings.load_profile(PROFILE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis profile: {PROFILE} ({settings().max_examples} examples); CUDA: {torch.cuda.is_available()}"

@@ -1,0 +1,401 @@
+"""Hypothesis strategies for decode problems, input builders and the shared closeness checks.
+
+A :class:`Case` is pure data (shapes, lengths, layouts, a seed); :func:`make_inputs` turns it into
+tensors on a device, always from the same seed, so a failing case is reproduced from its printed repr::
+
+    from strategies import Case, make_inputs
+    inputs = make_inputs(Case(...), "cuda")
+
+Sizes are weighted to the edges the kernels get wrong: length T_q (1 for plain decode), length =
+capacity, lengths at block (16/32/64/128) and split boundaries, non-power-of-two head dims, GQA ratios
+1, 2, 3, 4, 7, 8 and MQA, T_q > 1, strided layouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from hypothesis import strategies as st
+
+from kvdecode.reference import relative_l2_error
+
+# Relative L2 error vs the float64 reference (issue 2); never NaN.
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.bfloat16: 4e-3,
+    torch.float16: 1e-3,
+    torch.float32: 1e-5,
+}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GQA_GROUPS = (1, 2, 3, 4, 7, 8)
+BLOCK_EDGES = (16, 32, 64, 128)
+KV_LAYOUTS = ("bhsd", "bshd", "slice", "packed")
+Q_LAYOUTS = ("contiguous", "bthd", "slice")
+OUT_LAYOUTS = ("contiguous", "bthd")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Upper bounds for one device: the interpreter is slow, the GPU is not."""
+
+    max_batch: int
+    max_kv_heads: int
+    head_dims: tuple[int, ...]
+    capacities: tuple[int, ...]
+    max_q_len: int
+    budget: int  # max B * H_q * T_q * capacity * D (the float64 reference's work)
+
+
+CPU_SIZES = Sizes(
+    max_batch=3,
+    max_kv_heads=2,
+    head_dims=(16, 32, 64, 40, 24, 48),
+    capacities=(16, 17, 31, 32, 33, 64, 65, 100, 128, 129, 255, 256),
+    max_q_len=8,
+    budget=2**20,
+)
+GPU_SIZES = Sizes(
+    max_batch=8,
+    max_kv_heads=8,
+    head_dims=(128, 64, 16, 32, 80, 96, 112, 160, 192, 256, 24, 40, 72),
+    capacities=(16, 64, 65, 127, 128, 129, 256, 511, 1000, 1024, 1025, 2048, 4096, 8192, 16384),
+    max_q_len=8,
+    budget=2**25,
+)
+
+
+def sizes_for(device: str) -> Sizes:
+    return GPU_SIZES if device == "cuda" else CPU_SIZES
+
+
+@dataclass(frozen=True)
+class Case:
+    """One decode call as data; ``make_inputs`` builds its tensors from ``seed``."""
+
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_len: int
+    capacity: int
+    dtype: torch.dtype
+    seq_lens: tuple[int, ...]
+    kv_start: tuple[int, ...] | None = None
+    mask_kind: str = "none"  # "none", "bool", "additive"
+    mask_shape: tuple[int, ...] | None = None
+    mask_dtype: torch.dtype | None = None
+    mask_expanded: bool = False  # pass the mask as a stride-0 expand() to the full shape
+    mask_density: float = 0.5  # bool: P(True); additive: P(-inf) is 1 - density when < 0.5
+    kv_layout: str = "bhsd"
+    q_layout: str = "contiguous"
+    out_layout: str = "contiguous"
+    scale: float | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """Same format as ``DecodeProblem.name`` plus the layouts, for failure messages."""
+        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype]
+        parts = [
+            f"b{self.batch}_hq{self.num_q_heads}_hkv{self.num_kv_heads}_d{self.head_dim}",
+            f"tq{self.q_len}_cap{self.capacity}_{dt}",
+        ]
+        if self.kv_start is not None:
+            parts.append("kvstart")
+        if self.mask_kind != "none":
+            parts.append(f"mask{self.mask_kind}")
+        parts.append(f"kv{self.kv_layout}_q{self.q_layout}_out{self.out_layout}")
+        return "_".join(parts)
+
+    def repro(self) -> str:
+        return f"make_inputs({self!r}, device)"
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    seq_lens: torch.Tensor
+    kv_start: torch.Tensor | None
+    mask: torch.Tensor | None
+    out: torch.Tensor  # poisoned with NaN
+    scale: float | None
+
+    def kwargs(self) -> dict:
+        return dict(kv_start=self.kv_start, mask=self.mask, scale=self.scale)
+
+
+# ---- building tensors ----
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+
+def _kv_tensors(case: Case, gen: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, d = case.batch, case.num_kv_heads, case.capacity, case.head_dim
+    dt = case.dtype
+    if case.kv_layout == "bhsd":
+        return tuple(_randn(gen, b, h, n, d).to(device, dt) for _ in range(2))  # type: ignore[return-value]
+    if case.kv_layout == "bshd":
+        return tuple(_randn(gen, b, n, h, d).to(device, dt).transpose(1, 2) for _ in range(2))  # type: ignore[return-value]
+    if case.kv_layout == "slice":
+        pad = 3 if case.seed % 2 else 8  # odd and even row pitches
+        bufs = [_randn(gen, b + 1, h + 1, n + 5, d + pad).to(device, dt) for _ in range(2)]
+        return tuple(buf[1:, 1:, 2 : n + 2, :d] for buf in bufs)  # type: ignore[return-value]
+    if case.kv_layout == "packed":  # one [B, cap, 2, H_kv, D] buffer holds both
+        buf = _randn(gen, b, n, 2, h, d).to(device, dt)
+        return buf[:, :, 0].transpose(1, 2), buf[:, :, 1].transpose(1, 2)
+    raise ValueError(case.kv_layout)
+
+
+def _q_tensor(case: Case, gen: torch.Generator, device: str) -> torch.Tensor:
+    b, h, t, d = case.batch, case.num_q_heads, case.q_len, case.head_dim
+    if case.q_layout == "contiguous":
+        return _randn(gen, b, h, t, d).to(device, case.dtype)
+    if case.q_layout == "bthd":
+        return _randn(gen, b, t, h, d).to(device, case.dtype).transpose(1, 2)
+    if case.q_layout == "slice":
+        return _randn(gen, b, h + 1, t + 1, d + 8).to(device, case.dtype)[:, 1:, :t, :d]
+    raise ValueError(case.q_layout)
+
+
+def _mask_tensor(case: Case, gen: torch.Generator, device: str) -> torch.Tensor | None:
+    if case.mask_kind == "none":
+        return None
+    shape = case.mask_shape
+    assert shape is not None
+    u = torch.rand(*shape, generator=gen)
+    if case.mask_kind == "bool":
+        m = (u < case.mask_density).to(device)
+    else:
+        vals = _randn(gen, *shape) * 2.0
+        if case.mask_density < 0.5:
+            vals = vals.masked_fill(u < 1.0 - case.mask_density, -math.inf)
+        m = vals.to(device, case.mask_dtype or case.dtype)
+    if case.mask_expanded:
+        m = m.expand(case.batch, case.num_q_heads, case.q_len, case.capacity)
+    return m
+
+
+def make_out(case: Case, device: str) -> torch.Tensor:
+    """An output buffer filled with NaN: any element the kernel does not write stays NaN."""
+    b, h, t, d = case.batch, case.num_q_heads, case.q_len, case.head_dim
+    if case.out_layout == "bthd":
+        out = torch.empty(b, t, h, d, dtype=case.dtype, device=device).transpose(1, 2)
+    else:
+        out = torch.empty(b, h, t, d, dtype=case.dtype, device=device)
+    return out.fill_(math.nan)
+
+
+def make_inputs(case: Case, device: str) -> Inputs:
+    gen = torch.Generator().manual_seed(case.seed)
+    q = _q_tensor(case, gen, device)
+    k, v = _kv_tensors(case, gen, device)
+    seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32, device=device)
+    kv_start = None
+    if case.kv_start is not None:
+        kv_start = torch.tensor(case.kv_start, dtype=torch.int32, device=device)
+    mask = _mask_tensor(case, gen, device)
+    return Inputs(q, k, v, seq_lens, kv_start, mask, make_out(case, device), case.scale)
+
+
+def poison_unfilled(inputs: Inputs, case: Case) -> None:
+    """Write NaN into every cache slot outside ``[kv_start, seq_len)``: slots no query may see."""
+    for b, n in enumerate(case.seq_lens):
+        start = case.kv_start[b] if case.kv_start is not None else 0
+        for cache in (inputs.k, inputs.v):
+            cache[b, :, n:].fill_(math.nan)
+            cache[b, :, :start].fill_(math.nan)
+
+
+# ---- checks ----
+
+
+def check_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    problem_name: str,
+    seed: int,
+    *,
+    repro: str | None = None,
+) -> None:
+    """Relative L2 error vs the float64 reference within ``TOLERANCES[dtype]``, overall and per batch row.
+
+    The per-row check keeps one wrong row of a ragged batch from hiding behind the others. Fails on any
+    NaN, naming the problem, the seed and (when given) a reproduction.
+    """
+    tol = TOLERANCES[dtype]
+    got = out.detach().to("cpu", torch.float64)
+    exp = ref.detach().to("cpu", torch.float64)
+    where = f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
+    if got.shape != exp.shape:
+        _fail(f"{where}: shape {tuple(got.shape)} != reference {tuple(exp.shape)}")
+    nan = torch.isnan(got)
+    if nan.any():
+        idx = nan.nonzero()[0].tolist()
+        _fail(f"{where}: {int(nan.sum())} NaN in the output (first at [b, h, t, d] = {idx})")
+    err = relative_l2_error(got, exp)
+    row_errs = [relative_l2_error(got[b], exp[b]) for b in range(got.shape[0])]
+    worst = max(range(len(row_errs)), key=row_errs.__getitem__)
+    if err > tol or row_errs[worst] > tol:
+        per_head = [relative_l2_error(got[worst, h], exp[worst, h]) for h in range(got.shape[1])]
+        _fail(
+            f"{where}: relative L2 error {err:.3e} (worst batch row {worst}: {row_errs[worst]:.3e}, "
+            f"per head {[f'{e:.1e}' for e in per_head]}) > tolerance {tol:.0e} for {dtype}"
+        )
+
+
+def check_lse(
+    lse: torch.Tensor,
+    ref_lse: torch.Tensor,
+    dtype: torch.dtype,
+    problem_name: str,
+    seed: int,
+    *,
+    repro: str | None = None,
+) -> None:
+    """float32 ``[B, H_q, T_q]``; -inf exactly where the reference is; finite entries within
+    ``TOLERANCES[dtype] * max(1, |ref|)`` (an LSE error of e scales the output by exp(e))."""
+    tol = TOLERANCES[dtype]
+    where = f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
+        _fail(f"{where}: lse is {lse.dtype} {tuple(lse.shape)}, want float32 {tuple(ref_lse.shape)}")
+    got = lse.detach().to("cpu", torch.float64)
+    exp = ref_lse.detach().to("cpu", torch.float64)
+    if torch.isnan(got).any():
+        _fail(f"{where}: NaN in lse at {torch.isnan(got).nonzero()[0].tolist()}")
+    empty = torch.isneginf(exp)
+    wrong_inf = torch.isneginf(got) != empty
+    if wrong_inf.any():
+        idx = wrong_inf.nonzero()[0].tolist()
+        _fail(f"{where}: lse at [b, h, t] = {idx} is {got[tuple(idx)].item()}, reference {exp[tuple(idx)].item()}")
+    fin = ~empty
+    diff = (got[fin] - exp[fin]).abs() / exp[fin].abs().clamp(min=1.0)
+    if diff.numel() and diff.max().item() > tol:
+        i = int(diff.argmax())
+        idx = fin.nonzero()[i].tolist()
+        _fail(
+            f"{where}: lse at [b, h, t] = {idx} is {got[tuple(idx)].item():.6f}, reference "
+            f"{exp[tuple(idx)].item():.6f} (error {diff.max().item():.2e} > {tol:.0e})"
+        )
+
+
+def check_empty_rows(out: torch.Tensor, ref: torch.Tensor, where: str) -> None:
+    """Where the reference row is all zeros (nothing visible) the output must be exactly zero."""
+    empty = (ref == 0).all(dim=-1)
+    got = out.detach().to("cpu")[empty]
+    if got.numel() and not (got == 0).all():
+        _fail(f"{where}: rows with nothing visible must be zeros, got max |x| = {got.abs().max().item()}")
+
+
+def _fail(msg: str) -> None:
+    print(msg)  # shown by pytest with the failure
+    raise AssertionError(msg)
+
+
+# ---- strategies ----
+
+
+def _edge_or_any(draw: st.DrawFn, lo: int, hi: int, edges: list[int]) -> int:
+    """An integer in [lo, hi]: mostly an edge (lo, hi, block/split boundaries), sometimes any."""
+    kind = draw(st.integers(0, 9))
+    if kind < 2:
+        return lo
+    if kind < 4:
+        return hi
+    inside = sorted({e for e in edges if lo <= e <= hi})
+    if kind < 8 and inside:
+        return draw(st.sampled_from(inside))
+    return draw(st.integers(lo, hi))
+
+
+def length_edges(capacity: int) -> list[int]:
+    edges = [capacity - 1, capacity // 2, capacity // 2 + 1]
+    for blk in BLOCK_EDGES:
+        for m in range(1, capacity // blk + 1):
+            edges += [m * blk - 1, m * blk, m * blk + 1]
+    for s in (2, 3, 4, 5, 8):  # split boundaries for a few split counts
+        edges += [capacity // s, capacity // s + 1, math.ceil(capacity / s)]
+    return edges
+
+
+@st.composite
+def heads(draw: st.DrawFn, max_kv_heads: int) -> tuple[int, int]:
+    """(H_q, H_kv) with ratio in GQA_GROUPS, or MQA (H_kv = 1, many query heads)."""
+    if draw(st.integers(0, 7)) == 0:
+        return draw(st.sampled_from((4, 8, 16, 32) if max_kv_heads > 2 else (4, 5, 8))), 1
+    group = draw(st.sampled_from(GQA_GROUPS))
+    num_kv = draw(st.integers(1, max_kv_heads))
+    return group * num_kv, num_kv
+
+
+@st.composite
+def _mask_spec(draw: st.DrawFn, full: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
+    kind = draw(st.sampled_from(("none", "none", "bool", "additive")))
+    if kind == "none":
+        return {}
+    rank = draw(st.integers(1, 4))
+    keep = [draw(st.booleans()) for _ in range(3)]
+    shape = [n if k else 1 for n, k in zip(full[:3], keep)] + [full[3] if draw(st.integers(0, 5)) else 1]
+    spec = dict(
+        mask_kind=kind,
+        mask_shape=tuple(shape[4 - rank :]),
+        mask_expanded=draw(st.integers(0, 4)) == 0,
+        mask_density=draw(st.sampled_from((0.9, 0.5, 0.1, 1.0) if kind == "bool" else (1.0, 0.8))),
+    )
+    if kind == "additive":
+        spec["mask_dtype"] = draw(st.sampled_from((dtype, torch.float32)))
+    return spec
+
+
+@st.composite
+def cases(
+    draw: st.DrawFn,
+    device: str = "cpu",
+    *,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    masks: bool = True,
+    kv_start: bool = True,
+    head_dims: tuple[int, ...] | None = None,
+) -> Case:
+    """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``)."""
+    sz = sizes_for(device)
+    dtype = draw(st.sampled_from(dtypes))
+    head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
+    num_q, num_kv = draw(heads(sz.max_kv_heads))
+    batch = draw(st.integers(1, sz.max_batch))
+    q_len = draw(st.sampled_from((1, 1, 2, 3, 4, 8) if sz.max_q_len >= 8 else (1, 2)))
+    max_cap = max(q_len, sz.budget // (batch * num_q * q_len * head_dim))
+    caps = [c for c in sz.capacities if q_len <= c <= max_cap] or [max(q_len, min(sz.capacities[0], max_cap))]
+    capacity = draw(st.sampled_from(caps))
+    edges = length_edges(capacity)
+    lens = tuple(_edge_or_any(draw, q_len, capacity, edges) for _ in range(batch))
+    starts = None
+    if kv_start and draw(st.booleans()):
+        starts = tuple(_edge_or_any(draw, 0, n - q_len, [*BLOCK_EDGES, 64 + 1, n - q_len - 1]) for n in lens)
+    spec = draw(_mask_spec((batch, num_q, q_len, capacity), dtype)) if masks else {}
+    return Case(
+        batch=batch,
+        num_q_heads=num_q,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        q_len=q_len,
+        capacity=capacity,
+        dtype=dtype,
+        seq_lens=lens,
+        kv_start=starts,
+        kv_layout=draw(st.sampled_from(KV_LAYOUTS)),
+        q_layout=draw(st.sampled_from(Q_LAYOUTS)),
+        out_layout=draw(st.sampled_from(OUT_LAYOUTS)),
+        scale=draw(st.sampled_from((None, None, None, 0.3, 1.0))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        **spec,
+    )
+
+
+def with_(case: Case, **changes) -> Case:
+    return replace(case, **changes)
