@@ -13,7 +13,7 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from .config import SplitKVConfig, default_config  # noqa: E402
-from .launcher import SplitKVLauncher, TritonBackend  # noqa: E402
+from .config import SplitKVConfig, default_config
+from .launcher import SplitKVLauncher, TritonBackend
 
 __all__ = ["SplitKVConfig", "SplitKVLauncher", "TritonBackend", "default_config"]

@@ -43,11 +43,16 @@ def _to_out(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(
+def _tile_update(
+    acc,
+    m_i,
+    l_i,
     q,
     k_tile,
+    v_tile,
     offs_n,
     offs_m,
+    lo,
     hi,
     q_pos0,
     mask_row_ptr,
@@ -58,14 +63,17 @@ def _tile_scores(
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Scores of one K tile in base 2, ``-inf`` where a key is not visible: ``[BLOCK_M, BLOCK_N]``."""
+    """One K/V tile of the online softmax, in base 2; returns ``(acc, m, l)``.
+
+    Key ``j`` is visible to row ``i`` (token ``t = i % T_Q``) when ``lo <= j < hi`` and
+    ``j <= q_pos0 + t`` (bottom-right causal), and where a bool mask is True.
+    """
     if INTERP_BF16:
         s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision=DOT_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
     s = s * qk_scale
-    # bottom-right causal: row i (token t = i % T_Q) sees keys up to q_pos0 + t, and nothing past hi
-    visible = offs_n[None, :] < hi
+    visible = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
     if MASK_KIND == 1:
@@ -74,58 +82,17 @@ def _tile_scores(
     if MASK_KIND == 2:
         mvals = tl.load(mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
         s = s + mvals.to(tl.float32) * 1.4426950408889634  # additive mask, natural log -> base 2
-    return tl.where(visible, s, float("-inf"))
-
-
-@triton.jit
-def _attend_range(
-    q,
-    k_ptrs,
-    v_ptrs,
-    stride_kn,
-    stride_vn,
-    lo,
-    hi,
-    q_pos0,
-    offs_m,
-    offs_d,
-    mask_row_ptr,
-    stride_mask_n,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    T_Q: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online softmax over keys ``[lo, hi)``; returns ``(acc, m, l)`` in base 2."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    d_ok = offs_d[None, :] < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < hi
-        k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
-        v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
-        s = _tile_scores(
-            q, k_tile, offs_n, offs_m, hi, q_pos0, mask_row_ptr, stride_mask_n, qk_scale,
-            T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
-        )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if INTERP_BF16:
-            acc = acc * alpha[:, None] + tl.dot(p, v_tile.to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if INTERP_BF16:
+        acc = acc * alpha[:, None] + tl.dot(p, v_tile.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -175,7 +142,13 @@ def split_kv_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program: one split of the keys of one (row, KV head), for one block of packed query rows."""
+    """One program: the tiles ``split, split + NUM_SPLITS, ...`` of one (row, KV head), for one block of
+    packed query rows.
+
+    Tiles are dealt round-robin so that, without ``kv_start``, the first tile's address does not depend on
+    the length: its K/V loads are issued together with the loads of ``seq_lens`` and ``q`` (one memory
+    round trip instead of two); the length then masks what is not visible.
+    """
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
     M: tl.constexpr = GROUP * T_Q
@@ -186,37 +159,52 @@ def split_kv_kernel(
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < M
+    d_ok = offs_d[None, :] < HEAD_DIM
     head = h_kv * GROUP + offs_m // T_Q
     tok = offs_m % T_Q
+    b64 = b.to(tl.int64)
+    k_ptrs = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_ptrs = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_d[None, :]
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
         tl.extra.cuda.gdc_launch_dependents()
 
     # lengths are clamped so that nothing outside the cache is ever read
     seq_len = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
-    start = 0
+    lo = 0
+    tile = split
     if HAS_KV_START:
-        start = tl.minimum(tl.maximum(tl.load(KvStart + b), 0), seq_len)
-    per_split = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = start + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+        lo = tl.minimum(tl.maximum(tl.load(KvStart + b), 0), seq_len)
+        tile = lo // BLOCK_N + split
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_cache = offs_n[:, None] < capacity
+    k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=in_cache & d_ok, other=0.0)
+    v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=in_cache & d_ok, other=0.0)
+    q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
+    q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+    mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
 
-    b64 = b.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
-    q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_ptrs = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_d[None, :]
-    mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
-    acc, m_i, l_i = _attend_range(
-        q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, q_pos0, offs_m, offs_d, mask_row_ptr,
-        stride_mn, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _tile_update(
+        acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
+        qk_scale, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
+    for t in range(tile + NUM_SPLITS, tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n[:, None] < seq_len
+        k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
+        v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
+        acc, m_i, l_i = _tile_update(
+            acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
+            qk_scale, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+        )  # fmt: skip
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
-    d_ok = offs_d[None, :] < HEAD_DIM
     if NUM_SPLITS == 1:
         out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
         tl.store(
@@ -228,11 +216,11 @@ def split_kv_kernel(
             lse_ptrs = Lse + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok
             tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # base 2 -> natural log
     else:
+        # every split writes its partial (zeros when empty) so the merge loads LSEs and partials at once
         row = bh.to(tl.int64) * M + offs_m
         tl.store(PartLse + row * NUM_SPLITS + split, lse2, mask=m_ok)
         po_ptrs = PartO + (row[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :]
-        nonempty = m_ok & (offs_m * 0 + lo < hi)  # empty splits write only their LSE
-        tl.store(po_ptrs, o, mask=nonempty[:, None] & d_ok)
+        tl.store(po_ptrs, o, mask=m_ok[:, None] & d_ok)
 
 
 @triton.jit
@@ -269,16 +257,16 @@ def merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the split kernel's partials are visible after this
+    part = tl.load(  # issued together with the LSE load: no dependent round trip
+        PartO + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     lse_s = tl.load(PartLse + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
     lse_max = tl.max(lse_s, axis=0)
     lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     w = tl.exp2(lse_s - lse_ref)  # 0 for empty splits
     w_sum = tl.sum(w, axis=0)
-    part = tl.load(
-        PartO + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=(w[:, None] > 0.0) & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
     o = tl.sum(part * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     out_ptrs = Out + b * stride_ob + head * stride_oh + tok * stride_ot + offs_d
     tl.store(out_ptrs, _to_out(o, Out.dtype.element_ty, INTERP_BF16), mask=offs_d < HEAD_DIM)

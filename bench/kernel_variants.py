@@ -1,0 +1,134 @@
+"""Steady-state timing of split-KV kernel variants on the GPU (a development tool, not the benchmark).
+
+For each shape and each config: correctness against the float64 reference on one layer, then N layers
+with distinct caches captured in one CUDA graph (N = max(8, ceil(1 GB / KV bytes per layer))), median of
+20 replays / N, µs per layer. torch SDPA on the exact slice is timed the same way in the same run.
+Usage: python3 bench/kernel_variants.py --out DIR [--shapes 1x1024,8x4096] [--variants base,nopdl,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from kvdecode.problem import DecodeProblem
+from kvdecode.reference import reference_decode_attention, relative_l2_error
+from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
+
+HQ, HKV, D, DT = 32, 8, 128, torch.bfloat16
+
+
+def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
+    r = base.__class__
+    s = base.num_splits
+    return {
+        "base": base,
+        "nopdl": r(s, base.block_n, base.num_warps, base.num_stages, use_pdl=False),
+        "splits/2": r(max(1, s // 2), base.block_n, base.num_warps, base.num_stages),
+        "splits*2": r(min(64, 2 * s), base.block_n, base.num_warps, base.num_stages),
+        "n32": r(s, 32, base.num_warps, base.num_stages),
+        "n128": r(s, 128, base.num_warps, base.num_stages),
+        "st3": r(s, base.block_n, base.num_warps, 3),
+        "st4": r(s, base.block_n, base.num_warps, 4),
+        "w2": r(s, base.block_n, 2, base.num_stages),
+        "w8": r(s, base.block_n, 8, base.num_stages),
+    }
+
+
+def graph_us(step, n_layers: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(n_layers):
+            step(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_layers):
+            step(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n_layers)
+    del g
+    return statistics.median(times)
+
+
+def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
+    nbytes = 2 * batch * HKV * length * D * 2
+    n_layers = max(8, math.ceil(1e9 / nbytes))
+    dev = torch.device("cuda")
+    ks = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]
+    vs = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]
+    qs = [torch.randn(batch, HQ, 1, D, device=dev, dtype=DT) for _ in range(n_layers)]
+    outs = [torch.empty_like(q) for q in qs]
+    lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+    problem = DecodeProblem.from_tensors(qs[0], ks[0], vs[0], lens)
+    rows = []
+    sdpa = lambda i: F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)  # noqa: E731
+    rows.append(dict(B=batch, L=length, variant="sdpa", us=graph_us(sdpa, n_layers), layers=n_layers))
+    for name, cfg in variants(default_config(problem)).items():
+        if names and name not in names:
+            continue
+        try:
+            launcher = TritonBackend().make_launcher(problem, config=cfg)
+            ragged = torch.randint(1, length + 1, (batch,), dtype=torch.int32, device=dev)
+            ragged[0] = length
+            out = torch.full_like(qs[0], float("nan"))
+            launcher(qs[0], ks[0], vs[0], ragged, None, None, out, None)
+            ref, _ = reference_decode_attention(qs[0], ks[0], vs[0], ragged)
+            err = relative_l2_error(out, ref)
+            step = lambda i: launcher(qs[i], ks[i], vs[i], lens, None, None, outs[i], None)  # noqa: E731
+            us = graph_us(step, n_layers)
+            rows.append(dict(B=batch, L=length, variant=name, config=cfg.name, us=us, err=err,
+                             pdl=launcher.use_pdl, layers=n_layers))  # fmt: skip
+        except Exception as exc:  # record and go on: one bad variant must not lose the others
+            rows.append(dict(B=batch, L=length, variant=name, error=repr(exc)[:300]))
+        print(rows[-1], flush=True)
+    floor = nbytes / 3.0e12 * 1e6
+    for r in rows:
+        r["floor_us"] = floor
+    del ks, vs, qs, outs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--shapes", default="1x1024,1x4096,1x16384,8x1024,8x4096,8x16384")
+    ap.add_argument("--variants", default="")
+    args = ap.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    rows = []
+    for shape in args.shapes.split(","):
+        b, l = (int(x) for x in shape.split("x"))
+        rows += run_shape(b, l, names)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    with open(f"{args.out}/kernel_variants.json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"{'B':>3} {'L':>6} {'variant':>9} {'us':>7} {'floor':>6} {'err':>8}")
+    for r in rows:
+        if "us" in r:
+            print(f"{r['B']:>3} {r['L']:>6} {r['variant']:>9} {r['us']:7.2f} {r['floor_us']:6.1f} "
+                  f"{r.get('err', 0):8.1e}")  # fmt: skip
+        else:
+            print(r["B"], r["L"], r["variant"], r.get("error"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
