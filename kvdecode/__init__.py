@@ -3,17 +3,24 @@
 from .api import decode_attention
 from .errors import KVDecodeError, UnsupportedError
 from .plan import DecodePlan, plan
+from .planner import Choice, explain
 from .problem import DecodeProblem
 from .reference import reference_decode_attention
+from .sdpa import sdpa
+from .static_cache import StaticKVCache
 
 __all__ = [
+    "Choice",
     "DecodePlan",
     "DecodeProblem",
     "KVDecodeError",
+    "StaticKVCache",
     "UnsupportedError",
     "decode_attention",
+    "explain",
     "plan",
     "reference_decode_attention",
+    "sdpa",
 ]
 
 __version__ = "0.1.0"

@@ -14,11 +14,15 @@ Shape legend::
 
 from __future__ import annotations
 
+# isort: off
+# Imported first: on a machine without CUDA it sets TRITON_INTERPRET=1, which must precede `import triton`.
+from . import triton_kernels  # noqa: F401
+
 import torch
 import triton
 import triton.language as tl
 
-from . import triton_kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without CUDA)
+# isort: on
 
 __all__ = ["append_kv"]
 

@@ -7,8 +7,8 @@ from collections import OrderedDict
 import torch
 
 from .errors import KVDecodeError
-from .plan import DecodePlan, plan
-from .planner import check_backend_name
+from .plan import DecodePlan, plan_for_choice
+from .planner import Choice, check_backend_name, choose
 from .problem import DecodeProblem
 
 __all__ = ["check_lengths", "decode_attention"]
@@ -31,6 +31,7 @@ def decode_attention(
     return_lse: bool = False,
     validate: bool = False,
     deterministic: bool = False,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention of a few new query tokens against a fixed-capacity KV cache.
 
@@ -68,6 +69,13 @@ def decode_attention(
         T_q``). Off by default: the kernels clamp so nothing is read outside the cache.
     deterministic : bool
         Bitwise-reproducible results (fixed merge order, deterministic cuDNN engines).
+    max_seq_len : int, optional
+        An upper bound of ``seq_lens`` (``T_q <= max_seq_len <= capacity``) for ``backend="auto"``, which
+        picks Triton below the cuDNN threshold length and cuDNN at or above it. Without it, ``auto``
+        decides from the capacity when the capacity is below the threshold or a CUDA graph is being
+        captured, and otherwise reads ``seq_lens.max()``: **one host sync per call**. To avoid it pass
+        ``max_seq_len``, or use :func:`kvdecode.plan` once and ``DecodePlan.run`` per step.
+        :func:`kvdecode.explain` tells which backend a call gets and why.
 
     Returns
     -------
@@ -94,19 +102,22 @@ def decode_attention(
     )
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
-    the_plan = _cached_plan(problem, backend, deterministic)
+    choice = choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens)
+    the_plan = _cached_plan(problem, choice, deterministic, auto=backend == "auto")
     return the_plan.run(
         q, k_cache, v_cache, seq_lens, kv_start=kv_start, mask=mask, out=out, return_lse=return_lse
     )
 
 
-def _cached_plan(problem: DecodeProblem, backend: str, deterministic: bool) -> DecodePlan:
-    key = (problem, backend, deterministic)
+def _cached_plan(problem: DecodeProblem, choice: Choice, deterministic: bool, *, auto: bool) -> DecodePlan:
+    # Keyed by the chosen backend, not the length: every length that picks it reuses one plan (and, for
+    # cuDNN, one graph per capacity). A cuDNN plan that fell back to Triton at build time is cached too.
+    key = (problem, choice.backend, deterministic)
     found = _PLAN_CACHE.get(key)
     if found is not None:
         _PLAN_CACHE.move_to_end(key)
         return found
-    made = plan(problem, backend=backend, deterministic=deterministic)
+    made = plan_for_choice(problem, choice, deterministic=deterministic, auto=auto)
     _PLAN_CACHE[key] = made
     if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
         _PLAN_CACHE.popitem(last=False)

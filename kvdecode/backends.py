@@ -91,3 +91,8 @@ def _ensure_registered() -> None:
 
     register_backend(TritonBackend())
     register_backend(ReferenceBackend())
+    try:  # importing it does not import the cuDNN frontend; supports() says when cuDNN is unusable
+        from .cudnn_graphs import CudnnBackend
+    except ImportError:
+        return
+    register_backend(CudnnBackend())

@@ -65,7 +65,7 @@ def _probe(fn: Callable[[], str]) -> str:
     """``fn()``, or a one-line account of why it failed: a missing piece is reported, never raised."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - every failure is the answer here
+    except Exception as exc:  # every failure is the answer here
         text = str(exc).strip().splitlines()
         return f"unavailable ({type(exc).__name__}: {text[0] if text else 'no message'})"
 

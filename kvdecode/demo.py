@@ -20,8 +20,7 @@ import torch
 
 from .api import decode_attention
 from .errors import KVDecodeError
-from .planner import choose
-from .problem import DecodeProblem
+from .planner import explain
 from .reference import reference_decode_attention, relative_l2_error
 
 __all__ = ["CPU_SHAPE", "GPU_SHAPE", "DemoShape", "run_demo"]
@@ -57,13 +56,15 @@ CPU_SHAPE = DemoShape("reduced layer", 4, 8, 2, 64, 256)
 class StepResult:
     step: int
     seq_lens: tuple[int, ...]
+    backend: str
     seconds: float
     kv_bytes: int
     error: float
+    appended: bool = True  # the step's new K/V sit at position seq_lens[b] - 1
 
     @property
     def ok(self) -> bool:
-        return self.error <= BF16_TOLERANCE  # False for NaN too
+        return self.appended and self.error <= BF16_TOLERANCE  # False for a NaN error too
 
     @property
     def gbytes_per_s(self) -> float:
@@ -107,7 +108,9 @@ def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, gen
 def _time_call(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median seconds of ``reps`` calls of ``fn``: CUDA events on the GPU, wall clock on the CPU."""
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
+        ]
         for start, end in events:
             start.record()
             fn()
@@ -128,10 +131,12 @@ def _header(shape: DemoShape, device: torch.device, interpreted: bool, reps: int
         where = f"{props.name} ({props.multi_processor_count} SMs)"
         timing = f"time = median of {reps} eager calls per step, CUDA events, after warm-up"
     else:
-        mode = "the Triton interpreter" if interpreted else "the CPU"
-        where = f"CPU through {mode}: no CUDA device, so a reduced size" if interpreted else "CPU"
+        why = "" if torch.cuda.is_available() else "no CUDA device, so "
+        where = f"{why}a reduced size on the CPU"
+        if interpreted:
+            where += ", Triton kernels through the interpreter (TRITON_INTERPRET=1)"
         timing = "time = CPU wall clock of one call (interpreted: a correctness run, not a speed number)"
-    return [f"kvdecode demo on {where}", f"{shape.label}: {shape.describe()}", timing]
+    return [f"kvdecode demo: {where}", f"{shape.label}: {shape.describe()}", timing]
 
 
 def run_demo(
@@ -152,7 +157,9 @@ def run_demo(
     dev = resolve_device(device)
     shape = GPU_SHAPE if dev.type == "cuda" else CPU_SHAPE
     if not 1 <= steps <= shape.capacity - 1:
-        raise KVDecodeError(f"--steps must be in 1..{shape.capacity - 1}, got {steps}; the cache must fit them")
+        raise KVDecodeError(
+            f"--steps must be in 1..{shape.capacity - 1}, got {steps}; the cache must fit them"
+        )
     interpreted = _interpreter_on()
     if dev.type == "cpu" and backend in ("auto", "triton") and not interpreted:
         raise KVDecodeError(
@@ -180,8 +187,7 @@ def _decode_steps(
     s = shape
     kv_shape = (s.batch, s.num_kv_heads, s.capacity, s.head_dim)
     k_cache, v_cache = _randn(kv_shape, s.dtype, dev, gen), _randn(kv_shape, s.dtype, dev, gen)
-    lens = _prompt_lengths(s, steps, gen)  # host copy, kept in step with the device tensor
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    seq_lens = torch.tensor(_prompt_lengths(s, steps, gen), dtype=torch.int32, device=dev)
     rows = torch.arange(s.batch, device=dev)
     q = _randn((s.batch, s.num_q_heads, 1, s.head_dim), s.dtype, dev, gen)
     out = torch.empty_like(q)
@@ -189,9 +195,8 @@ def _decode_steps(
     def call() -> None:
         decode_attention(q, k_cache, v_cache, seq_lens, backend=backend, out=out)
 
-    problem = DecodeProblem.from_tensors(q, k_cache, v_cache, seq_lens, out=out)
-    choice = choose(problem, backend)
-    emit(f"backend: {choice.backend} ({choice.reason}); problem {problem.name}")
+    choice = explain(q, k_cache, v_cache, seq_lens, backend=backend)
+    emit(f"planner: {choice.backend} ({choice.reason})")
     _time_call(call, dev, reps=3 if dev.type == "cuda" else 1)  # warm-up: compile, plan, caches
 
     table = _Table(dev)
@@ -202,37 +207,51 @@ def _decode_steps(
         new_v = _randn((s.batch, s.num_kv_heads, s.head_dim), s.dtype, dev, gen)
         k_cache[rows, :, seq_lens.long()] = new_k  # append at position seq_lens[b], on the device
         v_cache[rows, :, seq_lens.long()] = new_v
-        seq_lens += 1
-        lens = [n + 1 for n in lens]
+        seq_lens += 1  # advance on the device: no host sync, the kernel reads the new lengths
         q.copy_(_randn(tuple(q.shape), s.dtype, dev, gen))
         out.fill_(float("nan"))  # poisoned: an element the call does not write fails the check
         seconds = _time_call(call, dev, reps)
+        # Checking syncs; it happens after the timed calls.
+        last = seq_lens.long() - 1
+        appended = torch.equal(k_cache[rows, :, last], new_k) and torch.equal(v_cache[rows, :, last], new_v)
+        lens = seq_lens.tolist()
+        used = explain(q, k_cache, v_cache, seq_lens, backend=backend).backend  # what the call chose
         top = max(lens)  # the reference only needs the filled prefix of the cache
         expected, _ = reference_decode_attention(q, k_cache[:, :, :top], v_cache[:, :, :top], seq_lens)
-        error = relative_l2_error(out, expected)
         kv_bytes = 2 * sum(lens) * s.num_kv_heads * s.head_dim * k_cache.element_size()
-        result = StepResult(step, tuple(lens), seconds, kv_bytes, error)
+        result = StepResult(
+            step, tuple(lens), used, seconds, kv_bytes, relative_l2_error(out, expected), appended
+        )
         results.append(result)
         emit(table.row(result))
     return results
 
 
 class _Table:
-    """A small aligned table: step, lengths, time, GB/s, relative L2 error, verdict."""
+    """A small aligned table: step, lengths, backend, time, GB/s, relative L2 error, verdict."""
 
     def __init__(self, dev: torch.device) -> None:
         self.unit, self.factor = ("µs", 1e6) if dev.type == "cuda" else ("ms", 1e3)
 
     def header(self) -> str:
-        return f"{'step':>4}  {'seq_lens':<24}  {'time ' + self.unit:>11}  {'GB/s':>9}  {'rel L2':>9}  check"
+        cols = ("step", "seq_lens", "backend", f"time {self.unit}", "GB/s", "rel L2", "check")
+        return self._line(*cols)
 
     def row(self, r: StepResult) -> str:
-        lens = ",".join(map(str, r.seq_lens))
-        verdict = "ok" if r.ok else f"FAIL (> {BF16_TOLERANCE:g})"
-        return (
-            f"{r.step:>4}  {lens:<24}  {r.seconds * self.factor:>11.1f}  {r.gbytes_per_s:>9.3g}  "
-            f"{r.error:>9.2e}  {verdict}"
+        verdict = "ok" if r.ok else "FAIL (append)" if not r.appended else f"FAIL (> {BF16_TOLERANCE:g})"
+        return self._line(
+            str(r.step),
+            ",".join(map(str, r.seq_lens)),
+            r.backend,
+            f"{r.seconds * self.factor:.1f}",
+            f"{r.gbytes_per_s:.3g}",
+            f"{r.error:.2e}",
+            verdict,
         )
+
+    @staticmethod
+    def _line(step: str, lens: str, backend: str, time: str, gbps: str, err: str, check: str) -> str:
+        return f"{step:>4}  {lens:<20}  {backend:<9}  {time:>10}  {gbps:>9}  {err:>8}  {check}"
 
 
 def _summary(results: list[StepResult], emit: Callable[[str], None]) -> int:
@@ -240,7 +259,7 @@ def _summary(results: list[StepResult], emit: Callable[[str], None]) -> int:
     if bad:
         emit(
             f"FAILED: step(s) {', '.join(map(str, bad))} differ from the float64 reference by more than "
-            f"relative L2 {BF16_TOLERANCE:g}"
+            f"relative L2 {BF16_TOLERANCE:g} (or lost the appended token)"
         )
         return 1
     worst = max(r.error for r in results)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from .backends import Launcher, get_backend
-from .errors import KVDecodeError
+from .errors import KVDecodeError, UnsupportedError
 from .planner import Choice, choose
 from .problem import DecodeProblem
 
-__all__ = ["DecodePlan", "plan"]
+__all__ = ["DecodePlan", "plan", "plan_for_choice"]
+
+log = logging.getLogger("kvdecode.planner")
 
 
 @dataclass
@@ -94,7 +97,28 @@ def plan(
     deterministic: bool = False,
     max_seq_len: int | None = None,
 ) -> DecodePlan:
-    """Choose a backend for ``problem`` and do its host work once (configuration, graph, scratch)."""
+    """Choose a backend for ``problem`` and do its host work once (configuration, graph, scratch).
+
+    With ``backend="auto"`` the choice is made for ``max_seq_len`` (the longest row the plan will serve),
+    or for the capacity when it is None: ``run`` never reads the device lengths. A cuDNN graph that fails
+    to build under ``auto`` falls back to Triton with the reason recorded in ``choice``.
+    """
     choice = choose(problem, backend, max_seq_len=max_seq_len)
-    launcher = get_backend(choice.backend).make_launcher(problem, deterministic=deterministic)
+    return plan_for_choice(problem, choice, deterministic=deterministic, auto=backend == "auto")
+
+
+def plan_for_choice(
+    problem: DecodeProblem, choice: Choice, *, deterministic: bool = False, auto: bool = False
+) -> DecodePlan:
+    """Make the plan of an already made choice; under ``auto`` a cuDNN build failure falls back to Triton."""
+    try:
+        launcher = get_backend(choice.backend).make_launcher(problem, deterministic=deterministic)
+    except UnsupportedError as exc:
+        if not (auto and choice.backend == "cudnn"):
+            raise
+        log.debug("auto: cuDNN declined %s at build time (%s); using triton", problem.name, exc)
+        choice = Choice(
+            "triton", f"auto: cuDNN declined at build time ({exc})", choice.threshold, choice.length
+        )
+        launcher = get_backend("triton").make_launcher(problem, deterministic=deterministic)
     return DecodePlan(problem=problem, choice=choice, deterministic=deterministic, launcher=launcher)

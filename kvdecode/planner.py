@@ -1,6 +1,16 @@
-"""The planner: which backend serves a problem, and why.
+"""The planner: which backend serves a call, and why.
 
-``choose`` is pure host logic over a :class:`DecodeProblem`; it never reads device values.
+``auto`` picks per call from the longest filled row ``L``: Triton's split-KV kernel below the cuDNN
+threshold (a crossover length measured on the GPU, see :mod:`kvdecode.thresholds`), the cuDNN capacity
+graph at or above it when cuDNN can serve the problem. ``L`` is, in this order:
+
+1. ``max_seq_len`` when the caller gives it (no device read);
+2. the capacity when it is below the threshold (Triton whatever the lengths are; nothing read), or when
+   no lengths are at hand (``plan``), or when the current stream is capturing a CUDA graph;
+3. otherwise ``seq_lens.max()``: one host sync. Pass ``max_seq_len`` or use ``plan``/``run`` to avoid it.
+
+What cuDNN cannot serve goes to Triton; the reason is in the :class:`Choice` (see :func:`explain`) and in
+the DEBUG log of the ``kvdecode.planner`` logger.
 """
 
 from __future__ import annotations
@@ -8,11 +18,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .backends import Backend, backend_names, get_backend
+import torch
+
+from .backends import backend_names, get_backend
 from .errors import KVDecodeError, UnsupportedError
 from .problem import DecodeProblem
+from .thresholds import Threshold, threshold_for
 
-__all__ = ["BACKEND_NAMES", "Choice", "choose"]
+__all__ = ["BACKEND_NAMES", "Choice", "auto_threshold", "choose", "explain"]
 
 log = logging.getLogger("kvdecode.planner")
 
@@ -21,11 +34,12 @@ BACKEND_NAMES = ("auto", "triton", "cudnn", "reference")
 
 @dataclass(frozen=True)
 class Choice:
-    """The planner's answer: the backend, a one-line reason, and the threshold it used (if any)."""
+    """The planner's answer: the backend, a one-line reason, the threshold and length it used (if any)."""
 
     backend: str
     reason: str
     threshold: int | None = None
+    length: int | None = None
 
 
 def check_backend_name(backend: object) -> str:
@@ -34,23 +48,133 @@ def check_backend_name(backend: object) -> str:
     return backend
 
 
-def choose(problem: DecodeProblem, backend: str = "auto", *, max_seq_len: int | None = None) -> Choice:
+def check_max_seq_len(max_seq_len: object, problem: DecodeProblem) -> int | None:
+    if max_seq_len is None:
+        return None
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+        raise KVDecodeError(f"max_seq_len must be an int or None, got {max_seq_len!r}")
+    if not problem.q_len <= max_seq_len <= problem.capacity:
+        raise KVDecodeError(
+            f"max_seq_len must be in T_q..capacity ({problem.q_len}..{problem.capacity}), got {max_seq_len}; "
+            "it is the longest filled row, the new tokens included"
+        )
+    return max_seq_len
+
+
+def _reason(name: str, problem: DecodeProblem) -> str | None:
+    if name not in backend_names():
+        return f"backend {name!r} is not available in this installation"
+    return get_backend(name).supports(problem)
+
+
+def auto_threshold(problem: DecodeProblem) -> Threshold:
+    """The cuDNN crossover length for ``problem`` on its GPU (from the tuning table)."""
+    return threshold_for(problem.head_dim, problem.dtype_name, problem.batch, _gpu_name(problem.device))
+
+
+def _gpu_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device.type)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    try:
+        from .cudnn_graphs.cuda_env import device_props
+
+        return device_props(index).name
+    except Exception:  # cuda-python missing or failing: torch knows the name too
+        return torch.cuda.get_device_name(index)
+
+
+def choose(
+    problem: DecodeProblem,
+    backend: str = "auto",
+    *,
+    max_seq_len: int | None = None,
+    seq_lens: torch.Tensor | None = None,
+) -> Choice:
     """Pick the backend for ``problem``.
 
     An explicit backend that cannot serve the problem raises :class:`UnsupportedError` with its reason.
-    ``auto`` orders the candidates and takes the first that supports the problem.
+    ``auto`` follows the rules in this module's docstring; with ``seq_lens`` given and neither
+    ``max_seq_len`` nor a capture nor a capacity below the threshold, it reads ``seq_lens.max()`` (a host
+    sync).
     """
     check_backend_name(backend)
+    max_seq_len = check_max_seq_len(max_seq_len, problem)
     if backend != "auto":
-        if backend not in backend_names():
-            raise UnsupportedError(f"backend {backend!r} is not available in this installation")
-        reason = get_backend(backend).supports(problem)
+        reason = _reason(backend, problem)
         if reason is not None:
             raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
-        return Choice(backend, "asked for explicitly")
-    candidate: Backend = get_backend("triton")
-    reason = candidate.supports(problem)
-    if reason is None:
-        return Choice("triton", "auto: the Triton split-KV kernel serves every length")
-    log.debug("triton cannot serve %s: %s; using the reference", problem.name, reason)
-    return Choice("reference", f"auto: triton cannot serve it ({reason})")
+        return Choice(backend, "asked for explicitly", length=max_seq_len)
+    triton_reason = _reason("triton", problem)
+    cudnn_reason = _reason("cudnn", problem)
+    if cudnn_reason is not None:
+        if triton_reason is not None:
+            log.debug(
+                "neither triton (%s) nor cudnn (%s) serves %s", triton_reason, cudnn_reason, problem.name
+            )
+            return Choice(
+                "reference", f"auto: triton cannot serve it ({triton_reason}) nor cuDNN ({cudnn_reason})"
+            )
+        log.debug("auto: cuDNN cannot serve %s: %s; using triton", problem.name, cudnn_reason)
+        return Choice("triton", f"auto: cuDNN cannot serve it ({cudnn_reason})", length=max_seq_len)
+    threshold = auto_threshold(problem)
+    if triton_reason is not None:
+        return Choice("cudnn", f"auto: triton cannot serve it ({triton_reason})", threshold.value)
+    length, how = _length(problem, threshold.value, max_seq_len, seq_lens)
+    tag = " (provisional)" if threshold.provisional else ""
+    if length < threshold.value:
+        choice = Choice(
+            "triton", f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"
+        )
+    else:
+        choice = Choice(
+            "cudnn", f"auto: length {length} from {how} >= cuDNN threshold {threshold.value}{tag}"
+        )
+    choice = Choice(choice.backend, choice.reason, threshold.value, length)
+    log.debug("%s -> %s: %s", problem.name, choice.backend, choice.reason)
+    return choice
+
+
+def _length(
+    problem: DecodeProblem, threshold: int, max_seq_len: int | None, seq_lens: torch.Tensor | None
+) -> tuple[int, str]:
+    if max_seq_len is not None:
+        return max_seq_len, "max_seq_len"
+    if problem.capacity < threshold:
+        return problem.capacity, "the capacity (below the threshold, lengths not read)"
+    if seq_lens is None:
+        return problem.capacity, "the capacity (no lengths at plan time)"
+    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return problem.capacity, "the capacity (capturing a CUDA graph)"
+    return int(seq_lens.max().item()), "seq_lens.max() (one host sync)"
+
+
+def explain(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    max_seq_len: int | None = None,
+) -> Choice:
+    """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
+
+    Shapes as in :func:`kvdecode.decode_attention`. Returns a :class:`Choice` with ``backend``,
+    ``reason`` (why, e.g. what cuDNN cannot serve) and ``threshold`` (the cuDNN crossover length used,
+    None when cuDNN was out of the running). Like the call itself, it may read ``seq_lens.max()``.
+
+    Examples
+    --------
+    >>> import torch, kvdecode
+    >>> q = torch.randn(1, 4, 1, 64); k = torch.randn(1, 1, 128, 64)
+    >>> kvdecode.explain(q, k, k, torch.tensor([5], dtype=torch.int32)).backend
+    'triton'
+    """
+    problem = DecodeProblem.from_tensors(
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask
+    )
+    return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens)

@@ -248,7 +248,8 @@ def _check_mask(
         kind = "additive"
     else:
         raise KVDecodeError(
-            f"mask.dtype must be bool (True = attend) or a float type (added to the scores), got {mask.dtype}"
+            "mask.dtype must be bool (True = attend) or float16/bfloat16/float32 (added to the scores), "
+            f"got {mask.dtype}; cast the mask"
         )
     if mask.device != device:
         raise KVDecodeError(f"mask must be on q's device ({device}), got {mask.device}")

@@ -27,7 +27,6 @@ from typing import Literal
 
 import torch
 
-from ._append import append_kv
 from .api import check_lengths
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
@@ -132,6 +131,9 @@ class StaticKVCache:
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.kv_start = torch.zeros(batch, dtype=torch.int32, device=self.device) if left_padded else None
         self._plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
+        from ._append import append_kv  # imports Triton: deferred so `import kvdecode` stays light
+
+        self._append_kv = append_kv
 
     # ---- views -------------------------------------------------------------------------------------
 
@@ -163,8 +165,8 @@ class StaticKVCache:
             for b, length in enumerate(new):
                 if not 0 <= length <= self.capacity:
                     raise KVDecodeError(
-                        f"seq_lens[{b}] after advance must be in 0..capacity ({self.capacity}), got {length}; "
-                        f"row {b} is full: reset it (cache.reset([{b}])) or make a larger cache"
+                        f"seq_lens[{b}] after advance must be in 0..capacity ({self.capacity}), "
+                        f"got {length}; row {b} is full: reset it (cache.reset([{b}])) or make a larger cache"
                     )
         self.seq_lens.add_(n)
 
@@ -196,7 +198,7 @@ class StaticKVCache:
         if not isinstance(rows, torch.Tensor):
             rows = list(rows)
             for r in rows:
-                if not isinstance(r, int) or not -self.batch <= r < self.batch:
+                if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.batch:
                     raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {r!r}")
             rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         if rows.device != self.device:
@@ -205,11 +207,18 @@ class StaticKVCache:
             self._check_row_tensor("rows", rows)
             for t in targets:
                 t.masked_fill_(rows, 0)
-        elif rows.dtype in (torch.int32, torch.int64):
-            for t in targets:
-                t.index_fill_(0, rows.long() if rows.dtype == torch.int32 else rows, 0)
-        else:
-            raise KVDecodeError(f"rows must be a bool mask or an integer index tensor, got {rows.dtype}")
+            return
+        if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+            raise KVDecodeError(
+                f"rows must be a bool mask [B] or a 1-D integer index tensor, got {rows.dtype} "
+                f"with shape {tuple(rows.shape)}"
+            )
+        if self._validating():
+            bad = [r for r in rows.tolist() if not 0 <= r < self.batch]
+            if bad:
+                raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {bad[0]}")
+        for t in targets:
+            t.index_fill_(0, rows.long(), 0)
 
     # ---- the step ----------------------------------------------------------------------------------
 
@@ -223,13 +232,15 @@ class StaticKVCache:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             self._check_new(name, t, expected)
         if k_new.shape != v_new.shape:
-            raise KVDecodeError(f"v_new.shape must equal k_new.shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
+            raise KVDecodeError(
+                f"v_new.shape must equal k_new.shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}"
+            )
         q_len = k_new.shape[2]
         if q_len > self.capacity:
             raise KVDecodeError(f"k_new.shape[2] (T_q) must be <= capacity ({self.capacity}), got {q_len}")
         if self._validating():
             check_lengths(self.seq_lens, None, q_len=q_len, capacity=self.capacity)
-        append_kv(k, v, k_new, v_new, self.seq_lens)
+        self._append_kv(k, v, k_new, v_new, self.seq_lens)
 
     def attend(
         self,
@@ -246,26 +257,31 @@ class StaticKVCache:
         ``out`` kind); later calls only check and launch. Arguments as in :func:`kvdecode.decode_attention`.
         """
         k, v = self.keys(layer), self.values(layer)
-        if not isinstance(q, torch.Tensor):
-            raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        key = (tuple(q.shape), q.stride(), q.dtype, q.device, _tensor_key(mask), _tensor_key(out))
-        the_plan = self._plans.get(key)
-        if the_plan is None:
-            the_plan = self._make_plan(key, q, k, v, mask, out)
-        else:
-            self._plans.move_to_end(key)
+        the_plan = self.plan_for(q, mask=mask, out=out)
         if self._validating():
             check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
         return the_plan.run(
             q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse
         )
 
-    # ---- helpers -----------------------------------------------------------------------------------
+    def plan_for(
+        self, q: torch.Tensor, *, mask: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> DecodePlan:
+        """The plan :meth:`attend` runs for this query (and mask / ``out`` kind); made on first use.
 
-    def _make_plan(self, key, q, k, v, mask, out) -> DecodePlan:
+        Every layer shares it (their views have the same strides). Made with ``max_seq_len=capacity``.
+        """
+        if not isinstance(q, torch.Tensor):
+            raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        key = (tuple(q.shape), q.stride(), q.dtype, q.device, _tensor_key(mask), _tensor_key(out))
+        found = self._plans.get(key)
+        if found is not None:
+            self._plans.move_to_end(key)
+            return found
         problem = DecodeProblem.from_tensors(
-            q, k, v, self.seq_lens, scale=self.scale, kv_start=self.kv_start, mask=mask, out=out
-        )
+            q, self._keys[0], self._values[0], self.seq_lens, scale=self.scale, kv_start=self.kv_start,
+            mask=mask, out=out,
+        )  # fmt: skip
         made = plan(
             problem, backend=self.backend, deterministic=self.deterministic, max_seq_len=self.capacity
         )
@@ -273,6 +289,8 @@ class StaticKVCache:
         if len(self._plans) > _PLANS_PER_CACHE:
             self._plans.popitem(last=False)
         return made
+
+    # ---- helpers -----------------------------------------------------------------------------------
 
     def _validating(self) -> bool:
         if not self.validate:
@@ -288,7 +306,9 @@ class StaticKVCache:
         if tuple(t.shape) != (self.batch,):
             raise KVDecodeError(f"{name}.shape must be ({self.batch},) (one per row), got {tuple(t.shape)}")
         if t.dtype not in (torch.int32, torch.bool) or (name == "rows") != (t.dtype == torch.bool):
-            raise KVDecodeError(f"{name}.dtype must be {'bool' if name == 'rows' else 'int32'}, got {t.dtype}")
+            raise KVDecodeError(
+                f"{name}.dtype must be {'bool' if name == 'rows' else 'int32'}, got {t.dtype}"
+            )
         if check_device and t.device != self.device:
             raise KVDecodeError(f"{name} must be on the cache's device ({self.device}), got {t.device}")
 

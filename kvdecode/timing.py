@@ -20,6 +20,7 @@ GB means 1e9 bytes throughout (never GiB).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -142,7 +143,7 @@ def copy_bandwidth(
     with torch.cuda.device(dev):
         for _ in range(2):
             dst.copy_(src)
-        times = _time_events([lambda: dst.copy_(src)] * reps)
+        times = _time_events([functools.partial(dst.copy_, src)] * reps)
     del src, dst
     return 2 * nbytes / (statistics.median(times) * 1e-6) / 1e9
 
@@ -196,7 +197,8 @@ def steady_state_us(
 
     Examples
     --------
-    >>> us = steady_state_us(lambda i: lambda: plan.run(q[i], k[i], v[i], lens, out=o[i]), 8)  # doctest: +SKIP
+    >>> step = lambda i: lambda: plan.run(q[i], k[i], v[i], lens, out=o[i])  # doctest: +SKIP
+    >>> us = steady_state_us(step, 8)  # doctest: +SKIP
     """
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")

@@ -48,20 +48,28 @@ class DeviceProps:
     sm_count: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_props(index: int) -> DeviceProps:
     """Name, SM version and SM count of CUDA device ``index`` (queried once, statuses checked)."""
     from cuda.bindings import runtime as rt
 
     attr = rt.cudaDeviceAttr
-    major = check(rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, index), "cudaDeviceGetAttribute")
-    minor = check(rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, index), "cudaDeviceGetAttribute")
-    sms = check(rt.cudaDeviceGetAttribute(attr.cudaDevAttrMultiProcessorCount, index), "cudaDeviceGetAttribute")
+    major = check(
+        rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, index), "cudaDeviceGetAttribute"
+    )
+    minor = check(
+        rt.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, index), "cudaDeviceGetAttribute"
+    )
+    sms = check(
+        rt.cudaDeviceGetAttribute(attr.cudaDevAttrMultiProcessorCount, index), "cudaDeviceGetAttribute"
+    )
     props = check(rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
     name = props.name
     if isinstance(name, bytes):
         name = name.split(b"\0", 1)[0].decode()
-    return DeviceProps(index=index, name=str(name), sm_version=10 * int(major) + int(minor), sm_count=int(sms))
+    return DeviceProps(
+        index=index, name=str(name), sm_version=10 * int(major) + int(minor), sm_count=int(sms)
+    )
 
 
 @functools.lru_cache(maxsize=1)
