@@ -163,7 +163,8 @@ def run_demo(
     interpreted = _interpreter_on()
     if dev.type == "cpu" and backend in ("auto", "triton") and not interpreted:
         raise KVDecodeError(
-            "--device cpu needs the Triton interpreter, got TRITON_INTERPRET unset; "
+            "--device cpu needs the Triton interpreter, got "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}; "
             "run with TRITON_INTERPRET=1 or use --device cuda"
         )
     reps = 20 if dev.type == "cuda" else 1

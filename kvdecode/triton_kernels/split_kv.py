@@ -73,7 +73,10 @@ def _tile_update(
     else:
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
     s = s * qk_scale
-    visible = (offs_n[None, :] >= lo) & (offs_n[None, :] < hi)
+    key_ok = (offs_n >= lo) & (offs_n < hi)
+    # unfilled or left-padded slots may hold anything (NaN included): 0 * NaN would poison p @ v
+    v_tile = tl.where(key_ok[:, None], v_tile, 0.0)
+    visible = key_ok[None, :]
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
     if MASK_KIND == 1:
@@ -257,6 +260,7 @@ def merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the split kernel's partials are visible after this
+        tl.extra.cuda.gdc_launch_dependents()  # a PDL successor may launch now; it waits for our end
     part = tl.load(  # issued together with the LSE load: no dependent round trip
         PartO + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
         mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM),

@@ -1,0 +1,259 @@
+"""GPU side of the decode benchmark: one grid cell, measured for every backend.
+
+Each cell allocates N layers of distinct caches, checks one layer of each backend against an exact
+answer, then times steady state (N layers in one CUDA graph) and an isolated ``do_bench`` call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from decode_grid import CellSpec, plan_layers
+from decode_report import add_vs_sdpa, backend_error, backend_na, backend_ok
+
+import kvdecode
+from kvdecode.backends import backend_names
+from kvdecode.errors import UnsupportedError
+from kvdecode.problem import DecodeProblem
+from kvdecode.reference import reference_decode_attention, relative_l2_error
+from kvdecode.timing import floor_us, isolated_us, steady_state_us
+
+__all__ = [
+    "TOLERANCE",
+    "Expected",
+    "RunOptions",
+    "check_output",
+    "expected_rows",
+    "free_budget",
+    "is_oom",
+    "make_layers",
+    "make_plan",
+    "measure_cell",
+    "sync",
+]
+
+# Relative L2 error vs an exact answer (TEAM.md table).
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+REFERENCE_MAX_BYTES = 16 * 10**6  # the CPU float64 reference for cells up to 16 MB of KV
+DEVICE = torch.device("cuda")  # a CPU smoke test of the bench's logic may point this elsewhere
+
+
+@dataclass
+class RunOptions:
+    backends: tuple[str, ...]
+    copy_gbps: float
+    replays: int = 20
+    bench_warmup_ms: int = 25
+    bench_rep_ms: int = 100
+    reserve_bytes: int = 4 * 10**9  # left free for SDPA workspaces, graph pools and the check
+    l2_bytes: int | None = None
+
+
+@dataclass
+class Expected:
+    """The exact answer for some rows of layer 0: ``values[i]`` is row ``rows[i]`` (float64, CPU)."""
+
+    rows: list[int]
+    values: torch.Tensor
+    method: str
+
+
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def free_budget(reserve: int) -> int:
+    """Device bytes the caches of one cell may take."""
+    free, _ = torch.cuda.mem_get_info()
+    return max(0, free - reserve)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def make_layers(spec: CellSpec, n_layers: int, *, capacity: int | None = None) -> list[Layer]:
+    """``n_layers`` distinct (q, k, v), BHSD contiguous, random normal, on the GPU."""
+    cap = spec.capacity if capacity is None else capacity
+    dt, dev = spec.torch_dtype, DEVICE
+    kv_shape = (spec.batch, spec.num_kv_heads, cap, spec.head_dim)
+    q_shape = (spec.batch, spec.num_q_heads, 1, spec.head_dim)
+    return [
+        (
+            torch.randn(q_shape, dtype=dt, device=dev),
+            torch.randn(kv_shape, dtype=dt, device=dev),
+            torch.randn(kv_shape, dtype=dt, device=dev),
+        )
+        for _ in range(n_layers)
+    ]
+
+
+def expected_rows(layer: Layer, seq_len: int, seq_lens: torch.Tensor) -> Expected:
+    """Exact output of ``layer`` at length ``seq_len``.
+
+    Small cells (<= 16 MB of KV): :func:`kvdecode.reference_decode_attention` (float64, CPU) on every
+    row. Larger ones: float32 math on the GPU for the first and last row (an fp32 answer is ~1e-6 from
+    float64, far below the bf16 tolerance), so the check never copies a big cache to the host.
+    """
+    q, k, v = layer
+    nbytes = 2 * k[:, :, :seq_len].numel() * k.element_size()
+    if nbytes <= REFERENCE_MAX_BYTES:
+        out, _ = reference_decode_attention(q, k, v, seq_lens)
+        return Expected(list(range(q.shape[0])), out, "reference (float64, CPU)")
+    rows = sorted({0, q.shape[0] - 1})
+    values = torch.stack([_fp32_row(q, k, v, b, seq_len) for b in rows])
+    return Expected(rows, values, "float32 math on the device, first and last row")
+
+
+def _fp32_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, seq_len: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for row ``b`` over keys ``0 .. seq_len - 1``; GQA by head grouping."""
+    num_q_heads, q_len, head_dim = q.shape[1:]
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    qb = q[b].float().reshape(num_kv_heads, group * q_len, head_dim)  # heads h -> kv head h // group
+    kb, vb = k[b, :, :seq_len].float(), v[b, :, :seq_len].float()
+    p = torch.softmax((qb @ kb.transpose(-1, -2)) / math.sqrt(head_dim), dim=-1)
+    return (p @ vb).reshape(num_q_heads, q_len, head_dim).double().cpu()
+
+
+def check_output(out: torch.Tensor, expected: Expected) -> dict:
+    """Relative L2 error of ``out``'s checked rows; ``ok`` when within the dtype's tolerance, no NaN."""
+    got = out[expected.rows].detach().double().cpu()
+    err = relative_l2_error(got, expected.values)
+    finite = bool(torch.isfinite(got).all())
+    ok = finite and err <= TOLERANCE[out.dtype]
+    return {"check_rel_l2": err if finite else None, "check_ok": ok, "check_method": expected.method}
+
+
+def make_plan(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens, out, max_seq_len: int
+) -> tuple[kvdecode.DecodePlan, float]:
+    """``kvdecode.plan`` for these tensors and its host time in ms (graph builds included)."""
+    sync()
+    start = time.perf_counter()
+    problem = DecodeProblem.from_tensors(q, k, v, seq_lens, out=out)
+    the_plan = kvdecode.plan(problem, backend=backend, max_seq_len=max_seq_len)
+    sync()
+    return the_plan, (time.perf_counter() - start) * 1e3
+
+
+def kvdecode_unavailable(backend: str) -> str | None:
+    """Why a kvdecode backend name cannot be benchmarked in this installation, or None."""
+    if backend != "auto" and backend not in backend_names():
+        return f"backend {backend!r} is not registered in this installation (kvdecode.backends)"
+    return None
+
+
+def measure_cell(spec: CellSpec, opts: RunOptions) -> dict:
+    """Measure every backend of ``opts`` on ``spec``; never raises (errors become records)."""
+    rec = cell_record(spec)
+    reason = spec.skip_reason()
+    if reason:
+        return {**rec, "status": "skipped", "reason": reason}
+    n = plan_layers(spec, free_budget(opts.reserve_bytes))
+    if n == 0:
+        return {**rec, "status": "skipped", "reason": "not even one layer fits in free device memory"}
+    floor = floor_us(spec.kv_bytes, opts.copy_gbps)
+    rec.update(n_layers=n, replay_bytes=n * spec.kv_bytes, floor_us=floor)
+    rec["l2_resident"] = bool(opts.l2_bytes and n * spec.kv_bytes <= opts.l2_bytes)
+    layers = None
+    try:
+        layers = make_layers(spec, n)
+        seq_lens = torch.full((spec.batch,), spec.seq_len, dtype=torch.int32, device=DEVICE)
+        expected = expected_rows(layers[0], spec.seq_len, seq_lens)
+        for name in opts.backends:
+            rec["results"][name] = _measure_backend(name, spec, layers, seq_lens, expected, floor, opts)
+        rec["status"] = "ok"
+    except Exception as exc:
+        err = backend_error(exc, skipped=is_oom(exc))
+        rec.update(status=err["status"], reason=err["reason"])
+    finally:
+        del layers
+        torch.cuda.empty_cache()
+    checks = [r.get("check_ok") for r in rec["results"].values() if r.get("status") == "ok"]
+    rec["check_ok"] = bool(checks) and all(checks)
+    add_vs_sdpa(rec)
+    return rec
+
+
+def cell_record(spec: CellSpec) -> dict:
+    return {
+        "name": spec.name,
+        "case": spec.case,
+        "batch": spec.batch,
+        "num_q_heads": spec.num_q_heads,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "seq_len": spec.seq_len,
+        "capacity": spec.capacity,
+        "dtype": spec.dtype,
+        "kv_bytes": spec.kv_bytes,
+        "status": "pending",
+        "results": {},
+    }
+
+
+def _measure_backend(name, spec, layers, seq_lens, expected, floor, opts) -> dict:
+    try:
+        if name == "sdpa":
+            return _measure_sdpa(spec, layers, expected, floor, opts)
+        return _measure_kvdecode(
+            name.removeprefix("kvdecode-"), spec, layers, seq_lens, expected, floor, opts
+        )
+    except Exception as exc:
+        return backend_error(exc, skipped=is_oom(exc))
+    finally:
+        torch.cuda.empty_cache()
+
+
+def _measure_kvdecode(backend, spec, layers, seq_lens, expected, floor, opts) -> dict:
+    reason = kvdecode_unavailable(backend)
+    if reason:
+        return backend_na(reason)
+    outs = [torch.empty_like(q) for q, _, _ in layers]
+    q0, k0, v0 = layers[0]
+    try:
+        the_plan, plan_ms = make_plan(backend, q0, k0, v0, seq_lens, outs[0], spec.seq_len)
+    except UnsupportedError as exc:
+        return backend_na(str(exc))
+    outs[0].fill_(float("nan"))  # poisoned: the check proves every checked element is written
+    start = time.perf_counter()
+    the_plan.run(q0, k0, v0, seq_lens, out=outs[0])
+    sync()
+    first_ms = (time.perf_counter() - start) * 1e3
+    check = check_output(outs[0], expected)
+
+    def make_step(i: int) -> Callable[[], object]:
+        q, k, v = layers[i]
+        o = outs[i]
+        return lambda: the_plan.run(q, k, v, seq_lens, out=o)
+
+    steady = steady_state_us(make_step, len(layers), replays=opts.replays)
+    iso = isolated_us(make_step(0), warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
+    extra = {"plan_ms": plan_ms, "first_call_ms": first_ms, "chosen": the_plan.backend}
+    extra["choice_reason"] = the_plan.choice.reason
+    return backend_ok(steady, iso, spec.kv_bytes, floor, **extra, **check)
+
+
+def _measure_sdpa(spec, layers, expected, floor, opts) -> dict:
+    """torch SDPA on the exact slice ``k[:, :, :L]`` (here the whole buffer), ``enable_gqa=True``."""
+    length = spec.seq_len
+
+    def make_step(i: int) -> Callable[[], object]:
+        q, k, v = layers[i]
+        ks, vs = k[:, :, :length], v[:, :, :length]
+        return lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+
+    check = check_output(make_step(0)(), expected)
+    steady = steady_state_us(make_step, len(layers), replays=opts.replays)
+    iso = isolated_us(make_step(0), warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
+    return backend_ok(steady, iso, spec.kv_bytes, floor, **check)

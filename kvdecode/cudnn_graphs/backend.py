@@ -1,0 +1,191 @@
+"""The cuDNN backend: ``supports(problem)`` and a launcher that executes one graph per capacity.
+
+The launcher is made once per plan: it looks its graph up in the shared cache (building or loading it
+from disk on a miss), sizes the workspace and allocates the constant ``seq_len_q`` tensor. A call then
+only binds the current stream to the thread's handle (when it changed) and executes by variant pack:
+no host sync, no allocation in the common case, capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from ..errors import KVDecodeError, UnsupportedError
+from ..problem import DecodeProblem
+from .builder import UID_K, UID_O, UID_Q, UID_SEQ_KV, UID_SEQ_Q, UID_STATS, UID_V, BuiltGraph
+from .cache import GraphCache
+from .cuda_env import Workspace, current_stream, device_props, handle_for, load_cudnn
+from .key import GraphKey
+from .store import default_graph_cache
+
+__all__ = ["CudnnBackend", "CudnnLauncher"]
+
+log = logging.getLogger("kvdecode.cudnn_graphs")
+
+MAX_HEAD_DIM = 256
+MIN_SM = 80  # cuDNN's fused flash attention starts at Ampere
+ALIGN_ELEMS = 8  # 16-byte rows for fp16/bf16
+
+
+def problem_reason(problem: DecodeProblem) -> str | None:
+    """Why cuDNN cannot serve ``problem`` judging from the problem alone (no library, no device query)."""
+    if problem.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {problem.dtype} is not supported by cuDNN SDPA (float16 and bfloat16 are)"
+    d = problem.head_dim
+    if d % 8 != 0 or d > MAX_HEAD_DIM:
+        return f"head_dim {d} must be a multiple of 8 and <= {MAX_HEAD_DIM} for cuDNN"
+    if problem.mask_kind != "none":
+        return f"a {problem.mask_kind} mask is given; the cuDNN graph takes lengths only"
+    if problem.has_kv_start:
+        return "kv_start (left padding) is given; cuDNN's padding mask covers right padding only"
+    if problem.device.type != "cuda":
+        return f"the tensors are on {problem.device}; cuDNN needs a CUDA device"
+    for name, strides in (
+        ("q", problem.q_strides),
+        ("k_cache", problem.k_strides),
+        ("v_cache", problem.v_strides),
+    ):
+        if any(s % ALIGN_ELEMS for s in strides[:3]):
+            return f"{name} strides {strides} must be multiples of {ALIGN_ELEMS} (16-byte rows) for cuDNN"
+    return None
+
+
+class CudnnBackend:
+    """cuDNN SDPA graphs built at the cache capacity, lengths through the padding mask."""
+
+    name = "cudnn"
+
+    def __init__(self, cache: GraphCache | None = None) -> None:
+        self._cache = cache
+        self._declined: dict[DecodeProblem, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def cache(self) -> GraphCache:
+        return self._cache if self._cache is not None else default_graph_cache()
+
+    def supports(self, problem: DecodeProblem) -> str | None:
+        reason = problem_reason(problem)
+        if reason is not None:
+            return reason
+        _, _, lib_reason = load_cudnn()
+        if lib_reason is not None:
+            return lib_reason
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        sm = device_props(_device_index(problem)).sm_version
+        if sm < MIN_SM:
+            return f"GPU SM version {sm} is below {MIN_SM}; cuDNN fused attention needs Ampere or newer"
+        return self._declined.get(problem)
+
+    def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> CudnnLauncher:
+        reason = self.supports(problem)
+        if reason is not None:
+            raise UnsupportedError(f"backend 'cudnn' cannot serve {problem.name}: {reason}")
+        try:
+            return CudnnLauncher(problem, deterministic=deterministic, cache=self.cache)
+        except UnsupportedError as exc:
+            with self._lock:
+                self._declined[problem] = str(exc)
+            raise
+
+
+def _device_index(problem: DecodeProblem) -> int:
+    index = problem.device.index
+    return torch.cuda.current_device() if index is None else int(index)
+
+
+class CudnnLauncher:
+    """Executes the capacity graph of one problem; ``(q, k, v, seq_lens, kv_start, mask, out, lse)``.
+
+    The graph that also writes the LSE (cuDNN's natural-log ``Stats``) is made on the first call that
+    asks for it, or ahead of time with ``prepare(lse=True)`` (needed before capturing such a call).
+    ``out`` and ``lse`` are written in place; a layout other than row-major goes through a scratch
+    buffer and a device copy.
+    """
+
+    def __init__(self, problem: DecodeProblem, *, deterministic: bool, cache: GraphCache) -> None:
+        _, version, _ = load_cudnn()
+        self.problem = problem
+        self.deterministic = deterministic
+        self.device_index = _device_index(problem)
+        self._cache = cache
+        self._version = int(version or 0)
+        self._graphs: dict[bool, BuiltGraph] = {}
+        self._workspace = Workspace(torch.device("cuda", self.device_index))
+        b = problem.batch
+        self._seq_len_q = torch.full(
+            (b, 1, 1, 1), problem.q_len, dtype=torch.int32, device=self._workspace.device
+        )
+        self.prepare(lse=False)
+
+    def key(self, *, lse: bool) -> GraphKey:
+        return GraphKey.from_problem(
+            self.problem,
+            deterministic=self.deterministic,
+            with_lse=lse,
+            cudnn_version=self._version,
+            device_index=self.device_index,
+        )
+
+    def prepare(self, *, lse: bool) -> BuiltGraph:
+        """Get (build, load or look up) the graph with or without LSE output and size the workspace."""
+        found = self._graphs.get(lse)
+        if found is not None:
+            return found
+        import cudnn
+
+        try:
+            built = self._cache.get(self.key(lse=lse))
+        except cudnn.cudnnGraphNotSupportedError as exc:
+            raise UnsupportedError(f"backend 'cudnn' cannot serve {self.problem.name}: {exc}") from exc
+        self._workspace.ensure(built.workspace_size)
+        self._graphs[lse] = built
+        return built
+
+    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+        p = self.problem
+        if kv_start is not None or mask is not None:
+            raise UnsupportedError(
+                "backend 'cudnn' takes neither kv_start nor mask; plan with another backend"
+            )
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+            if t.data_ptr() % 16:
+                raise KVDecodeError(
+                    f"{name}.data_ptr() must be 16-byte aligned for cuDNN, got {t.data_ptr():#x}; "
+                    "pass an aligned tensor or use backend='triton'"
+                )
+        built = self._graphs.get(lse is not None)
+        if built is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise KVDecodeError(
+                    "return_lse must match a graph made before capture, got return_lse=True while capturing; "
+                    "run the call once with return_lse=True before capturing"
+                )
+            built = self.prepare(lse=True)
+        key = built.key
+        o = (
+            out
+            if tuple(out.stride()) == key.o_strides
+            else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        )
+        pack = {UID_Q: q, UID_K: k_cache, UID_V: v_cache, UID_O: o, UID_SEQ_Q: self._seq_len_q}
+        lens = seq_lens if seq_lens.stride(0) == 1 else seq_lens.contiguous()
+        pack[UID_SEQ_KV] = lens.view(p.batch, 1, 1, 1)
+        stats = None
+        if lse is not None:
+            shape = (p.batch, p.num_q_heads, p.q_len, 1)
+            contiguous = tuple(lse.stride()) == key.stats_strides[:3]
+            stats = (
+                lse.view(shape) if contiguous else torch.empty(shape, dtype=torch.float32, device=q.device)
+            )
+            pack[UID_STATS] = stats
+        handle = handle_for(self.device_index, current_stream(self.device_index))
+        built.graph.execute(pack, self._workspace.tensor, handle=handle)
+        if o is not out:
+            out.copy_(o)
+        if stats is not None and lse is not None and stats.data_ptr() != lse.data_ptr():
+            lse.copy_(stats.view(lse.shape))

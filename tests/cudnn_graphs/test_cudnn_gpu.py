@@ -1,0 +1,177 @@
+"""cuDNN capacity graphs on the GPU: against the float64 reference, against Triton, one graph for every
+length, CUDA-graph capture, the disk cache in a fresh process, and determinism."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import assume, given
+from strategies import Case, cases, check_close, check_lse, make_inputs, poison_unfilled
+
+import kvdecode
+from kvdecode import cudnn_graphs
+from kvdecode.cudnn_graphs import CudnnBackend
+from kvdecode.problem import DecodeProblem
+from kvdecode.reference import reference_decode_attention
+
+pytestmark = pytest.mark.gpu
+HALF = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _private_disk_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KVDECODE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kvdecode-cache"))
+
+
+def _problem(inputs) -> DecodeProblem:
+    return DecodeProblem.from_tensors(inputs.q, inputs.k, inputs.v, inputs.seq_lens, **inputs.kwargs())
+
+
+def _run_checked(case: Case, backend: str = "cudnn", **plan_kw):
+    inputs = make_inputs(case, "cuda")
+    problem = _problem(inputs)
+    reason = CudnnBackend().supports(problem)
+    assume(reason is None)  # e.g. a slice layout whose rows are not 16-byte multiples
+    poison_unfilled(inputs, case)  # NaN where no query may look: the padding mask must skip it
+    the_plan = kvdecode.plan(problem, backend=backend, **plan_kw)
+    out, lse = the_plan.run(inputs.q, inputs.k, inputs.v, inputs.seq_lens, out=inputs.out, return_lse=True)
+    ref, ref_lse = reference_decode_attention(
+        inputs.q, inputs.k, inputs.v, inputs.seq_lens, scale=inputs.scale
+    )
+    check_close(out, ref, case.dtype, problem.name, case.seed, repro=case.repro())
+    check_lse(lse, ref_lse, case.dtype, problem.name, case.seed, repro=case.repro())
+    return inputs, out, lse
+
+
+@given(case=cases("cuda", dtypes=HALF, masks=False, kv_start=False))
+def test_cudnn_matches_the_reference(case):
+    _run_checked(case)
+
+
+@pytest.mark.parametrize("q_len", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("dtype", HALF)
+def test_cudnn_speculative_rows_are_bottom_right_causal(q_len, dtype):
+    capacity = 1024
+    lens = (q_len, q_len + 1, 517, capacity)
+    case = Case(4, 16, 4, 128, q_len, capacity, dtype, lens, kv_layout="bshd", seed=q_len)
+    _run_checked(case)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 192, 256])
+def test_cudnn_head_dims_and_mqa(head_dim):
+    case = Case(2, 8, 1, head_dim, 1, 2048, torch.bfloat16, (1, 1500), seed=head_dim)
+    _run_checked(case)
+
+
+@given(case=cases("cuda", dtypes=HALF, masks=False, kv_start=False))
+def test_cudnn_agrees_with_triton(case):
+    inputs, out, lse = _run_checked(case)
+    problem = _problem(inputs)
+    t_out, t_lse = kvdecode.plan(problem, backend="triton").run(
+        inputs.q, inputs.k, inputs.v, inputs.seq_lens, return_lse=True
+    )
+    tol = {torch.float16: 1e-3, torch.bfloat16: 4e-3}[case.dtype]
+    assert kvdecode.reference.relative_l2_error(out, t_out) <= 2 * tol, case.repro()
+    assert torch.allclose(lse, t_lse, rtol=tol, atol=tol), case.repro()
+
+
+def test_one_graph_serves_every_length_and_captures():
+    capacity = 256
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, generator=gen).to("cuda", torch.float16)
+    k, v = (torch.randn(1, 2, capacity, 64, generator=gen).to("cuda", torch.float16) for _ in range(2))
+    lens = torch.ones(1, dtype=torch.int32, device="cuda")
+    the_plan = kvdecode.plan(DecodeProblem.from_tensors(q, k, v, lens), backend="cudnn")
+    before = cudnn_graphs.cache_info()
+    out = torch.full_like(q, math.nan)
+    for n in range(1, capacity + 1):
+        lens.fill_(n)
+        the_plan.run(q, k, v, lens, out=out)
+        ref, _ = reference_decode_attention(q, k, v, lens)
+        check_close(out, ref, torch.float16, f"length {n}", 0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        the_plan.run(q, k, v, lens, out=out)
+    for n in (1, 77, capacity):
+        lens.fill_(n)
+        out.fill_(math.nan)
+        graph.replay()
+        ref, _ = reference_decode_attention(q, k, v, lens)
+        check_close(out, ref, torch.float16, f"replay at length {n}", 0)
+    after = cudnn_graphs.cache_info()
+    assert (after.builds + after.disk_loads) == (before.builds + before.disk_loads)
+
+
+def test_runs_on_the_callers_stream():
+    case = Case(2, 8, 2, 128, 1, 4096, torch.bfloat16, (3000, 4096), seed=11)
+    inputs = make_inputs(case, "cuda")
+    the_plan = kvdecode.plan(_problem(inputs), backend="cudnn")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            out = the_plan.run(inputs.q, inputs.k, inputs.v, inputs.seq_lens)
+    torch.cuda.current_stream().wait_stream(side)
+    ref, _ = reference_decode_attention(inputs.q, inputs.k, inputs.v, inputs.seq_lens)
+    check_close(out, ref, case.dtype, "side stream", case.seed)
+
+
+def test_auto_picks_cudnn_at_or_above_the_threshold():
+    capacity = 16384
+    case = Case(1, 8, 2, 128, 1, capacity, torch.bfloat16, (capacity,), seed=5)
+    inputs = make_inputs(case, "cuda")
+    choice = kvdecode.explain(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=capacity)
+    assert choice.backend == "cudnn" and choice.threshold <= capacity, choice
+    below = kvdecode.explain(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=choice.threshold - 1)
+    assert below.backend == "triton"
+    out = kvdecode.decode_attention(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=capacity)
+    ref, _ = reference_decode_attention(inputs.q, inputs.k, inputs.v, inputs.seq_lens)
+    check_close(out, ref, case.dtype, "auto", case.seed)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "triton"])
+def test_deterministic_repeats_are_bitwise_identical(backend):
+    case = Case(2, 32, 8, 128, 1, 32768, torch.bfloat16, (20000, 32768), seed=7)
+    inputs = make_inputs(case, "cuda")
+    the_plan = kvdecode.plan(_problem(inputs), backend=backend, deterministic=True)
+    first, first_lse = the_plan.run(inputs.q, inputs.k, inputs.v, inputs.seq_lens, return_lse=True)
+    for _ in range(20):
+        again, again_lse = the_plan.run(inputs.q, inputs.k, inputs.v, inputs.seq_lens, return_lse=True)
+        assert torch.equal(again, first) and torch.equal(again_lse, first_lse)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch, kvdecode
+    from kvdecode import cudnn_graphs
+    from kvdecode.problem import DecodeProblem
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 16, 1, 128, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2, 4, 8192, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([100, 8000], dtype=torch.int32, device="cuda")
+    plan = kvdecode.plan(DecodeProblem.from_tensors(q, k, v, lens), backend="cudnn")
+    out = plan.run(q, k, v, lens)
+    torch.cuda.synchronize()
+    info = cudnn_graphs.cache_info()
+    torch.save({"out": out.cpu(), "builds": info.builds, "loads": info.disk_loads}, sys.argv[1])
+    """
+)
+
+
+def test_disk_cache_round_trip_in_a_fresh_process(tmp_path):
+    env = dict(os.environ, KVDECODE_CACHE_DIR=str(tmp_path / "cache"))
+    results = []
+    for i in range(2):
+        path = tmp_path / f"run{i}.pt"
+        subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, check=True, timeout=300)
+        results.append(torch.load(path))
+    assert (results[0]["builds"], results[0]["loads"]) == (1, 0)
+    assert (results[1]["builds"], results[1]["loads"]) == (0, 1)
+    assert torch.equal(results[0]["out"], results[1]["out"])
+    assert list((tmp_path / "cache" / "cudnn_plans").glob("*.plan"))

@@ -1,0 +1,217 @@
+"""StaticKVCache on the CPU (Triton interpreter): append/advance/reset semantics, overflow, attend.
+
+Every check compares the whole K/V storage (all layers, all rows) against a Python model, with the
+buffers poisoned with NaN first, so a write to a wrong slot and a missing write both fail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from strategies import TOLERANCES, check_close
+
+import kvdecode
+from kvdecode import KVDecodeError, StaticKVCache
+from kvdecode.reference import reference_decode_attention
+
+DEV = "cpu"
+
+
+def make_cache(layout="bhsd", dtype=torch.float32, **kw) -> StaticKVCache:
+    args = dict(num_layers=2, batch=3, num_kv_heads=2, capacity=32, head_dim=16)
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    cache = StaticKVCache(**args, dtype=dtype, device=DEV, layout=layout, backend="triton", **kw)
+    cache.k_buffer.fill_(math.nan)
+    cache.v_buffer.fill_(math.nan)
+    return cache
+
+
+def new_tokens(cache: StaticKVCache, q_len: int, gen: torch.Generator, *, strided: bool = False):
+    """Fresh K/V for one step; ``strided`` gives a non-contiguous [B, H_kv, T_q, D] view of BTHD."""
+    b, h, d = cache.batch, cache.num_kv_heads, cache.head_dim
+    if strided:
+        k = torch.randn(b, q_len, h, d, generator=gen).transpose(1, 2)
+        v = torch.randn(b, q_len, h, d, generator=gen).transpose(1, 2)
+    else:
+        k, v = torch.randn(b, h, q_len, d, generator=gen), torch.randn(b, h, q_len, d, generator=gen)
+    return k.to(cache.dtype), v.to(cache.dtype)
+
+
+def model_append(model_k, model_v, cache, layer, k, v, lens_after):
+    """What append must do, written out: token t of row b at lens_after[b] - T_q + t, if < capacity."""
+    view = (lambda t: t) if cache.layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    mk, mv = view(model_k[layer]), view(model_v[layer])
+    q_len = k.shape[2]
+    for b, n in enumerate(lens_after):
+        for t in range(q_len):
+            pos = n - q_len + t
+            if 0 <= pos < cache.capacity:
+                mk[b, :, pos] = k[b, :, t]
+                mv[b, :, pos] = v[b, :, t]
+
+
+def assert_storage(cache, model_k, model_v):
+    for name, got, want in (("K", cache.k_buffer, model_k), ("V", cache.v_buffer, model_v)):
+        same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+        if not same.all():
+            first = (~same).nonzero()[0].tolist()
+            raise AssertionError(f"{name} storage differs from the model at [layer, ...] = {first}")
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_writes_each_row_at_its_length(layout, dtype):
+    gen = torch.Generator().manual_seed(1)
+    cache = make_cache(layout, dtype)
+    model_k, model_v = cache.k_buffer.clone(), cache.v_buffer.clone()
+    lens = [0, 5, 29]
+    cache.set_lengths(lens)
+    for q_len, layer, strided in [(3, 1, True), (1, 0, False), (2, 1, False)]:
+        k, v = new_tokens(cache, q_len, gen, strided=strided)
+        cache.advance(q_len)
+        lens_after = cache.seq_lens.tolist()
+        assert lens_after == [n + q_len for n in lens]
+        lens = lens_after
+        cache.append(layer, k, v)
+        model_append(model_k, model_v, cache, layer, k, v, lens_after)
+        assert_storage(cache, model_k, model_v)
+
+
+def test_layout_views_share_the_storage():
+    cache = StaticKVCache(3, 2, 4, 24, 8, dtype=torch.float16, device=DEV, layout="bshd")
+    assert cache.k_buffer.shape == (3, 2, 24, 4, 8)
+    k1 = cache.keys(1)
+    assert k1.shape == (2, 4, 24, 8)
+    assert k1.stride() == (24 * 4 * 8, 8, 4 * 8, 1)
+    assert k1.data_ptr() == cache.k_buffer[1].data_ptr()
+    bhsd = StaticKVCache(3, 2, 4, 24, 8, dtype=torch.float16, device=DEV)
+    assert bhsd.values(2).shape == (2, 4, 24, 8) and bhsd.values(2).is_contiguous()
+
+
+def test_reset_zeroes_only_the_given_rows():
+    cache = make_cache(batch=4, left_padded=True)
+    cases = [
+        ([2], [5, 6, 0, 8]),
+        (torch.tensor([True, False, False, True]), [0, 6, 7, 0]),
+        (torch.tensor([1], dtype=torch.int32), [5, 0, 7, 8]),
+        (None, [0, 0, 0, 0]),
+    ]
+    for rows, want in cases:
+        cache.set_lengths([5, 6, 7, 8], kv_start=[1, 2, 3, 4])
+        cache.reset(rows)
+        assert cache.seq_lens.tolist() == want
+        assert cache.kv_start.tolist() == [s if n else 0 for s, n in zip([1, 2, 3, 4], want)]
+        assert cache.seq_lens.dtype == torch.int32
+    with pytest.raises(KVDecodeError, match=r"rows must hold row indices in 0..3, got 4"):
+        cache.reset([4])
+    with pytest.raises(KVDecodeError, match=r"rows.shape must be \(4,\)"):
+        cache.reset(torch.tensor([True, False]))
+
+
+def test_advance_by_tensor_and_overflow_raises_naming_the_row():
+    cache = make_cache(capacity=8, validate=True)
+    cache.set_lengths([7, 2, 0])
+    with pytest.raises(KVDecodeError, match=r"seq_lens\[0\] after advance .* got 9; row 0 is full"):
+        cache.advance(2)
+    assert cache.seq_lens.tolist() == [7, 2, 0]  # nothing changed
+    cache.advance(torch.tensor([1, 3, 0], dtype=torch.int32))
+    assert cache.seq_lens.tolist() == [8, 5, 0]
+    with pytest.raises(KVDecodeError, match=r"seq_lens\[1\] after advance .* got 9; row 1 is full"):
+        cache.advance(torch.tensor([0, 4, 1], dtype=torch.int32))
+    with pytest.raises(KVDecodeError, match=r"n.dtype must be int32"):
+        cache.advance(torch.tensor([0, 4, 1]))
+
+
+def test_append_before_advance_raises_with_validation():
+    cache = make_cache(validate=True)
+    cache.set_lengths([3, 0, 4])
+    k, v = new_tokens(cache, 1, torch.Generator().manual_seed(2))
+    with pytest.raises(KVDecodeError, match=r"seq_lens\[1\] must be >= T_q \(1\)"):
+        cache.append(0, k, v)
+    assert torch.isnan(cache.k_buffer).all()  # raised before any launch
+
+
+def test_overflow_without_validation_never_writes_out_of_bounds():
+    gen = torch.Generator().manual_seed(3)
+    cache = make_cache(capacity=8)
+    model_k, model_v = cache.k_buffer.clone(), cache.v_buffer.clone()
+    cache.set_lengths([6, 0, 8])
+    cache.advance(4)  # rows 0 and 2 go past capacity: 10 and 12
+    assert cache.overflowed().tolist() == [True, False, True]
+    k, v = new_tokens(cache, 4, gen)
+    cache.append(0, k, v)
+    model_append(model_k, model_v, cache, 0, k, v, [10, 4, 12])
+    assert_storage(cache, model_k, model_v)  # row 0 wrote slots 6, 7 only; row 2 nothing; no spill
+
+
+def test_bad_append_arguments_raise():
+    cache = make_cache()
+    k, v = new_tokens(cache, 2, torch.Generator().manual_seed(4))
+    with pytest.raises(KVDecodeError, match=r"k_new.shape must be \[3, 2, T_q >= 1, 16\]"):
+        cache.append(0, k[:, :1].contiguous(), v)
+    with pytest.raises(KVDecodeError, match=r"v_new.dtype must be the cache's dtype"):
+        cache.append(0, k, v.double())
+    with pytest.raises(KVDecodeError, match=r"v_new.shape must equal k_new.shape"):
+        cache.append(0, k, v[:, :, :1])
+    with pytest.raises(KVDecodeError, match=r"layer must be an int in 0..1, got 2"):
+        cache.append(2, k, v)
+    with pytest.raises(KVDecodeError, match="layout must be 'bhsd' or 'bshd'"):
+        StaticKVCache(1, 1, 1, 8, 8, dtype=torch.float32, device=DEV, layout="sbhd")
+    with pytest.raises(KVDecodeError, match="capacity must be a positive int, got 0"):
+        StaticKVCache(1, 1, 1, 0, 8, dtype=torch.float32, device=DEV)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), [("bhsd", torch.float32), ("bshd", torch.float16)])
+def test_decode_steps_match_the_reference(layout, dtype):
+    """advance -> append -> attend per layer, T_q 1 and 2, ragged lengths, a reset in between."""
+    gen = torch.Generator().manual_seed(5)
+    cache = make_cache(layout, dtype, num_kv_heads=1, capacity=48, validate=True)
+    for layer in range(2):  # unwritten slots must hold finite data for the reference, not NaN
+        cache.keys(layer).copy_(torch.randn(cache.keys(layer).shape, generator=gen))
+        cache.values(layer).copy_(torch.randn(cache.values(layer).shape, generator=gen))
+    cache.set_lengths([0, 17, 40])
+    for step, q_len in enumerate([1, 2, 1]):
+        if step == 2:
+            cache.reset([2])
+        cache.advance(q_len)
+        for layer in range(2):
+            k, v = new_tokens(cache, q_len, gen)
+            q = torch.randn(3, 3, q_len, 16, generator=gen).to(dtype)
+            cache.append(layer, k, v)
+            out = cache.attend(layer, q)
+            ref, _ = reference_decode_attention(q, cache.keys(layer), cache.values(layer), cache.seq_lens)
+            check_close(out, ref, dtype, f"cache step {step} layer {layer}", 5)
+    assert cache.seq_lens.tolist() == [4, 21, 1]
+
+
+def test_left_padded_attend_and_plans_are_shared():
+    gen = torch.Generator().manual_seed(6)
+    cache = make_cache(left_padded=True, num_kv_heads=1, capacity=16)
+    prompt_len = 5
+    cache.advance(prompt_len)
+    k, v = new_tokens(cache, prompt_len, gen)
+    cache.append(1, k, v)  # a left-padded prompt written as one chunk
+    cache.set_lengths(cache.seq_lens, kv_start=[0, 3, 1])
+    q = torch.randn(3, 2, prompt_len, 16, generator=gen)
+    out, lse = cache.attend(1, q, return_lse=True)
+    ref, ref_lse = reference_decode_attention(
+        q, cache.keys(1), cache.values(1), cache.seq_lens, kv_start=cache.kv_start
+    )
+    check_close(out, ref, torch.float32, "left-padded prefill", 6)
+    assert torch.isneginf(lse[1, :, :3]).all() and (out[1, :, :3] == 0).all()  # padded queries see nothing
+    torch.testing.assert_close(
+        lse[:, :, 3:].double(), ref_lse[:, :, 3:], rtol=TOLERANCES[torch.float32], atol=0
+    )
+    assert cache.plan_for(q) is cache.plan_for(q.clone())
+    assert cache.plan_for(q).problem.has_kv_start
+    assert isinstance(cache.plan_for(q), kvdecode.DecodePlan)
+
+
+def test_attend_with_a_query_the_cache_cannot_serve_raises():
+    cache = make_cache()
+    with pytest.raises(KVDecodeError, match=r"k_cache.dtype must equal q.dtype"):
+        cache.attend(0, torch.randn(3, 2, 1, 16, dtype=torch.float64).half())
+    with pytest.raises(KVDecodeError, match=r"num_q_heads \(3\) must be a multiple of num_kv_heads \(2\)"):
+        cache.attend(0, torch.randn(3, 3, 1, 16))

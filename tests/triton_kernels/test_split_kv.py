@@ -1,0 +1,299 @@
+"""Properties of the Triton split-KV kernel against the float64 reference.
+
+Every property runs twice: on CPU tensors through the Triton interpreter (only where there is no CUDA, so
+``TRITON_INTERPRET=1``; small shapes, the ``cpu`` hypothesis profile) and on CUDA behind the ``gpu`` marker
+(full-size shapes, the ``gpu`` profile). Outputs are prefilled with NaN, so an element the kernel never
+writes fails the check. A failure prints the problem's name, the seed and a ``make_inputs(Case(...))``
+line that rebuilds the exact tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import (
+    TOLERANCES,
+    Case,
+    cases,
+    check_close,
+    check_empty_rows,
+    check_lse,
+    make_inputs,
+    make_out,
+    poison_unfilled,
+    with_,
+)
+
+import kvdecode
+from kvdecode import DecodeProblem, UnsupportedError, reference_decode_attention
+from kvdecode.triton_kernels import SplitKVConfig, TritonBackend
+from kvdecode.triton_kernels.config import MAX_SPLITS, interpreter_active
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            torch.cuda.is_available() or not interpreter_active(),
+            reason="CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1, no CUDA)",
+        ),
+    ),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def run_triton(case: Case, x, **kw):
+    out, lse = kvdecode.decode_attention(
+        x.q, x.k, x.v, x.seq_lens, backend="triton", out=x.out, return_lse=True, **x.kwargs(), **kw
+    )
+    assert out is x.out, "out= must be written in place and returned"
+    return out, lse
+
+
+def check_all(case: Case, out, lse, ref_out, ref_lse) -> None:
+    where = f"{case.name} seed={case.seed}\n  reproduce: {case.repro()}"
+    check_close(out, ref_out, case.dtype, case.name, case.seed, repro=case.repro())
+    check_empty_rows(out, ref_out, where)
+    if lse is not None:
+        check_lse(lse, ref_lse, case.dtype, case.name, case.seed, repro=case.repro())
+
+
+def reference(x):
+    return reference_decode_attention(x.q, x.k, x.v, x.seq_lens, **x.kwargs())
+
+
+# ---- the main property ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_matches_reference(device, data):
+    """Any valid call: shapes, GQA/MQA, T_q, ragged lengths, kv_start, masks, dtypes, layouts."""
+    case = data.draw(cases(device), label="case")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [80, 96, 112, 128, 160, 192, 256])
+def test_large_and_odd_head_dims(device, head_dim):
+    """Explicit examples for the head dims the interpreter property keeps out (too slow there)."""
+    i = [80, 96, 112, 128, 160, 192, 256].index(head_dim)
+    case = Case(
+        batch=2, num_q_heads=6, num_kv_heads=2, head_dim=head_dim, q_len=1 + i % 3, capacity=72,
+        dtype=(torch.bfloat16, torch.float16, torch.float32)[i % 3], seq_lens=(72, 33 + i),
+        kv_start=(3, 0) if i % 2 else None, mask_kind=("none", "bool", "additive")[i % 3],
+        mask_shape=(2, 1, 1, 72), kv_layout=("bshd", "bhsd", "slice", "packed")[i % 4], seed=1000 + i,
+    )  # fmt: skip
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
+# ---- split-count invariance ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_split_count_invariance(device, data):
+    """Different split counts and tile sizes (including more splits than tiles, so some splits are
+    empty) all match the reference and each other; NaN-poisoned out and lse prove every element is written."""
+    case = data.draw(cases(device), label="case")
+    most = MAX_SPLITS if device == "cuda" else 16  # the interpreter pays for every (empty) program
+    splits = sorted({1, 2, data.draw(st.integers(3, 8), label="s"), data.draw(st.integers(9, most), label="S")})
+    block_n = data.draw(st.sampled_from((16, 32, 64)), label="block_n")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    results = []
+    for s in splits:
+        cfg = SplitKVConfig(num_splits=s, block_n=block_n)
+        launch = TritonBackend().make_launcher(problem, config=cfg)
+        out = make_out(case, device)
+        lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
+        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse)
+        named = with_(case, seed=case.seed)
+        try:
+            check_all(named, out, lse, ref_out, ref_lse)
+        except AssertionError as e:
+            raise AssertionError(f"config {cfg.name}: {e}") from None
+        results.append((cfg.name, out, lse))
+    first_name, first_out, first_lse = results[0]
+    for cfg_name, out, lse in results[1:]:
+        try:
+            check_close(out, first_out, case.dtype, f"{case.name} {cfg_name} vs {first_name}", case.seed)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n  reproduce: {case.repro()}") from None
+
+
+# ---- empty rows and out-of-range device lengths ----
+
+
+@st.composite
+def empty_row_cases(draw, device: str) -> Case:
+    """Rows (or single queries) that see nothing: seq_lens < T_q (0 and negative included), kv_start
+    past the query position, kv_start < 0; the contract defines each (DESIGN.md positions)."""
+    case = draw(cases(device, masks=False, kv_start=False))
+    lens, starts = [], []
+    for n in case.seq_lens:
+        kind = draw(st.sampled_from(("keep", "short", "zero", "negative", "late_start", "neg_start")))
+        start = 0
+        if kind == "short":
+            n = draw(st.integers(0, case.q_len - 1)) if case.q_len > 1 else 0
+        elif kind == "zero":
+            n = 0
+        elif kind == "negative":
+            n = draw(st.integers(-5, -1))
+        elif kind == "late_start":
+            start = draw(st.integers(max(0, n - case.q_len + 1), n + 3))
+        elif kind == "neg_start":
+            start = draw(st.integers(-4, -1))
+        lens.append(n)
+        starts.append(start)
+    return with_(case, seq_lens=tuple(lens), kv_start=tuple(starts) if any(starts) else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_rows_with_nothing_visible_give_zeros_and_neg_inf(device, data):
+    case = data.draw(empty_row_cases(device), label="case")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    assert torch.isneginf(ref_lse).any() or all(n >= case.q_len for n in case.seq_lens)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_masks_that_hide_whole_rows(device, data):
+    """A bool mask all False, or an additive mask all -inf, over some (row, head, query): zeros, -inf."""
+    case = data.draw(cases(device, masks=False), label="case")
+    kind = data.draw(st.sampled_from(("bool", "additive")), label="kind")
+    x = make_inputs(case, device)
+    g = torch.Generator().manual_seed(case.seed)
+    full = (case.batch, case.num_q_heads, case.q_len, case.capacity)
+    hidden = torch.rand(*full[:3], 1, generator=g) < 0.4
+    if kind == "bool":
+        mask = (torch.rand(*full, generator=g) < 0.7) & ~hidden
+    else:
+        mask = torch.randn(*full, generator=g).masked_fill(hidden, -math.inf).to(case.dtype)
+    x.mask = mask.to(device)
+    case = with_(case, mask_kind=kind, mask_shape=full)
+    ref_out, ref_lse = reference(x)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_lengths_past_capacity_never_nan(device, data):
+    """seq_lens > capacity is invalid (validate=True rejects it); without validation the kernel clamps:
+    it must still write every element, finite, and never read outside the cache."""
+    case = data.draw(cases(device, masks=False), label="case")
+    lens = tuple(n + data.draw(st.integers(0, 2 * case.capacity)) for n in case.seq_lens)
+    case = with_(case, seq_lens=lens)
+    x = make_inputs(case, device)
+    out, lse = run_triton(case, x)
+    assert torch.isfinite(out).all(), f"{case.name} seed={case.seed}: non-finite output\n{case.repro()}"
+    assert not torch.isnan(lse).any(), f"{case.name} seed={case.seed}: NaN lse\n{case.repro()}"
+
+
+# ---- nothing outside [kv_start, seq_len) is read into the result ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_unfilled_cache_slots_do_not_leak(device, data):
+    """Slots past seq_lens and before kv_start may hold garbage (torch.empty): NaN there must not reach
+    the output. The reference is computed on the clean cache first."""
+    case = data.draw(cases(device), label="case")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    poison_unfilled(x, case)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
+# ---- head dims below 16: served correctly or refused ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [1, 4, 8])
+def test_tiny_head_dims_served_or_refused(device, head_dim):
+    case = Case(2, 4, 2, head_dim, 2, 40, torch.float16, (40, 7), seed=head_dim)
+    x = make_inputs(case, device)
+    try:
+        out, lse = run_triton(case, x)
+    except UnsupportedError:
+        return
+    check_all(case, out, lse, *reference(x))
+
+
+# ---- determinism, host syncs, CUDA graphs ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_is_bitwise_reproducible(device):
+    case = Case(3, 8, 2, 64, 2, 200, torch.bfloat16, (200, 1 + 2, 129), kv_layout="bshd", seed=7)
+    x = make_inputs(case, device)
+    outs = [
+        kvdecode.decode_attention(x.q, x.k, x.v, x.seq_lens, backend="triton", deterministic=True)
+        for _ in range(3)
+    ]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    check_close(outs[0], reference(x)[0], case.dtype, case.name, case.seed)
+
+
+@pytest.mark.gpu
+def test_warm_call_does_not_sync_the_host():
+    case = Case(4, 32, 8, 128, 1, 4096, torch.bfloat16, (1, 4096, 1000, 2049), kv_start=(0, 5, 0, 100), seed=3)
+    x = make_inputs(case, "cuda")
+    run_triton(case, x)  # compile and plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x.seq_lens.copy_(torch.tensor([2, 4000, 17, 4096], dtype=torch.int32), non_blocking=True)
+        run_triton(case, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    case = with_(case, seq_lens=(2, 4000, 17, 4096))
+    check_all(case, x.out, None, *reference(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_cuda_graph_replay_follows_device_lengths(q_len):
+    """One captured plan.run serves every step: lengths change on the device only, no recompilation."""
+    case = Case(2, 8, 2, 128, q_len, 2048, torch.float16, (q_len, 2048), kv_start=(0, 0), seed=11)
+    x = make_inputs(case, "cuda")
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, kv_start=x.kv_start, out=x.out)
+    the_plan = kvdecode.plan(problem, backend="triton")
+    lse = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        the_plan.run(x.q, x.k, x.v, x.seq_lens, kv_start=x.kv_start, out=x.out)  # warm up: compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, lse = the_plan.run(x.q, x.k, x.v, x.seq_lens, kv_start=x.kv_start, out=x.out, return_lse=True)
+    for step, (lens, starts) in enumerate([((q_len, 2048), (0, 0)), ((700, 65), (3, 64 - q_len)),
+                                           ((2048, q_len + 1), (1000, 1)), ((129, 1500), (0, 0))]):  # fmt: skip
+        x.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        x.kv_start.copy_(torch.tensor(starts, dtype=torch.int32))
+        x.out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        step_case = with_(case, seq_lens=lens, kv_start=starts, seed=case.seed * 100 + step)
+        check_all(step_case, x.out, lse, *reference(x))
+
+
+def test_tolerance_table_is_the_issue_table():
+    assert TOLERANCES == {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}
