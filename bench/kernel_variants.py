@@ -78,7 +78,10 @@ def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
     lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
     problem = DecodeProblem.from_tensors(qs[0], ks[0], vs[0], lens)
     rows = []
-    sdpa = lambda i: F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)  # noqa: E731
+
+    def sdpa(i: int) -> None:
+        F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
+
     rows.append(dict(B=batch, L=length, variant="sdpa", us=graph_us(sdpa, n_layers), layers=n_layers))
     for name, cfg in variants(default_config(problem)).items():
         if names and name not in names:
@@ -91,7 +94,10 @@ def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
             launcher(qs[0], ks[0], vs[0], ragged, None, None, out, None)
             ref, _ = reference_decode_attention(qs[0], ks[0], vs[0], ragged)
             err = relative_l2_error(out, ref)
-            step = lambda i: launcher(qs[i], ks[i], vs[i], lens, None, None, outs[i], None)  # noqa: E731
+
+            def step(i: int, launcher=launcher) -> None:
+                launcher(qs[i], ks[i], vs[i], lens, None, None, outs[i], None)
+
             us = graph_us(step, n_layers)
             rows.append(dict(B=batch, L=length, variant=name, config=cfg.name, us=us, err=err,
                              pdl=launcher.use_pdl, layers=n_layers))  # fmt: skip
@@ -101,7 +107,7 @@ def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
     floor = nbytes / 3.0e12 * 1e6
     for r in rows:
         r["floor_us"] = floor
-    del ks, vs, qs, outs
+    ks.clear(), vs.clear(), qs.clear(), outs.clear()
     torch.cuda.empty_cache()
     return rows
 
@@ -115,8 +121,8 @@ def main() -> int:
     names = [v for v in args.variants.split(",") if v]
     rows = []
     for shape in args.shapes.split(","):
-        b, l = (int(x) for x in shape.split("x"))
-        rows += run_shape(b, l, names)
+        b, n = (int(x) for x in shape.split("x"))
+        rows += run_shape(b, n, names)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
     with open(f"{args.out}/kernel_variants.json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

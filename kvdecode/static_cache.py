@@ -15,6 +15,9 @@ One decode step, in this order (every call is capture-safe; capture the whole st
         cache.append(layer, k_new, v_new) # writes token t at seq_lens[b] - T_q + t
         out = cache.attend(layer, q)      # query t at position seq_lens[b] - T_q + t, bottom-right causal
 
+Run the step once eagerly before capturing it (Triton compiles its kernels and :meth:`attend` makes its
+plan on the first call); replays then read and grow ``seq_lens`` on the device.
+
 Advancing first makes ``seq_lens`` mean what :func:`kvdecode.decode_attention` wants (the filled length
 with the new tokens) for the whole step, so ``attend`` needs no extra per-layer length arithmetic.
 """

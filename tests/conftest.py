@@ -1,7 +1,8 @@
 """Test configuration: hypothesis profiles and the ``gpu`` marker.
 
 Profiles: ``cpu`` keeps the Triton interpreter runs within CI's budget; ``gpu`` runs >= 500 examples per
-property. ``gpu`` is loaded when CUDA is available, else ``cpu``; ``HYPOTHESIS_PROFILE=<name>`` overrides.
+property; ``gpu-smoke`` is a quicker GPU pass. ``gpu`` is loaded when CUDA is available, else ``cpu``;
+``HYPOTHESIS_PROFILE=<name>`` overrides.
 Tests marked ``gpu`` are skipped without CUDA.
 """
 
@@ -18,8 +19,10 @@ _COMMON = dict(
     print_blob=True,  # failures print @reproduce_failure(...)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("cpu", max_examples=12, **_COMMON)
+settings.register_profile("cpu", max_examples=20, **_COMMON)
 settings.register_profile("gpu", max_examples=500, **_COMMON)
+# A quick GPU pass (each new shape family compiles a kernel, ~1 s): HYPOTHESIS_PROFILE=gpu-smoke
+settings.register_profile("gpu-smoke", max_examples=50, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
 settings.load_profile(PROFILE)
 
@@ -34,4 +37,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"hypothesis profile: {PROFILE} ({settings().max_examples} examples); CUDA: {torch.cuda.is_available()}"
+    examples = settings().max_examples
+    return f"hypothesis profile: {PROFILE} ({examples} examples); CUDA: {torch.cuda.is_available()}"

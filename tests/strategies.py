@@ -272,7 +272,8 @@ def check_lse(
     wrong_inf = torch.isneginf(got) != empty
     if wrong_inf.any():
         idx = wrong_inf.nonzero()[0].tolist()
-        _fail(f"{where}: lse at [b, h, t] = {idx} is {got[tuple(idx)].item()}, reference {exp[tuple(idx)].item()}")
+        got_i, exp_i = got[tuple(idx)].item(), exp[tuple(idx)].item()
+        _fail(f"{where}: lse at [b, h, t] = {idx} is {got_i}, reference {exp_i}")
     fin = ~empty
     diff = (got[fin] - exp[fin]).abs() / exp[fin].abs().clamp(min=1.0)
     if diff.numel() and diff.max().item() > tol:

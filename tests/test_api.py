@@ -1,4 +1,4 @@
-"""The public call: signature, return values, out=, plan reuse across steps, backend choice, plan/run checks."""
+"""The public call: signature, return values, out=, plan reuse across steps, backend choice, plan/run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import torch
 from strategies import Case, make_inputs
 
 import kvdecode
-from kvdecode import DecodeProblem, KVDecodeError, UnsupportedError, decode_attention, reference_decode_attention
+from kvdecode import (
+    DecodeProblem,
+    KVDecodeError,
+    UnsupportedError,
+    decode_attention,
+    reference_decode_attention,
+)
 from kvdecode import api as api_module
 
 
@@ -128,7 +134,9 @@ def test_plan_run_mismatch_names_both_sides(planned, change, fragments):
     args = dict(q=x.q, k=x.k, v=x.v, kv_start=x.kv_start, mask=None)
     args.update(change(x))
     with pytest.raises(KVDecodeError) as info:
-        the_plan.run(args["q"], args["k"], args["v"], x.seq_lens, kv_start=args["kv_start"], mask=args["mask"])
+        the_plan.run(
+            args["q"], args["k"], args["v"], x.seq_lens, kv_start=args["kv_start"], mask=args["mask"]
+        )
     for frag in fragments:
         assert frag in str(info.value), (frag, str(info.value))
 

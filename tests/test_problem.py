@@ -23,15 +23,17 @@ B, HQ, HKV, TQ, CAP, D = 2, 4, 2, 2, 32, 16
 
 
 class RecordingBackend:
-    """Stands in for a real backend: records plans and launches, computes nothing."""
+    """Wraps a real backend: answers ``supports`` as it does, but records plans and launches and
+    computes nothing."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, real) -> None:
+        self.real = real
+        self.name = real.name
         self.made: list = []
         self.launches: list = []
 
     def supports(self, problem):
-        return None
+        return self.real.supports(problem)
 
     def make_launcher(self, problem, *, deterministic=False, config=None):
         self.made.append(problem)
@@ -53,7 +55,7 @@ def recorder(monkeypatch):
     """Replace every registered backend by a recorder and start from an empty plan cache."""
     _RECORDERS.clear()
     for n in backends_module.backend_names():
-        _RECORDERS[n] = RecordingBackend(n)
+        _RECORDERS[n] = RecordingBackend(backends_module.get_backend(n))
         monkeypatch.setitem(backends_module._REGISTRY, n, _RECORDERS[n])
     monkeypatch.setattr(api_module, "_PLAN_CACHE", OrderedDict())
     return _RECORDERS
@@ -124,7 +126,9 @@ def test_wrong_rank(name, tensor):
 
 
 def test_batch_of_k_disagrees_with_q():
-    expect_error("k_cache.shape[0]", "3", k_cache=torch.randn(3, HKV, CAP, D), v_cache=torch.randn(3, HKV, CAP, D))
+    expect_error(
+        "k_cache.shape[0]", "3", k_cache=torch.randn(3, HKV, CAP, D), v_cache=torch.randn(3, HKV, CAP, D)
+    )
 
 
 def test_batch_of_v_disagrees_with_k():
@@ -216,10 +220,14 @@ def test_lengths_not_a_tensor(arg):
 
 @pytest.mark.parametrize("name", ["k_cache", "v_cache"])
 def test_cache_dtype_differs_from_q(name):
-    expect_error(f"{name}.dtype", "torch.float16", "torch.float32", **{name: torch.randn(B, HKV, CAP, D).half()})
+    expect_error(
+        f"{name}.dtype", "torch.float16", "torch.float32", **{name: torch.randn(B, HKV, CAP, D).half()}
+    )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.int32, torch.float8_e4m3fn, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.int8, torch.int32, torch.float8_e4m3fn, torch.complex64]
+)
 def test_unsupported_dtype(dtype):
     q, k, v = (torch.zeros(s, dtype=dtype) for s in ((B, HQ, TQ, D), (B, HKV, CAP, D), (B, HKV, CAP, D)))
     expect_error("q.dtype", str(dtype), q=q, k_cache=k, v_cache=v)
@@ -317,10 +325,12 @@ def test_unknown_backend(backend):
     expect_error("backend", repr(backend), "'triton'", backend=backend)
 
 
-def test_explicit_backend_that_cannot_serve_raises_unsupported():
-    """cuDNN cannot serve CPU tensors: today it is not installed as a backend, later it says why."""
-    msg = expect_error("cudnn", error=UnsupportedError, backend="cudnn")
-    assert len(msg) > len("backend 'cudnn'")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_explicit_backend_that_cannot_serve_raises_unsupported(dtype):
+    """cuDNN cannot serve CPU tensors (nor fp32): it refuses, names itself and says why."""
+    q, k, v = (torch.randn(s, dtype=dtype) for s in ((B, HQ, TQ, D), (B, HKV, CAP, D), (B, HKV, CAP, D)))
+    msg = expect_error("cudnn", error=UnsupportedError, backend="cudnn", q=q, k_cache=k, v_cache=v)
+    assert len(msg) > len("backend 'cudnn' cannot serve ") + 40, msg
 
 
 # ---- validate=True: the device lengths (syncs) ----

@@ -169,7 +169,9 @@ def test_default_scale_and_gqa_head_mapping():
     v = torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64)
     out, _ = reference_decode_attention(q, k, v, torch.tensor([5], dtype=torch.int32))
     for h in range(6):
-        exp = F.scaled_dot_product_attention(q[:, h : h + 1], k[:, h // 3 : h // 3 + 1], v[:, h // 3 : h // 3 + 1])
+        exp = F.scaled_dot_product_attention(
+            q[:, h : h + 1], k[:, h // 3 : h // 3 + 1], v[:, h // 3 : h // 3 + 1]
+        )
         torch.testing.assert_close(out[:, h : h + 1], exp, rtol=1e-12, atol=1e-12)
 
 

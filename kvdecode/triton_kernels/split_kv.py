@@ -73,10 +73,7 @@ def _tile_update(
     else:
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
     s = s * qk_scale
-    key_ok = (offs_n >= lo) & (offs_n < hi)
-    # unfilled or left-padded slots may hold anything (NaN included): 0 * NaN would poison p @ v
-    v_tile = tl.where(key_ok[:, None], v_tile, 0.0)
-    visible = key_ok[None, :]
+    visible = ((offs_n >= lo) & (offs_n < hi))[None, :]
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
     if MASK_KIND == 1:
@@ -187,6 +184,9 @@ def split_kv_kernel(
     q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
     mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
+    # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
+    # zero their V rows, since p = 0 times NaN would still poison p @ v
+    v_tile = tl.where(((offs_n >= lo) & (offs_n < seq_len))[:, None], v_tile, 0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -197,7 +197,7 @@ def split_kv_kernel(
     )  # fmt: skip
     for t in range(tile + NUM_SPLITS, tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n[:, None] < seq_len
+        n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
         acc, m_i, l_i = _tile_update(
