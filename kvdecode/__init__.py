@@ -1,5 +1,6 @@
 """kvdecode: decode attention against fixed-capacity KV caches at the memory roofline."""
 
+from . import _interpret  # noqa: F401  (first: sets TRITON_INTERPRET=1 where there is no CUDA)
 from .api import decode_attention
 from .errors import KVDecodeError, UnsupportedError
 from .plan import DecodePlan, plan

@@ -6,13 +6,7 @@ machine sets ``TRITON_INTERPRET=1`` unless the variable is already set (kernels 
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
+from .. import _interpret  # noqa: F401  (sets TRITON_INTERPRET=1 where there is no CUDA)
 from .config import SplitKVConfig, default_config
 from .launcher import SplitKVLauncher, TritonBackend
 

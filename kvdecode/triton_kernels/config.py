@@ -6,12 +6,12 @@ The split count is fixed per problem (it sets the grid), never per step: lengths
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from .._interpret import interpreter_active
 from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 
@@ -60,11 +60,6 @@ class SplitKVConfig:
     def name(self) -> str:
         pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
         return f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}"
-
-
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def tile_shape(problem: DecodeProblem) -> tuple[int, int]:

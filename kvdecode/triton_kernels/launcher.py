@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .._interpret import interpreter_problem
 from ..backends import Launcher
 from ..problem import DecodeProblem
 from .config import LOG2E_CONST, SplitKVConfig, default_config, interpreter_active, tile_shape
@@ -121,8 +122,13 @@ class TritonBackend:
     name = "triton"
 
     def supports(self, problem: DecodeProblem) -> str | None:
-        if problem.device.type != "cuda" and not interpreter_active():
-            return f"tensors are on {problem.device} and the Triton interpreter is off (TRITON_INTERPRET=0)"
+        if problem.device.type != "cuda":
+            if not interpreter_active():
+                return (
+                    f"tensors are on {problem.device} and the Triton interpreter is off "
+                    "(TRITON_INTERPRET unset)"
+                )
+            return interpreter_problem()
         return None
 
     def make_launcher(
