@@ -58,7 +58,17 @@ def _register_info(subparsers: argparse._SubParsersAction) -> None:
 
 
 # Later subcommands (plan, bench, tune) add their _register_<name> here.
-_REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_register_demo, _register_info)
+from .tuning.info_cmd import extend_info_parser  # noqa: E402  (info's tuning table / graph-cache rows)
+from .tuning.plan_cmd import add_plan_parser  # noqa: E402
+from .tuning.tune_cmd import add_tune_parser  # noqa: E402
+
+_REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _register_demo,
+    _register_info,
+    extend_info_parser,
+    add_tune_parser,
+    add_plan_parser,
+)
 
 
 def _probe(fn: Callable[[], str]) -> str:

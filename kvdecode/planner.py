@@ -67,6 +67,16 @@ def _reason(name: str, problem: DecodeProblem) -> str | None:
     return get_backend(name).supports(problem)
 
 
+def _auto_cudnn_reason(problem: DecodeProblem) -> str | None:
+    """Problems cuDNN serves when asked explicitly but that ``auto`` keeps away from it."""
+    if problem.q_len > 1:
+        return (
+            "T_q > 1: cuDNN's bottom-right causal graph reads unfilled cache slots and NaN there reaches "
+            "the output (cuDNN 9.19, seen 2026-11-25); the Triton kernel never does"
+        )
+    return None
+
+
 def auto_threshold(problem: DecodeProblem) -> Threshold:
     """The cuDNN crossover length for ``problem`` on its GPU (from the tuning table)."""
     return threshold_for(problem.head_dim, problem.dtype_name, problem.batch, _gpu_name(problem.device))
@@ -106,7 +116,7 @@ def choose(
             raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
         return Choice(backend, "asked for explicitly", length=max_seq_len)
     triton_reason = _reason("triton", problem)
-    cudnn_reason = _reason("cudnn", problem)
+    cudnn_reason = _reason("cudnn", problem) or _auto_cudnn_reason(problem)
     if cudnn_reason is not None:
         if triton_reason is not None:
             log.debug(

@@ -120,6 +120,8 @@ class StaticKVCache:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # tensors report an index
         self.num_layers, self.batch, self.num_kv_heads = num_layers, batch, num_kv_heads
         self.capacity, self.head_dim, self.dtype, self.layout = capacity, head_dim, dtype, layout
         self.scale, self.deterministic, self.validate = scale, deterministic, validate

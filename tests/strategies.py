@@ -202,13 +202,14 @@ def make_inputs(case: Case, device: str) -> Inputs:
     return Inputs(q, k, v, seq_lens, kv_start, mask, make_out(case, device), case.scale)
 
 
-def poison_unfilled(inputs: Inputs, case: Case) -> None:
-    """Write NaN into every cache slot outside ``[kv_start, seq_len)``: slots no query may see."""
+def poison_unfilled(inputs: Inputs, case: Case, value: float = math.nan) -> None:
+    """Write ``value`` (NaN by default) into every cache slot outside ``[kv_start, seq_len)``: slots no
+    query may see. A large finite value still proves they get zero weight."""
     for b, n in enumerate(case.seq_lens):
         start = case.kv_start[b] if case.kv_start is not None else 0
         for cache in (inputs.k, inputs.v):
-            cache[b, :, n:].fill_(math.nan)
-            cache[b, :, :start].fill_(math.nan)
+            cache[b, :, n:].fill_(value)
+            cache[b, :, :start].fill_(value)
 
 
 # ---- checks ----

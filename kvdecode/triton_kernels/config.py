@@ -15,7 +15,15 @@ from .._interpret import interpreter_active
 from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 
-__all__ = ["MAX_SPLITS", "SplitKVConfig", "default_config", "interpreter_active", "tile_shape"]
+__all__ = [
+    "MAX_SPLITS",
+    "SplitKVConfig",
+    "default_config",
+    "heuristic_config",
+    "interpreter_active",
+    "tile_shape",
+    "tuned_config",
+]
 
 LOG2E_CONST = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
 MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, BLOCK_D] partials of one query row in registers
@@ -77,6 +85,45 @@ def sm_count(device: torch.device) -> int:
 
 
 def default_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
+    """The configuration tuned for this problem on this GPU, else :func:`heuristic_config`.
+
+    The tuning table in use (:mod:`kvdecode.thresholds`) is consulted for the problem's family
+    (heads, head dim, T_q, dtype), batch bucket and capacity bucket; see :func:`tuned_config`.
+    """
+    found = tuned_config(problem, sm_count_)
+    return found[0] if found is not None else heuristic_config(problem, sm_count_)
+
+
+def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:
+    """``(config, where it came from)`` from the tuning table for this GPU, or None.
+
+    Only for mask-free problems on a CUDA device (what the tuner measures), and not when ``sm_count_``
+    names another SM count than the table's. The split count is capped by the capacity's tiles, as
+    the heuristic does.
+    """
+    if problem.device.type != "cuda" or interpreter_active() or problem.mask_kind != "none":
+        return None
+    from ..thresholds import family_key, table_for_gpu
+    from ..tuning.environment import device_gpu_name
+
+    table = table_for_gpu(device_gpu_name(problem.device))
+    if table is None or (sm_count_ is not None and table.metadata.get("sm_count") != sm_count_):
+        return None
+    p = problem
+    family = family_key(p.num_q_heads, p.num_kv_heads, p.head_dim, p.q_len, p.dtype_name)
+    found = table.tuned_point(family, p.batch, p.capacity)
+    if found is None:
+        return None
+    batch, length, point = found
+    cfg = point["config"]
+    splits = max(1, min(cfg["num_splits"], MAX_SPLITS, triton.cdiv(p.capacity, cfg["block_n"])))
+    config = SplitKVConfig(
+        num_splits=splits, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
+    )
+    return config, f"{table.path} [{family} b{batch} L{length}]"
+
+
+def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
     """Pick a configuration from the problem's shape and the SM count (no device values are read).
 
     Enough splits to put ``WAVES`` CTAs on every SM, but never more than there are ``block_n`` tiles in

@@ -58,6 +58,7 @@ def _tile_update(
     mask_row_ptr,
     stride_mask_n,
     qk_scale,
+    M: tl.constexpr,
     T_Q: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
     INTERP_BF16: tl.constexpr,
@@ -76,11 +77,16 @@ def _tile_update(
     visible = ((offs_n >= lo) & (offs_n < hi))[None, :]
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
+    row_ok = (offs_m < M)[:, None]  # padded query rows point past the last head: never load for them
     if MASK_KIND == 1:
-        mvals = tl.load(mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible, other=0)
+        mvals = tl.load(
+            mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible & row_ok, other=0
+        )
         visible = visible & (mvals != 0)
     if MASK_KIND == 2:
-        mvals = tl.load(mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible, other=0.0)
+        mvals = tl.load(
+            mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible & row_ok, other=0.0
+        )
         s = s + mvals.to(tl.float32) * 1.4426950408889634  # additive mask, natural log -> base 2
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -193,7 +199,7 @@ def split_kv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _tile_update(
         acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
-        qk_scale, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+        qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
     for t in range(tile + NUM_SPLITS, tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,7 +208,7 @@ def split_kv_kernel(
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
         acc, m_i, l_i = _tile_update(
             acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
-            qk_scale, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+            qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
         )  # fmt: skip
 
     has_any = l_i > 0.0

@@ -1,0 +1,168 @@
+"""The tuning loop: every point measured once, the table rewritten after each, resumable.
+
+The output file is the table itself, with ``metadata.partial`` true until the last point: an
+interrupted run leaves a usable table of what it measured, and a rerun with the same ``--out`` skips
+the points already in it (``--fresh`` starts over). A file measured on another GPU or with other
+versions is never resumed into.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from ..errors import KVDecodeError
+from ..thresholds import load_table, save_table
+from ..triton_kernels.config import sm_count as config_sm_count
+from .crossover import add_point, finalize, measured_points, new_table
+from .environment import current_environment, device_gpu_name, mismatch_reasons
+from .measure import PointBench, SkipPoint, tune_point
+from .spec import Point, TuneSpec
+
+__all__ = ["Progress", "load_for_resume", "run_tune"]
+
+MEASURE_TEXT = (
+    "kvdecode.timing.steady_state_us: N layers (distinct caches, N = steady_state_layers) in one CUDA "
+    "graph, median replay / N; search with {search} replays, recorded numbers with 20; capacity = "
+    "filled length = L, T_q 1, no mask"
+)
+
+
+class Progress:
+    """A one-line progress bar on stderr (rewritten in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        width = 20
+        filled = width * self.done // max(1, self.total)
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {_clock(elapsed)} eta {_clock(eta)}  {text}"
+        self.stream.write(("\r\033[K" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+def load_for_resume(path: Path, metadata: dict) -> dict | None:
+    """The table at ``path`` to continue, None when there is none; KVDecodeError when it must not be."""
+    if not path.exists():
+        return None
+    table = load_table(path)
+    if table.schema_version < 2:
+        raise KVDecodeError(
+            f"--out {path} holds a version-1 table, which cannot be resumed; pass another --out or --fresh"
+        )
+    env = current_environment(metadata["gpu_name"])
+    reasons = mismatch_reasons(table.metadata, env)
+    if reasons:
+        raise KVDecodeError(
+            f"--out {path} cannot be resumed: {'; '.join(reasons)}; pass another --out or --fresh"
+        )
+    import json
+
+    return json.loads(path.read_text())
+
+
+def run_tune(
+    spec: TuneSpec,
+    out: Path,
+    *,
+    fresh: bool = False,
+    search_replays: int = 10,
+    command: str = "",
+    stream: TextIO | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    """Measure every point of ``spec`` not yet in ``out``; write ``out`` after each; returns the table.
+
+    ``device`` defaults to the current CUDA device (a CPU device runs the plumbing through the Triton
+    interpreter; its timings mean nothing).
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            raise KVDecodeError("kvdecode tune needs a CUDA GPU, got none; use --dry-run to see the plan")
+        device = torch.device("cuda", torch.cuda.current_device())
+    env = current_environment(device_gpu_name(device))
+    sm_count = config_sm_count(device)
+    meta = env.metadata()
+    meta.update(sm_count=sm_count, measure=MEASURE_TEXT.format(search=search_replays), command=command)
+    raw = None if fresh else load_for_resume(out, meta)
+    if raw is None:
+        raw = new_table(meta)
+    done = measured_points(raw)
+    todo = [p for p in spec.points() if (p.family.key, p.batch, p.length) not in done]
+    progress = Progress(len(todo), stream)
+    if len(todo) < len(spec.points()):
+        progress.stream.write(f"resuming {out}: {len(spec.points()) - len(todo)} points already measured\n")
+    try:
+        for point in todo:
+            record = _measure(point, device, sm_count, spec.coarse, search_replays)
+            if record is not None:
+                add_point(raw, _family_dict(point), point.batch, point.length, record)
+                save_table(finalize(raw, partial=True), out)
+            progress.step(_summary(point, record))
+    finally:
+        progress.close()
+    raw["metadata"]["date"] = meta["date"]
+    return _save_final(raw, out)
+
+
+def _save_final(raw: dict, out: Path) -> dict:
+    save_table(finalize(raw, partial=False), out)
+    return raw
+
+
+def _measure(point: Point, device: torch.device, sm_count: int, coarse: bool, replays: int) -> dict | None:
+    bench = None
+    try:
+        bench = PointBench(point, device)
+        return tune_point(bench, sm_count=sm_count, coarse=coarse, search_replays=replays)
+    except (SkipPoint, torch.cuda.OutOfMemoryError) as exc:
+        sys.stderr.write(f"skipping {point.name}: {exc}\n")
+        return None
+    finally:
+        if bench is not None:
+            bench.close()
+
+
+def _family_dict(point: Point) -> dict:
+    f = point.family
+    return {
+        "key": f.key,
+        "num_q_heads": f.num_q_heads,
+        "num_kv_heads": f.num_kv_heads,
+        "head_dim": f.head_dim,
+        "q_len": f.q_len,
+        "dtype": f.dtype_name,
+        "presets": f.label,
+    }
+
+
+def _summary(point: Point, record: dict | None) -> str:
+    if record is None:
+        return f"{point.name}: skipped"
+    cudnn = record["cudnn_us"]
+    return (
+        f"{point.name}: triton {record['triton_us']:.1f} us (default {record['default_us']:.1f}), "
+        f"cuDNN {'n/a' if cudnn is None else f'{cudnn:.1f} us'}"
+    )

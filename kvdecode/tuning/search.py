@@ -1,0 +1,103 @@
+"""Candidate Triton configurations for one tuning point, searched one axis at a time.
+
+Trying every (num_splits, block_n, num_warps, num_stages) combination would mean hundreds of kernel
+compiles per family. The search is coordinate descent from the heuristic default instead:
+
+1. **splits**: the heuristic's split count, the powers of two around it and 1 (no merge), capped by the
+   capacity's tiles and :data:`~kvdecode.triton_kernels.config.MAX_SPLITS`;
+2. **tiles**: ``block_n`` x ``num_warps`` at the best split count (``num_stages`` as the heuristic),
+   then the split axis again when ``block_n`` changed (the tile count, hence the useful splits, did);
+3. **stages**: other ``num_stages`` for the best so far.
+
+``--coarse`` trims each axis. Compiles are shared across batch sizes and lengths: the kernel's
+constants are the family's shape and the configuration, not B or L.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ..triton_kernels.config import MAX_SPLITS, SplitKVConfig
+
+__all__ = ["search", "split_candidates", "stage_candidates", "tile_candidates"]
+
+
+def split_candidates(heuristic: int, tiles: int, *, coarse: bool) -> list[int]:
+    """Split counts to try: 1, the heuristic, and powers of two from heuristic/8 to 2x.
+
+    ``coarse``: 1, the heuristic, heuristic/4 and the powers of two just below and above it.
+    """
+    cap = max(1, min(MAX_SPLITS, tiles))
+    if coarse:
+        below = 1 << (heuristic.bit_length() - 1)
+        ladder = {max(1, heuristic // 4), below, 2 * below}
+    else:
+        low = max(1, heuristic // 8)
+        ladder = {1 << k for k in range(7) if low <= 1 << k <= 2 * heuristic}
+    return sorted({min(s, cap) for s in {1, heuristic, *ladder}})
+
+
+def tile_candidates(block_d: int, *, coarse: bool) -> list[tuple[int, int]]:
+    """``(block_n, num_warps)`` pairs: smaller key tiles for large head dims (registers, shared memory)."""
+    block_ns = (32, 64, 128) if block_d <= 128 else (16, 32, 64)
+    warps = (4, 8) if coarse else (2, 4, 8)
+    return [(n, w) for n in block_ns for w in warps]
+
+
+def stage_candidates(*, coarse: bool) -> list[int]:
+    return [1, 3] if coarse else [1, 3, 4]
+
+
+def search_size(heuristic: int, tiles: int, block_d: int, *, coarse: bool) -> int:
+    """About how many configurations :func:`search` measures (for the dry-run estimate)."""
+    return (
+        2 * len(split_candidates(heuristic, tiles, coarse=coarse))
+        + len(tile_candidates(block_d, coarse=coarse))
+        - 2
+        + len(stage_candidates(coarse=coarse))
+    )
+
+
+def search(
+    default: SplitKVConfig,
+    capacity: int,
+    block_d: int,
+    measure: Callable[[SplitKVConfig], float],
+    *,
+    coarse: bool,
+) -> tuple[SplitKVConfig, float, int]:
+    """Coordinate descent from ``default``; returns (best config, its time, configurations measured).
+
+    ``measure(config)`` returns µs, or ``math.inf`` when the configuration failed (compile error, out of
+    resources): it is then skipped. Each configuration is measured once.
+    """
+    seen: dict[SplitKVConfig, float] = {}
+
+    def timed(cfg: SplitKVConfig) -> float:
+        if cfg not in seen:
+            seen[cfg] = measure(cfg)
+        return seen[cfg]
+
+    def best_of(configs: list[SplitKVConfig]) -> SplitKVConfig:
+        return min(configs, key=timed)
+
+    def with_(cfg: SplitKVConfig, **change) -> SplitKVConfig:
+        fields = dict(num_splits=cfg.num_splits, block_n=cfg.block_n, num_warps=cfg.num_warps)
+        fields.update(num_stages=cfg.num_stages, use_pdl=cfg.use_pdl)
+        fields.update(change)
+        tiles = math.ceil(capacity / fields["block_n"])
+        fields["num_splits"] = max(1, min(fields["num_splits"], tiles, MAX_SPLITS))
+        return SplitKVConfig(**fields)
+
+    def split_axis(cfg: SplitKVConfig) -> SplitKVConfig:
+        tiles = math.ceil(capacity / cfg.block_n)
+        splits = split_candidates(cfg.num_splits, tiles, coarse=coarse)
+        return best_of([cfg] + [with_(cfg, num_splits=s) for s in splits])
+
+    best = split_axis(default)
+    tiles_ = tile_candidates(block_d, coarse=coarse)
+    tiled = best_of([best] + [with_(best, block_n=n, num_warps=w) for n, w in tiles_])
+    best = split_axis(tiled) if tiled.block_n != best.block_n else tiled
+    best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
+    return best, seen[best], len(seen)

@@ -1,0 +1,199 @@
+"""Tuning tables: schema round trip, lookups, the lookup order, mismatch refusal, the config hook."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvdecode import thresholds
+from kvdecode.errors import KVDecodeError
+from kvdecode.problem import DecodeProblem
+from kvdecode.thresholds import NEVER, load_table, resolve_table, save_table, threshold_for
+from kvdecode.triton_kernels import config as config_mod
+from kvdecode.tuning import environment
+from kvdecode.tuning.crossover import add_point, crossover, finalize, measured_points, new_table
+
+GPU = "Test GPU"
+FAM = {"key": "hq32_hkv8_d128_tq1_bf16", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+       "q_len": 1, "dtype": "bf16"}  # fmt: skip
+
+
+def _point(triton_us, cudnn_us, splits=8, block_n=64):
+    cfg = {"num_splits": splits, "block_n": block_n, "num_warps": 4, "num_stages": 2}
+    return {"config": cfg, "triton_us": triton_us, "default_us": triton_us * 1.1,
+            "default_config": dict(cfg, num_splits=33), "cudnn_us": cudnn_us, "searched": 5}  # fmt: skip
+
+
+def _meta(**over):
+    versions = {k: v for k, v in environment.current_versions() if v is not None}
+    return {"gpu_name": GPU, "sm_count": 132, "versions": versions, "date": "2026-11-26", **over}
+
+
+def _table(**meta_over) -> dict:
+    raw = new_table(_meta(**meta_over))
+    # b1: cuDNN wins from 4096 on (a noisy win at 1024 does not count); b16: never
+    for n, (t, c) in {1024: (10.0, 9.0), 2048: (12.0, 13.0), 4096: (20.0, 19.0), 8192: (40.0, 30.0)}.items():
+        add_point(raw, FAM, 1, n, _point(t, c, splits=n // 256))
+    for n in (1024, 8192):
+        add_point(raw, FAM, 16, n, _point(10.0 * n / 1024, 99.0 * n / 1024, splits=2))
+    return finalize(raw, partial=False)
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVDECODE_TUNING_TABLE", raising=False)
+    monkeypatch.delenv(environment.ENV_MATCH, raising=False)
+    monkeypatch.setenv("KVDECODE_CACHE_DIR", str(tmp_path / "cache"))
+    thresholds.use_table(None)
+    yield
+    thresholds.use_table(None)
+
+
+def test_crossover_is_where_cudnn_wins_for_good():
+    assert crossover({1: (5, 6), 2: (5, 4), 4: (5, 6), 8: (9, 8), 16: (20, 10)}) == 8
+    assert crossover({1: (5, 4), 2: (5, 4)}) == 1
+    assert crossover({1: (5, 4), 2: (5, 6)}) is None  # loses at the longest: never
+    assert crossover({1: (5, None), 2: (5, None)}) is None
+    assert crossover({1: (5, 5.0)}) is None  # a tie keeps Triton
+
+
+def test_round_trip_and_lookups(tmp_path):
+    raw = _table()
+    path = save_table(raw, tmp_path / "t.json")
+    assert json.loads(path.read_text()) == raw
+    table = load_table(path)
+    assert table.schema_version == 2 and table.gpu_name == GPU and not table.metadata["partial"]
+    assert table.batch_buckets == (1, 16)
+    assert table.family_threshold(FAM["key"], 1) == 4096
+    assert table.family_threshold(FAM["key"], 2) == NEVER  # batch 2 falls in bucket 16
+    assert table.family_threshold("hq1_hkv1_d64_tq1_bf16", 1) is None
+    assert table.thresholds == {"d128_bf16_b1": 4096, "d128_bf16_b16": NEVER}
+    assert table.lookup(128, "bf16", 1) == 4096 and table.lookup(64, "bf16", 1) == table.default_threshold
+    b, n, point = table.tuned_point(FAM["key"], 1, 3000)
+    assert (b, n, point["config"]["num_splits"]) == (1, 4096, 16)
+    assert table.tuned_point(FAM["key"], 1, 10**6)[1] == 8192  # beyond the longest: the longest
+    assert measured_points(raw) == {(FAM["key"], 1, n) for n in (1024, 2048, 4096, 8192)} | {
+        (FAM["key"], 16, n) for n in (1024, 8192)
+    }
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: r["metadata"].pop("sm_count"), "sm_count"),
+        (lambda r: r["metadata"].update(versions="x"), "versions"),
+        (lambda r: r.pop("families"), "families"),
+        (lambda r: r["families"][FAM["key"]]["batches"]["1"].update(threshold=0), "threshold"),
+        (lambda r: r["families"][FAM["key"]]["batches"]["1"]["lengths"]["1024"]["config"].pop("block_n"),
+         "config"),
+    ],
+)  # fmt: skip
+def test_malformed_v2_tables_are_refused(tmp_path, mutate, match):
+    raw = _table()
+    mutate(raw)
+    with pytest.raises(KVDecodeError, match=match):
+        load_table(save_table(raw, tmp_path / "bad.json"))
+
+
+def test_mismatch_reasons_name_what_differs():
+    env = environment.Environment(GPU, 132, {"triton": "3.6.0", "torch": "2.11.0+cu130", "kvdecode": "0.1.0"})
+    ok = {"gpu_name": GPU, "sm_count": 132, "versions": {"triton": "3.6.1", "torch": "2.11.0"}}
+    assert environment.mismatch_reasons(ok, env) == []
+    bad = {"gpu_name": "Other", "sm_count": 114, "versions": {"triton": "3.5.0", "kvdecode": "0.2.0"}}
+    reasons = environment.mismatch_reasons(bad, env)
+    assert len(reasons) == 4
+    assert "'Other'" in reasons[0] and "114 SMs" in reasons[1]
+    assert any("triton 3.5.0" in r for r in reasons) and any("kvdecode 0.2.0" in r for r in reasons)
+    assert len(environment.mismatch_reasons(bad, env, check_versions=False)) == 2
+
+
+def test_explicit_table_for_other_versions_raises_with_the_reason(tmp_path):
+    path = save_table(_table(versions={"triton": "0.1.0"}), tmp_path / "t.json")
+    thresholds.use_table(path)
+    with pytest.raises(KVDecodeError, match=r"refused: it was measured with triton 0\.1\.0"):
+        threshold_for(128, "bf16", 1, GPU)
+    with pytest.raises(KVDecodeError, match="measured on 'Test GPU'"):
+        resolve_table("Another GPU")
+
+
+def test_version_check_can_be_relaxed(tmp_path, monkeypatch):
+    path = save_table(_table(versions={"triton": "0.1.0"}), tmp_path / "t.json")
+    monkeypatch.setenv(environment.ENV_MATCH, "gpu")
+    thresholds.use_table(path)
+    assert threshold_for(128, "bf16", 1, GPU).value == 4096
+
+
+def test_lookup_order_explicit_env_user_cache(tmp_path, monkeypatch):
+    user = thresholds.user_table_path(GPU)
+    assert user.parent == tmp_path / "cache" / "tuning"
+    raw = _table()
+    save_table(raw, user)
+    assert resolve_table(GPU).source == "user cache"
+    raw["families"][FAM["key"]]["batches"]["1"]["lengths"]["8192"]["cudnn_us"] = 99.0
+    env_path = save_table(finalize(raw, partial=False), tmp_path / "env.json")  # cuDNN never wins
+    monkeypatch.setenv("KVDECODE_TUNING_TABLE", str(env_path))
+    thresholds.table_for_gpu.cache_clear()
+    assert resolve_table(GPU).source == "env"
+    assert threshold_for(128, "bf16", 1, GPU).value == NEVER
+    thresholds.use_table(user)
+    res = resolve_table(GPU)
+    assert res.source == "explicit" and res.table.path == str(user)
+    thresholds.use_table(thresholds.NO_TABLE)
+    assert resolve_table(GPU).table is None
+    assert threshold_for(128, "bf16", 1, GPU).provisional
+
+
+def test_refused_env_table_warns_and_the_next_one_is_used(tmp_path, monkeypatch):
+    save_table(_table(), thresholds.user_table_path(GPU))
+    bad = save_table(_table(versions={"kvdecode": "0.0.1"}), tmp_path / "env.json")
+    monkeypatch.setenv("KVDECODE_TUNING_TABLE", str(bad))
+    res = resolve_table(GPU)
+    assert res.source == "user cache"
+    (reason,) = res.refused
+    assert "KVDECODE_TUNING_TABLE" in reason and "kvdecode 0.0.1" in reason
+    thresholds.table_for_gpu.cache_clear()
+    with pytest.warns(RuntimeWarning, match="kvdecode 0.0.1"):
+        assert thresholds.table_for_gpu(GPU).path == str(thresholds.user_table_path(GPU))
+
+
+def test_threshold_for_prefers_the_family_entry(tmp_path):
+    raw = _table()
+    raw["thresholds"]["d128_bf16_b1"] = 512  # the per-D key says otherwise
+    thresholds.use_table(save_table(raw, tmp_path / "t.json"))
+    assert threshold_for(128, "bf16", 1, GPU).value == 512
+    t = threshold_for(128, "bf16", 1, GPU, num_q_heads=32, num_kv_heads=8)
+    assert t.value == 4096 and FAM["key"] in t.source and not t.provisional
+    assert threshold_for(128, "bf16", 1, GPU, num_q_heads=28, num_kv_heads=4).value == 512
+
+
+def _cuda_problem(batch, capacity):
+    s = (8 * capacity * 128, capacity * 128, 128, 1)
+    return DecodeProblem(batch, 32, 8, 128, 1, capacity, torch.bfloat16, torch.device("cuda", 0),
+                         (32 * 128, 128, 128, 1), s, s, 1 / math.sqrt(128))  # fmt: skip
+
+
+def test_default_config_follows_the_table_and_keeps_the_heuristic(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_mod, "interpreter_active", lambda: False)
+    monkeypatch.setattr(environment, "device_gpu_name", lambda device: GPU)
+    p = _cuda_problem(1, 2048)
+    heuristic = config_mod.heuristic_config(p, 132)
+    thresholds.use_table(thresholds.NO_TABLE)
+    assert config_mod.default_config(p, 132) == heuristic and config_mod.tuned_config(p) is None
+    thresholds.use_table(save_table(_table(), tmp_path / "t.json"))
+    cfg, source = config_mod.tuned_config(p)
+    assert (cfg.num_splits, cfg.block_n) == (8, 64) and "b1 L2048" in source
+    assert config_mod.default_config(p) == cfg != heuristic
+    assert config_mod.default_config(p, 100) == config_mod.heuristic_config(p, 100)  # other SM count
+    small = _cuda_problem(1, 128)  # bucket 1024 says 4 splits; 128 keys hold 2 tiles of 64
+    assert config_mod.default_config(small).num_splits == 2
+    assert config_mod.default_config(_cuda_problem(9, 8192)).num_splits == 2  # batch bucket 16
+    other = DecodeProblem(**{**p.__dict__, "num_q_heads": 64})
+    assert config_mod.default_config(other, 132) == config_mod.heuristic_config(other, 132)
+
+
+def test_version1_tables_still_load():
+    table = load_table(thresholds.TUNING_DIR / "default_h100.json")
+    assert table.gpu_name.startswith("NVIDIA H100") and table.lookup(128, "bf16", 1) >= 1

@@ -1,0 +1,253 @@
+"""``kvdecode tune`` / ``plan`` / ``info``: argument errors, dry run, the search, and a real tune (GPU)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import time
+
+import pytest
+import torch
+
+from kvdecode import cli, thresholds
+from kvdecode.presets import PRESETS
+from kvdecode.triton_kernels.config import SplitKVConfig
+from kvdecode.tuning import crossover
+from kvdecode.tuning.runner import Progress
+from kvdecode.tuning.search import search, split_candidates
+from kvdecode.tuning.spec import length_grid, parse_int_list
+
+
+def _main(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVDECODE_TUNING_TABLE", raising=False)
+    monkeypatch.setenv("KVDECODE_CACHE_DIR", str(tmp_path / "cache"))
+    thresholds.use_table(None)
+    yield
+    thresholds.use_table(None)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--preset", "llama9-1t"], "--preset must be one of"),
+        (["--heads", "32:8", "--head-dim", "128", "--batch", "1,x"], "each item of --batch"),
+        (["--heads", "32:8", "--head-dim", "128", "--batch", "1,,4"], "--batch must be a comma"),
+        (["--heads", "32:7", "--head-dim", "128"], r"H_q \(32\) must be a multiple of H_kv \(7\)"),
+        (["--heads", "32", "--head-dim", "128"], "--heads must be H_q:H_kv"),
+        (["--heads", "32:8"], "must be given together"),
+        (["--heads", "32:8", "--head-dim", "300"], "--head-dim must be in 1..256"),
+        (["--preset", "llama3-8b", "--capacity", "12q"], "--capacity must be a positive integer"),
+        (["--preset", "llama3-8b", "--dtype", "fp8"], "--dtype must be bf16 or fp16"),
+        ([], "needs --preset"),
+    ],
+)
+def test_tune_argument_errors_exit_nonzero_with_one_line(args, match, capsys):
+    code, out, err = _main(["tune", *args, "--dry-run"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("kvdecode: error:") and err.count("\n") == 1
+    assert re.search(match, err), err
+
+
+def test_plan_argument_errors(capsys):
+    code, _, err = _main(["plan", "--heads", "32:7", "--head-dim", "64"], capsys)
+    assert code == 2 and "multiple of H_kv" in err and err.count("\n") == 1
+    code, _, err = _main(["plan", "--preset", "nope"], capsys)
+    assert code == 2 and "--preset must be one of" in err
+
+
+def test_dry_run_lists_points_and_an_estimate(tmp_path, capsys):
+    out_path = tmp_path / "t.json"
+    argv = ["tune", "--preset", "llama3-8b,mistral-7b,gemma2-9b", "--batch", "1,16", "--capacity", "16k",
+            "--coarse", "--out", str(out_path), "--dry-run"]  # fmt: skip
+    code, out, _ = _main(argv, capsys)
+    assert code == 0, out
+    # llama3-8b and mistral-7b share a family: 2 families x 2 batches x (1k, 4k, 16k... coarse) lengths
+    lengths = length_grid(16384, coarse=True)
+    assert f"2 families x 2 batch sizes x {len(lengths)} lengths = {4 * len(lengths)} points" in out
+    rows = [line for line in out.splitlines() if line.startswith("hq")]
+    assert len(rows) == 4 * len(lengths)
+    assert {r.split()[0] for r in rows} == {"hq32_hkv8_d128_tq1_bf16", "hq16_hkv8_d256_tq1_bf16"}
+    assert "estimated duration: ~" in out and str(out_path) in out
+    # points already in --out are not measured again
+    raw = crossover.new_table({"gpu_name": "G", "sm_count": 132, "versions": {}, "date": "2026-01-01"})
+    fam = {"key": "hq32_hkv8_d128_tq1_bf16", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+           "q_len": 1, "dtype": "bf16"}  # fmt: skip
+    cfg = {"num_splits": 4, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    crossover.add_point(raw, fam, 16, 16384, {"config": cfg, "triton_us": 1.0, "default_us": 1.0})
+    thresholds.save_table(crossover.finalize(raw, partial=True), out_path)
+    code, out2, _ = _main(argv, capsys)
+    assert code == 0 and "(1 already in --out)" in out2
+    assert len([line for line in out2.splitlines() if line.startswith("hq")]) == len(rows) - 1
+
+
+def test_presets_have_the_published_shapes():
+    assert PRESETS["llama3-8b"].heads == "32:8" and PRESETS["qwen2-7b"].heads == "28:4"
+    assert (PRESETS["gemma2-9b"].heads, PRESETS["gemma2-9b"].head_dim) == ("16:8", 256)
+    assert PRESETS["llama2-7b"].heads == "32:32"
+    for p in PRESETS.values():
+        assert p.num_q_heads % p.num_kv_heads == 0
+
+
+def test_length_grid_and_lists():
+    assert length_grid(131072, coarse=False) == tuple(1 << k for k in range(8, 18))
+    assert length_grid(131072, coarse=True) == (512, 2048, 8192, 32768, 131072)
+    assert length_grid(100000, coarse=False)[-2:] == (65536, 100000)
+    assert length_grid(100, coarse=False) == (100,)
+    assert parse_int_list("16,1,4k,4", "--batch") == (1, 4, 16, 4096)
+
+
+def test_split_candidates_stay_in_range():
+    for h in (1, 3, 9, 33, 64):
+        for tiles in (1, 2, 16, 4096):
+            for coarse in (False, True):
+                c = split_candidates(h, tiles, coarse=coarse)
+                assert c == sorted(set(c)) and 1 in c and all(1 <= s <= min(64, tiles) for s in c)
+                assert min(h, tiles) in c
+
+
+def test_search_finds_the_best_along_each_axis_and_measures_each_config_once():
+    best = SplitKVConfig(num_splits=16, block_n=128, num_warps=8, num_stages=3)
+    calls = []
+
+    def measure(cfg):
+        calls.append(cfg)
+        if cfg.block_n == 32:
+            return math.inf  # "does not compile": skipped
+        return (
+            10 + abs(math.log2(cfg.num_splits / best.num_splits)) + abs(cfg.block_n - best.block_n) / 64
+            + (cfg.num_warps != best.num_warps) + (cfg.num_stages != best.num_stages)
+        )  # fmt: skip
+
+    default = SplitKVConfig(num_splits=33, block_n=64, num_warps=4, num_stages=2)
+    found, us, n = search(default, 65536, 128, measure, coarse=False)
+    assert found == best and us == 10 and n == len(calls) == len(set(calls))
+
+
+def test_format_results_and_progress():
+    raw = crossover.new_table({"gpu_name": "G", "sm_count": 1, "versions": {}, "date": "2026-01-01"})
+    fam = {"key": "hq8_hkv8_d64_tq1_fp16", "num_q_heads": 8, "num_kv_heads": 8, "head_dim": 64,
+           "q_len": 1, "dtype": "fp16"}  # fmt: skip
+    cfg = {"num_splits": 4, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    for n, c in ((1024, 9.0), (4096, 5.0)):
+        crossover.add_point(
+            raw, fam, 1, n, {"config": cfg, "triton_us": 8.0, "default_us": 10.0, "cudnn_us": c}
+        )
+    text = crossover.format_results(crossover.finalize(raw, partial=False))
+    assert "1.250x" in text and "cuDNN from L >= 4096" in text
+    stream = io.StringIO()
+    bar = Progress(2, stream)
+    bar.step("a")
+    bar.step("b")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("[" + "#" * 20 + "] 2/2") and lines[1].endswith("b")
+
+
+def test_plan_without_gpu_explains_and_says_what_is_missing(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU output")
+    code, out, _ = _main(["plan", "--preset", "qwen2-7b", "--batch", "4", "--length", "4k"], capsys)
+    assert code == 0, out
+    assert "b4_hq28_hkv4_d128_tq1_cap131072_bf16" in out
+    assert "backend" in out and "triton" in out and "cuDNN needs a CUDA device" in out
+    assert "no CUDA GPU" in out and "triton config" in out
+    assert "on NVIDIA H100" in out  # what the shipped table would decide there
+    code, out, _ = _main(["plan", "--preset", "qwen2-7b", "--backend", "cudnn"], capsys)
+    assert code == 1 and "cannot serve" in out
+
+
+def test_info_prints_the_table_and_the_graph_cache(capsys):
+    code, out, _ = _main(["info"], capsys)
+    assert code == 0
+    for name in ("tuning table", "user tuning table", "packaged table", "cuDNN graph cache", "cuDNN usable"):
+        assert name in out, out
+    assert "default_h100.json" in out
+
+
+@pytest.mark.gpu
+def test_short_real_tune_changes_the_planner_as_measured(tmp_path):
+    from kvdecode.planner import choose
+    from kvdecode.triton_kernels.config import default_config
+    from kvdecode.tuning.runner import run_tune
+    from kvdecode.tuning.spec import Family, TuneSpec, family_problem
+
+    fam = Family(32, 8, 128, "bf16")
+    spec = TuneSpec((fam,), (1, 16), length_grid(16384, coarse=True), coarse=True)
+    out = tmp_path / "t.json"
+    start = time.perf_counter()
+    raw = run_tune(spec, out, stream=io.StringIO())
+    assert time.perf_counter() - start < 180
+    table = thresholds.load_table(out)
+    assert not table.metadata["partial"] and table.gpu_name == torch.cuda.get_device_name()
+    thresholds.use_table(out)
+    device = torch.device("cuda", torch.cuda.current_device())
+    for batch in spec.batches:
+        entry = raw["families"][fam.key]["batches"][str(batch)]
+        points = {int(n): p for n, p in entry["lengths"].items()}
+        assert set(points) == set(spec.lengths)
+        threshold = entry["threshold"]
+        for n, p in points.items():
+            assert p["triton_us"] <= p["default_us"]
+            wins = p["cudnn_us"] is not None and p["cudnn_us"] < p["triton_us"]
+            if threshold is not None and n >= threshold:
+                assert wins, (batch, n, p)  # at or above the crossover cuDNN measured faster
+            problem = family_problem(fam, batch, n, device)
+            expected = "cudnn" if threshold is not None and n >= threshold else "triton"
+            assert choose(problem, "auto", max_seq_len=n).backend == expected
+            got = default_config(problem)
+            assert (got.num_splits, got.block_n, got.num_warps, got.num_stages) == tuple(
+                p["config"][k] for k in ("num_splits", "block_n", "num_warps", "num_stages")
+            )
+
+
+def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp_path, monkeypatch):
+    """The whole loop on CPU (Triton interpreter) with a fake clock: real launches and checks, fake µs.
+
+    The fake time prefers 2 splits and block_n 32, so the search must move away from the default; the
+    tuned configuration is checked against float32 math by the tuner itself before it is recorded.
+    """
+    from kvdecode.tuning import measure
+    from kvdecode.tuning.runner import run_tune
+    from kvdecode.tuning.spec import Family, TuneSpec
+
+    launched = []
+
+    def fake_time(self, launch, replays):
+        (q, k, v), o = self.layers[0], self.outs[0]
+        launch(q, k, v, self.seq_lens, None, None, o, None)  # a real launch through the interpreter
+        cfg = launch.config
+        launched.append(cfg)
+        return 10.0 + abs(cfg.num_splits - 2) + (cfg.block_n != 32) + 0.5 * (cfg.num_warps != 2)
+
+    monkeypatch.setattr(measure.PointBench, "_time", fake_time)
+    fam = Family(4, 2, 16, "fp16")
+    spec = TuneSpec((fam,), (1,), (64, 128), coarse=True)
+    out = tmp_path / "t.json"
+    cpu = torch.device("cpu")
+    raw = run_tune(spec, out, stream=io.StringIO(), device=cpu)
+    entry = raw["families"][fam.key]["batches"]["1"]
+    assert set(entry["lengths"]) == {"64", "128"} and entry["threshold"] is None  # no cuDNN on CPU
+    for point in entry["lengths"].values():
+        assert point["config"]["num_splits"] == 2 and point["config"]["block_n"] == 32
+        assert point["triton_us"] < point["default_us"] and point["cudnn_us"] is None
+        assert "cpu" in point["cudnn_reason"] and "note" not in point
+    table = thresholds.load_table(out)
+    assert table.gpu_name == "cpu" and not table.metadata["partial"]
+    n_launched = len(launched)
+    raw2 = run_tune(spec, out, stream=io.StringIO(), device=cpu)  # resume: nothing left to measure
+    assert len(launched) == n_launched and raw2["families"] == raw["families"]
+    bigger = TuneSpec((fam,), (1, 2), (64, 128), coarse=True)
+    stream = io.StringIO()
+    run_tune(bigger, out, stream=stream, device=cpu)
+    assert "2 points already measured" in stream.getvalue()
+    assert set(thresholds.load_table(out).families[fam.key]["batches"]) == {"1", "2"}
