@@ -101,11 +101,12 @@ def steady_state_layers(
 ) -> int:
     """How many layers (distinct caches) one steady-state replay holds.
 
-    DESIGN.md asks for ">= 1 GB of KV per replay or at least 8 layers". We take the fewer layers of the
-    two, ``min(min_layers, ceil(min_replay_bytes / layer_read_bytes))``, then cap it by memory:
-    ``budget_bytes // layer_alloc_bytes``. So small problems get 8 layers, a layer of >= 1 GB gets one,
-    and a cell whose 8 layers do not fit (B 64, L 128k: 34 GB a layer) gets as many as fit. Returns 0
-    when not even one layer fits (the caller skips the cell).
+    DESIGN.md asks for ">= 1 GB of KV per replay or at least 8 layers": enough distinct caches that a
+    replay cannot be served from the 50 MB L2, and never fewer than 8 layers. We take
+    ``max(min_layers, ceil(min_replay_bytes / layer_read_bytes))``, then cap it by memory:
+    ``budget_bytes // layer_alloc_bytes``. So B 1, L 1k (4 MB a layer) gets 239 layers, a layer of >= 1 GB
+    gets 8, and a cell whose 8 layers do not fit (B 64, L 128k: 34 GB a layer) gets as many as fit.
+    Returns 0 when not even one layer fits (the caller skips the cell).
 
     Parameters
     ----------
@@ -118,7 +119,7 @@ def steady_state_layers(
     """
     if layer_read_bytes < 1:
         raise ValueError(f"layer_read_bytes must be >= 1, got {layer_read_bytes}")
-    wanted = max(1, min(min_layers, math.ceil(min_replay_bytes / layer_read_bytes)))
+    wanted = max(min_layers, math.ceil(min_replay_bytes / layer_read_bytes))
     if budget_bytes is None:
         return wanted
     alloc = layer_read_bytes if layer_alloc_bytes is None else layer_alloc_bytes

@@ -101,10 +101,10 @@ def test_floor_helpers_reject_non_positive_times():
 
 
 def test_layer_rule_examples():
-    assert steady_state_layers(4 * 2**20) == 8  # small layers: 8
-    assert steady_state_layers(300 * 10**6) == 4  # ceil(1 GB / 300 MB) = 4 < 8
-    assert steady_state_layers(GB) == 1  # one layer already reads 1 GB
-    assert steady_state_layers(34 * GB, budget_bytes=75 * GB) == 1
+    assert steady_state_layers(4 * 2**20) == 239  # ceil(1 GB / 4 MiB): a replay must outgrow L2
+    assert steady_state_layers(300 * 10**6) == 8  # ceil(1 GB / 300 MB) = 4, but never fewer than 8
+    assert steady_state_layers(GB) == 8
+    assert steady_state_layers(34 * GB, budget_bytes=75 * GB) == 2  # memory caps it
     assert steady_state_layers(4 * 2**20, budget_bytes=10 * 2**20) == 2  # memory caps it
     assert steady_state_layers(34 * GB, budget_bytes=30 * GB) == 0  # does not fit at all
 
@@ -117,14 +117,12 @@ def test_layer_rule_examples():
 def test_layer_rule_properties(read, extra, budget):
     alloc = read + extra
     n = steady_state_layers(read, layer_alloc_bytes=alloc, budget_bytes=budget)
-    assert 0 <= n <= 8
+    wanted = max(8, -(-GB // read))
     if budget is not None:
         assert n * alloc <= budget
-    # Fewest layers that meet ">= 1 GB or 8 layers", unless memory stopped it earlier.
+    # ">= 1 GB per replay and at least 8 layers", unless memory stopped it earlier.
     capped = budget is not None and n == budget // alloc
-    assert n * read >= GB or n == 8 or capped
-    if n > 1:
-        assert (n - 1) * read < GB
+    assert n == wanted or (capped and n < wanted)
 
 
 # ---- grid, lengths, skipping ----
@@ -172,7 +170,7 @@ def test_full_grid_cells_and_skips():
     big = next(c for c in main if c.batch == 64 and c.seq_len == 131072)
     assert big.kv_bytes == 2 * 64 * 8 * 131072 * 128 * 2
     assert big.skip_reason() is None
-    assert decode_grid.plan_layers(big, 75 * GB) == 1
+    assert decode_grid.plan_layers(big, 75 * GB) == 2  # 8 wanted, 2 fit
     huge = decode_grid.CellSpec("gqa", 128, 32, 8, 128, seq_len=131072, capacity=131072)
     assert "40 GB" in huge.skip_reason()
     with pytest.raises(ValueError):
