@@ -222,8 +222,9 @@ def test_fast_path_on_gpu_matches_torch(layout, dtype, torch_sdpa_calls):
         )
         assert capacity_view(k)[1] == 4096
         out = kvdecode.sdpa(q, k, v, enable_gqa=True)
+        assert not torch_sdpa_calls, "the fast path fell through to torch SDPA"
         ref, _ = reference_decode_attention(q, k, v, torch.full((3,), length, dtype=torch.int32))
         check_close(out, ref, dtype, f"gpu sdpa {layout} L={length}", 13)
-        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # the spy records this one
+        torch_sdpa_calls.clear()
         check_close(expected, ref, dtype, f"torch sdpa {layout} L={length}", 13)
-    assert not torch_sdpa_calls

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 LOG2E_CONST = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
-MAX_SPLITS = 64  # the merge kernel holds [MAX_SPLITS, BLOCK_D] partials of one query row in registers
+MAX_SPLITS = 128  # the merge kernel holds [MAX_SPLITS, BLOCK_D] partials of one query row in registers
 WAVES = 2  # aim for this many CTAs per SM: enough memory requests in flight at small batch
 INTERPRETER_SMS = 4  # nominal SM count under the interpreter: small grids, but still several splits
 
@@ -38,7 +38,7 @@ class SplitKVConfig:
     Parameters
     ----------
     num_splits : int
-        Chunks the visible key range of each (row, KV head) is cut into, 1..64; 1 skips the merge.
+        Programs the key tiles of each (row, KV head) are dealt to, 1..128; 1 skips the merge.
     block_n : int
         Keys per tile (a power of two >= 16).
     num_warps, num_stages : int
@@ -131,9 +131,10 @@ def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> Sp
     """
     sms = sm_count(problem.device) if sm_count_ is None else sm_count_
     block_m, block_d = tile_shape(problem)
-    block_n = 64 if block_d <= 128 else 32
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64}.get(block_d, 32)  # ~16 KB of K per tile
     m_blocks = triton.cdiv(problem.group_size * problem.q_len, block_m)
     programs = problem.batch * problem.num_kv_heads * m_blocks
     splits = triton.cdiv(WAVES * sms, programs)
-    splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(problem.capacity, block_n)))
+    max_splits = min(MAX_SPLITS, 16384 // block_d)  # the merge's [splits, D] fp32 tile stays in registers
+    splits = max(1, min(splits, max_splits, triton.cdiv(problem.capacity, block_n)))
     return SplitKVConfig(num_splits=splits, block_n=block_n, num_warps=4, num_stages=2)

@@ -66,12 +66,13 @@ class SplitKVLauncher:
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+        splits_p2 = max(2, triton.next_power_of_2(cfg.num_splits))
         self.merge_constexprs = dict(
-            SPLITS_P2=max(2, triton.next_power_of_2(cfg.num_splits)),
+            SPLITS_P2=splits_p2,
             BLOCK_D=block_d,
             INTERP_BF16=interp_bf16,
             USE_PDL=self.use_pdl,
-            num_warps=4 if block_d <= 128 else 8,
+            num_warps=4 if splits_p2 * block_d <= 8192 else 8,  # [SPLITS_P2, BLOCK_D] fp32 in registers
         )
         if self.use_pdl:
             self.split_constexprs["launch_pdl"] = True

@@ -140,6 +140,10 @@ def _measure(point: Point, device: torch.device, sm_count: int, coarse: bool, re
     except (SkipPoint, torch.cuda.OutOfMemoryError) as exc:
         sys.stderr.write(f"skipping {point.name}: {exc}\n")
         return None
+    except Exception as exc:  # one bad point must not lose the run: report it, go on (rerun retries it)
+        first = (str(exc).strip().splitlines() or ["no message"])[0]
+        sys.stderr.write(f"error at {point.name}: {type(exc).__name__}: {first}; not recorded\n")
+        return None
     finally:
         if bench is not None:
             bench.close()

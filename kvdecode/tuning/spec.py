@@ -175,6 +175,7 @@ class PointPlan:
 # Rough costs for the estimate (H100, measured once; they only size the dry run's guess).
 COMPILE_S = 1.5  # a new Triton configuration of a family: split + merge kernels
 HOST_S = 0.03  # launcher, graph capture and teardown per measurement
+LAUNCH_S = 30e-6  # host cost of one layer's launches (split + merge kernels)
 CUDNN_FIRST_S, CUDNN_BUILD_S = 0.6, 0.08
 FILL_BPS = 5e11  # random fill of the caches
 READ_BPS = 2.8e12
@@ -194,8 +195,9 @@ def plan_point(point: Point, *, sm_count: int, budget: int, coarse: bool, replay
     tiles = math.ceil(point.length / default.block_n)
     configs = search_size(default.num_splits, tiles, tile_shape(problem)[1], coarse=coarse)
     replay_s = layers * max(nbytes / READ_BPS, 5e-6)
-    search_s = configs * (HOST_S + (4 + replays) * replay_s)
-    finals_s = 3 * (HOST_S + 24 * replay_s) + CUDNN_BUILD_S
+    host_s = HOST_S + layers * LAUNCH_S * 4  # 3 warm-up passes and the capture launch every layer
+    search_s = configs * (host_s + (4 + replays) * replay_s)
+    finals_s = 4 * (host_s + 24 * replay_s) + CUDNN_BUILD_S
     return PointPlan(point, layers, configs, search_s + finals_s + layers * nbytes / FILL_BPS, None)
 
 
@@ -211,6 +213,6 @@ def estimate(
     # Compiles: about one per configuration searched at each (family, batch)'s longest length (the
     # split ladders differ between batch sizes; other lengths mostly reuse them). An overestimate.
     longest = {(p.point.family, p.point.batch): p.configs for p in plans if p.skip is None}
-    compiles = sum(longest.values())
+    compiles = sum(longest.values()) * 0.7  # batch sizes share most of their candidates
     total = sum(p.seconds for p in plans) + COMPILE_S * compiles + CUDNN_FIRST_S * len(spec.families)
     return plans, total
