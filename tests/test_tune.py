@@ -15,7 +15,7 @@ from kvdecode.presets import PRESETS
 from kvdecode.triton_kernels.config import SplitKVConfig
 from kvdecode.tuning import crossover
 from kvdecode.tuning.runner import Progress
-from kvdecode.tuning.search import search, split_candidates
+from kvdecode.tuning.search import search, split_candidates, split_cap
 from kvdecode.tuning.spec import length_grid, parse_int_list
 
 
@@ -108,12 +108,14 @@ def test_length_grid_and_lists():
 
 
 def test_split_candidates_stay_in_range():
-    for h in (1, 3, 9, 33, 64):
+    for h in (1, 3, 9, 33, 64, 128):
         for tiles in (1, 2, 16, 4096):
             for coarse in (False, True):
-                c = split_candidates(h, tiles, coarse=coarse)
-                assert c == sorted(set(c)) and 1 in c and all(1 <= s <= min(64, tiles) for s in c)
-                assert min(h, tiles) in c
+                for cap in (64, 128):
+                    c = split_candidates(h, tiles, coarse=coarse, cap=cap)
+                    assert c == sorted(set(c)) and 1 in c and all(1 <= s <= min(cap, tiles) for s in c)
+                    assert min(h, tiles, cap) in c
+    assert split_cap(128) == 128 and split_cap(256) == 64
 
 
 def test_search_finds_the_best_along_each_axis_and_measures_each_config_once():
@@ -213,7 +215,7 @@ def test_short_real_tune_changes_the_planner_as_measured(tmp_path):
 def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp_path, monkeypatch):
     """The whole loop on CPU (Triton interpreter) with a fake clock: real launches and checks, fake µs.
 
-    The fake time prefers 2 splits and block_n 32, so the search must move away from the default; the
+    The fake time prefers 2 splits and block_n 64, so the search must move away from the default; the
     tuned configuration is checked against float32 math by the tuner itself before it is recorded.
     """
     from kvdecode.tuning import measure
@@ -227,18 +229,18 @@ def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp
         launch(q, k, v, self.seq_lens, None, None, o, None)  # a real launch through the interpreter
         cfg = launch.config
         launched.append(cfg)
-        return 10.0 + abs(cfg.num_splits - 2) + (cfg.block_n != 32) + 0.5 * (cfg.num_warps != 2)
+        return 10.0 + abs(cfg.num_splits - 2) + (cfg.block_n != 64) + 0.5 * (cfg.num_warps != 8)
 
     monkeypatch.setattr(measure.PointBench, "_time", fake_time)
     fam = Family(4, 2, 16, "fp16")
-    spec = TuneSpec((fam,), (1,), (64, 128), coarse=True)
+    spec = TuneSpec((fam,), (1,), (128, 256), coarse=True)
     out = tmp_path / "t.json"
     cpu = torch.device("cpu")
     raw = run_tune(spec, out, stream=io.StringIO(), device=cpu)
     entry = raw["families"][fam.key]["batches"]["1"]
-    assert set(entry["lengths"]) == {"64", "128"} and entry["threshold"] is None  # no cuDNN on CPU
+    assert set(entry["lengths"]) == {"128", "256"} and entry["threshold"] is None  # no cuDNN on CPU
     for point in entry["lengths"].values():
-        assert point["config"]["num_splits"] == 2 and point["config"]["block_n"] == 32
+        assert point["config"]["num_splits"] == 2 and point["config"]["block_n"] == 64
         assert point["triton_us"] < point["default_us"] and point["cudnn_us"] is None
         assert "cpu" in point["cudnn_reason"] and "note" not in point
     table = thresholds.load_table(out)
@@ -246,7 +248,7 @@ def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp
     n_launched = len(launched)
     raw2 = run_tune(spec, out, stream=io.StringIO(), device=cpu)  # resume: nothing left to measure
     assert len(launched) == n_launched and raw2["families"] == raw["families"]
-    bigger = TuneSpec((fam,), (1, 2), (64, 128), coarse=True)
+    bigger = TuneSpec((fam,), (1, 2), (128, 256), coarse=True)
     stream = io.StringIO()
     run_tune(bigger, out, stream=stream, device=cpu)
     assert "2 points already measured" in stream.getvalue()

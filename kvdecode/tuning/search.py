@@ -4,7 +4,7 @@ Trying every (num_splits, block_n, num_warps, num_stages) combination would mean
 compiles per family. The search is coordinate descent from the heuristic default instead:
 
 1. **splits**: the heuristic's split count, the powers of two around it and 1 (no merge), capped by the
-   capacity's tiles and :data:`~kvdecode.triton_kernels.config.MAX_SPLITS`;
+   capacity's tiles and :func:`split_cap`;
 2. **tiles**: ``block_n`` x ``num_warps`` at the best split count (``num_stages`` as the heuristic),
    then the split axis again when ``block_n`` changed (the tile count, hence the useful splits, did);
 3. **stages**: other ``num_stages`` for the best so far.
@@ -20,27 +20,32 @@ from collections.abc import Callable
 
 from ..triton_kernels.config import MAX_SPLITS, SplitKVConfig
 
-__all__ = ["search", "split_candidates", "stage_candidates", "tile_candidates"]
+__all__ = ["search", "split_candidates", "split_cap", "stage_candidates", "tile_candidates"]
 
 
-def split_candidates(heuristic: int, tiles: int, *, coarse: bool) -> list[int]:
+def split_cap(block_d: int) -> int:
+    """Most splits worth trying: the merge keeps a [splits, D] fp32 tile in registers (as the heuristic)."""
+    return min(MAX_SPLITS, 16384 // block_d)
+
+
+def split_candidates(heuristic: int, tiles: int, *, coarse: bool, cap: int = MAX_SPLITS) -> list[int]:
     """Split counts to try: 1, the heuristic, and powers of two from heuristic/8 to 2x.
 
     ``coarse``: 1, the heuristic, heuristic/4 and the powers of two just below and above it.
     """
-    cap = max(1, min(MAX_SPLITS, tiles))
+    cap = max(1, min(cap, tiles))
     if coarse:
         below = 1 << (heuristic.bit_length() - 1)
         ladder = {max(1, heuristic // 4), below, 2 * below}
     else:
         low = max(1, heuristic // 8)
-        ladder = {1 << k for k in range(7) if low <= 1 << k <= 2 * heuristic}
+        ladder = {1 << k for k in range(8) if low <= 1 << k <= 2 * heuristic}
     return sorted({min(s, cap) for s in {1, heuristic, *ladder}})
 
 
 def tile_candidates(block_d: int, *, coarse: bool) -> list[tuple[int, int]]:
     """``(block_n, num_warps)`` pairs: smaller key tiles for large head dims (registers, shared memory)."""
-    block_ns = (32, 64, 128) if block_d <= 128 else (16, 32, 64)
+    block_ns = (64, 128, 256) if block_d <= 64 else (32, 64, 128) if block_d <= 128 else (16, 32, 64)
     warps = (4, 8) if coarse else (2, 4, 8)
     return [(n, w) for n in block_ns for w in warps]
 
@@ -52,7 +57,7 @@ def stage_candidates(*, coarse: bool) -> list[int]:
 def search_size(heuristic: int, tiles: int, block_d: int, *, coarse: bool) -> int:
     """About how many configurations :func:`search` measures (for the dry-run estimate)."""
     return (
-        2 * len(split_candidates(heuristic, tiles, coarse=coarse))
+        2 * len(split_candidates(heuristic, tiles, coarse=coarse, cap=split_cap(block_d)))
         + len(tile_candidates(block_d, coarse=coarse))
         - 2
         + len(stage_candidates(coarse=coarse))
@@ -87,12 +92,12 @@ def search(
         fields.update(num_stages=cfg.num_stages, use_pdl=cfg.use_pdl)
         fields.update(change)
         tiles = math.ceil(capacity / fields["block_n"])
-        fields["num_splits"] = max(1, min(fields["num_splits"], tiles, MAX_SPLITS))
+        fields["num_splits"] = max(1, min(fields["num_splits"], tiles, split_cap(block_d)))
         return SplitKVConfig(**fields)
 
     def split_axis(cfg: SplitKVConfig) -> SplitKVConfig:
         tiles = math.ceil(capacity / cfg.block_n)
-        splits = split_candidates(cfg.num_splits, tiles, coarse=coarse)
+        splits = split_candidates(cfg.num_splits, tiles, coarse=coarse, cap=split_cap(block_d))
         return best_of([cfg] + [with_(cfg, num_splits=s) for s in splits])
 
     best = split_axis(default)
