@@ -14,6 +14,8 @@ Shape legend::
 
 from __future__ import annotations
 
+import contextlib
+
 # isort: off
 # Imported first: on a machine without CUDA it sets TRITON_INTERPRET=1, which must precede `import triton`.
 from . import triton_kernels  # noqa: F401
@@ -21,6 +23,8 @@ from . import triton_kernels  # noqa: F401
 import torch
 import triton
 import triton.language as tl
+
+from ._interpret import interpreter_active
 
 # isort: on
 
@@ -92,20 +96,28 @@ def append_kv(
     block_d = triton.next_power_of_2(head_dim)
     block_t = min(triton.next_power_of_2(q_len), max(1, _MAX_TILE // block_d))
     grid = (triton.cdiv(q_len, block_t), num_kv_heads, batch)
-    _append_kv_kernel[grid](
-        k_cache,
-        *k_cache.stride()[:3],
-        v_cache,
-        *v_cache.stride()[:3],
-        k_new,
-        *k_new.stride(),
-        v_new,
-        *v_new.stride(),
-        seq_lens,
-        q_len,
-        capacity,
-        head_dim,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=1 if block_t * block_d <= 512 else 4,
-    )
+    with _on_device(k_cache.device):
+        _append_kv_kernel[grid](
+            k_cache,
+            *k_cache.stride()[:3],
+            v_cache,
+            *v_cache.stride()[:3],
+            k_new,
+            *k_new.stride(),
+            v_new,
+            *v_new.stride(),
+            seq_lens,
+            q_len,
+            capacity,
+            head_dim,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=1 if block_t * block_d <= 512 else 4,
+        )
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current device (and its current stream): switch to ``device`` if needed."""
+    if device.type != "cuda" or interpreter_active() or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

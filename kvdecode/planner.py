@@ -79,7 +79,15 @@ def _auto_cudnn_reason(problem: DecodeProblem) -> str | None:
 
 def auto_threshold(problem: DecodeProblem) -> Threshold:
     """The cuDNN crossover length for ``problem`` on its GPU (from the tuning table)."""
-    return threshold_for(problem.head_dim, problem.dtype_name, problem.batch, _gpu_name(problem.device))
+    return threshold_for(
+        problem.head_dim,
+        problem.dtype_name,
+        problem.batch,
+        _gpu_name(problem.device),
+        num_q_heads=problem.num_q_heads,
+        num_kv_heads=problem.num_kv_heads,
+        q_len=problem.q_len,
+    )
 
 
 def _gpu_name(device: torch.device) -> str:
@@ -154,8 +162,11 @@ def _length(
         return problem.capacity, "the capacity (below the threshold, lengths not read)"
     if seq_lens is None:
         return problem.capacity, "the capacity (no lengths at plan time)"
-    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return problem.capacity, "the capacity (capturing a CUDA graph)"
+    if seq_lens.is_cuda:
+        with torch.cuda.device(seq_lens.device):  # capture is a property of the lengths' device's stream
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            return problem.capacity, "the capacity (capturing a CUDA graph)"
     return int(seq_lens.max().item()), "seq_lens.max() (one host sync)"
 
 

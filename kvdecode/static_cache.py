@@ -300,7 +300,10 @@ class StaticKVCache:
     def _validating(self) -> bool:
         if not self.validate:
             return False
-        return not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if self.device.type != "cuda":
+            return True
+        with torch.cuda.device(self.device):  # capture is a property of the cache's device's stream
+            return not torch.cuda.is_current_stream_capturing()
 
     def _check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:

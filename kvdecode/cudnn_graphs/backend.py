@@ -160,7 +160,9 @@ class CudnnLauncher:
                 )
         built = self._graphs.get(lse is not None)
         if built is None:
-            if torch.cuda.is_current_stream_capturing():
+            with torch.cuda.device(self.device_index):  # capture is a property of this device's stream
+                capturing = torch.cuda.is_current_stream_capturing()
+            if capturing:
                 raise KVDecodeError(
                     "return_lse must match a graph made before capture, got return_lse=True while capturing; "
                     "run the call once with return_lse=True before capturing"
@@ -184,7 +186,11 @@ class CudnnLauncher:
             )
             pack[UID_STATS] = stats
         handle = handle_for(self.device_index, current_stream(self.device_index))
-        built.graph.execute(pack, self._workspace.tensor, handle=handle)
+        if torch.cuda.current_device() == self.device_index:
+            built.graph.execute(pack, self._workspace.tensor, handle=handle)
+        else:  # a cuDNN handle is tied to the device current at its creation: execute there
+            with torch.cuda.device(self.device_index):
+                built.graph.execute(pack, self._workspace.tensor, handle=handle)
         if o is not out:
             out.copy_(o)
         if stats is not None and lse is not None and stats.data_ptr() != lse.data_ptr():

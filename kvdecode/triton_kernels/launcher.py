@@ -83,8 +83,18 @@ class SplitKVLauncher:
         self.part_lse = torch.empty(n_part, dtype=torch.float32, device=p.device)
         self.qk_scale = p.scale * LOG2E_CONST
         self.mask_strides = p.mask_strides or (0, 0, 0, 0)
+        # Triton launches on the *current* device and its current stream: remember ours to switch to it.
+        self.device_index = p.device.index if p.device.type == "cuda" and not interpreter_active() else None
 
     def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+        index = self.device_index
+        if index is not None and torch.cuda.current_device() != index:
+            with torch.cuda.device(index):  # tensors on another GPU than the current one
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+            return
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
         p, cfg = self.problem, self.config
         write_lse = lse is not None
         lse_t = lse if write_lse else self.part_lse
