@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -15,6 +16,7 @@ __all__ = ["check_lengths", "decode_attention"]
 
 _PLAN_CACHE: OrderedDict[tuple, DecodePlan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
+_PLAN_LOCK = threading.Lock()
 
 
 def decode_attention(
@@ -112,16 +114,27 @@ def decode_attention(
 def _cached_plan(problem: DecodeProblem, choice: Choice, deterministic: bool, *, auto: bool) -> DecodePlan:
     # Keyed by the chosen backend, not the length: every length that picks it reuses one plan (and, for
     # cuDNN, one graph per capacity). A cuDNN plan that fell back to Triton at build time is cached too.
-    key = (problem, choice.backend, deterministic)
-    found = _PLAN_CACHE.get(key)
-    if found is not None:
+    # A plan owns scratch, so calls that may run concurrently (another stream) get their own plan.
+    key = (problem, choice.backend, deterministic, _stream_key(problem))
+    with _PLAN_LOCK:
+        found = _PLAN_CACHE.get(key)
+        if found is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return found
+    made = plan_for_choice(problem, choice, deterministic=deterministic, auto=auto)  # outside the lock
+    with _PLAN_LOCK:
+        made = _PLAN_CACHE.setdefault(key, made)
         _PLAN_CACHE.move_to_end(key)
-        return found
-    made = plan_for_choice(problem, choice, deterministic=deterministic, auto=auto)
-    _PLAN_CACHE[key] = made
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
     return made
+
+
+def _stream_key(problem: DecodeProblem) -> int:
+    """The current stream of the problem's device (CUDA), or the thread (elsewhere)."""
+    if problem.device.type == "cuda":
+        return torch.cuda.current_stream(problem.device).cuda_stream
+    return threading.get_ident()
 
 
 def check_lengths(

@@ -23,6 +23,10 @@ class DecodePlan:
 
     ``run`` checks the tensors against the plan (a mismatch raises :class:`KVDecodeError` naming both
     sides) and launches; it never syncs the host.
+
+    A plan owns scratch (the Triton partials, the cuDNN workspace), so its runs must not overlap: use it
+    from one stream at a time, and make one plan per stream (or per thread) that decodes concurrently.
+    ``decode_attention`` does this for you (its plans are per current stream).
     """
 
     problem: DecodeProblem

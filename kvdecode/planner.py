@@ -162,11 +162,8 @@ def _length(
         return problem.capacity, "the capacity (below the threshold, lengths not read)"
     if seq_lens is None:
         return problem.capacity, "the capacity (no lengths at plan time)"
-    if seq_lens.is_cuda:
-        with torch.cuda.device(seq_lens.device):  # capture is a property of the lengths' device's stream
-            capturing = torch.cuda.is_current_stream_capturing()
-        if capturing:
-            return problem.capacity, "the capacity (capturing a CUDA graph)"
+    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return problem.capacity, "the capacity (capturing a CUDA graph)"
     return int(seq_lens.max().item()), "seq_lens.max() (one host sync)"
 
 

@@ -147,3 +147,27 @@ def test_docstring_example_runs():
     for test in finder.find(api_module.decode_attention, "decode_attention", globs={}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_concurrent_callers_get_their_own_plan_and_scratch():
+    """Plans own scratch: calls that may overlap (another thread here, another stream on a GPU) must not
+    share one, while calls from the same place reuse it."""
+    import threading
+
+    from kvdecode import api
+    from kvdecode.planner import Choice
+
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 32, 16)
+    lens = torch.tensor([5], dtype=torch.int32)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, k, lens)
+    choice = Choice("reference", "test")
+    here = [api._cached_plan(problem, choice, False, auto=False) for _ in range(2)]
+    there = []
+    worker = threading.Thread(
+        target=lambda: there.append(api._cached_plan(problem, choice, False, auto=False))
+    )
+    worker.start()
+    worker.join()
+    assert here[0] is here[1]
+    assert there[0] is not here[0]
