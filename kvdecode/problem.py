@@ -36,6 +36,14 @@ MAX_HEAD_DIM = 256
 Strides = tuple[int, int, int, int]
 
 
+def shape_name_parts(
+    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, q_len: int, capacity: int, dtype: str
+) -> list[str]:
+    """``["b8", "hq32", "hkv8", "d128", "tq1", "cap131072", "bf16"]``: the readable core of a name."""
+    heads = [f"hq{num_q_heads}", f"hkv{num_kv_heads}"]
+    return [f"b{batch}", *heads, f"d{head_dim}", f"tq{q_len}", f"cap{capacity}", dtype]
+
+
 @dataclass(frozen=True)
 class DecodeProblem:
     """Everything about a decode call that does not change from step to step.
@@ -73,15 +81,10 @@ class DecodeProblem:
     @property
     def name(self) -> str:
         """A readable name for logs, cache files and test reproductions."""
-        parts = [
-            f"b{self.batch}",
-            f"hq{self.num_q_heads}",
-            f"hkv{self.num_kv_heads}",
-            f"d{self.head_dim}",
-            f"tq{self.q_len}",
-            f"cap{self.capacity}",
+        parts = shape_name_parts(
+            self.batch, self.num_q_heads, self.num_kv_heads, self.head_dim, self.q_len, self.capacity,
             self.dtype_name,
-        ]
+        )  # fmt: skip
         if self.has_kv_start:
             parts.append("kvstart")
         if self.mask_kind != "none":

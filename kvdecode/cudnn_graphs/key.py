@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from ..problem import DecodeProblem, Strides
+from ..problem import DecodeProblem, Strides, shape_name_parts
 
 __all__ = ["GraphKey", "contiguous_strides"]
 
@@ -91,15 +91,10 @@ class GraphKey:
     @property
     def name(self) -> str:
         """Readable, for logs and cache file names."""
-        parts = [
-            f"b{self.batch}",
-            f"hq{self.num_q_heads}",
-            f"hkv{self.num_kv_heads}",
-            f"d{self.head_dim}",
-            f"tq{self.q_len}",
-            f"cap{self.capacity}",
+        parts = shape_name_parts(
+            self.batch, self.num_q_heads, self.num_kv_heads, self.head_dim, self.q_len, self.capacity,
             self.dtype,
-        ]
+        )  # fmt: skip
         if self.with_lse:
             parts.append("lse")
         if self.deterministic:
