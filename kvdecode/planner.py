@@ -162,9 +162,18 @@ def _length(
         return problem.capacity, "the capacity (below the threshold, lengths not read)"
     if seq_lens is None:
         return problem.capacity, "the capacity (no lengths at plan time)"
-    if seq_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+    if seq_lens.is_cuda and _capturing(problem.device):
         return problem.capacity, "the capacity (capturing a CUDA graph)"
     return int(seq_lens.max().item()), "seq_lens.max() (one host sync)"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (not the current device's)."""
+    index = device.index
+    if index is None or not torch.cuda.is_available() or torch.cuda.current_device() == index:
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(index):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def explain(
