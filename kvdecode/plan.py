@@ -49,32 +49,74 @@ class DecodePlan:
         mask: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        lse: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``)."""
+        """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``).
+
+        Pass ``out`` (and ``lse``, float32 ``[B, H_q, T_q]``, which implies ``return_lse``) to run with no
+        allocation at all, e.g. inside a captured CUDA graph.
+        """
         p = self.problem
         _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
         kv_shape = (p.batch, p.num_kv_heads, p.capacity, p.head_dim)
         _same("k_cache", k_cache, p.k_strides, kv_shape, p)
         _same("v_cache", v_cache, p.v_strides, kv_shape, p)
+        _lengths("seq_lens", seq_lens, p)
         if (kv_start is not None) != p.has_kv_start:
             raise KVDecodeError(
                 f"kv_start is {'given' if kv_start is not None else 'None'} but the plan was made "
                 f"{'with' if p.has_kv_start else 'without'} it; make a new plan"
             )
-        if (mask is not None) != (p.mask_kind != "none"):
-            raise KVDecodeError(
-                f"mask is {'given' if mask is not None else 'None'} but the plan was made with mask kind "
-                f"{p.mask_kind!r}; make a new plan"
-            )
+        if kv_start is not None:
+            _lengths("kv_start", kv_start, p)
+        _mask(mask, p)
+        q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
         if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = (
-            torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=q.device)
-            if return_lse
-            else None
-        )
+            out = torch.empty(q_shape, dtype=p.dtype, device=p.device)
+        else:
+            _buffer("out", out, q_shape, p.dtype, p)
+        if lse is not None:
+            _buffer("lse", lse, q_shape[:3], torch.float32, p)
+            return_lse = True
+        elif return_lse:
+            lse = torch.empty(q_shape[:3], dtype=torch.float32, device=p.device)
         self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
         return (out, lse) if return_lse else out
+
+
+def _lengths(name: str, t: torch.Tensor, p: DecodeProblem) -> None:
+    if t.dtype != torch.int32 or tuple(t.shape) != (p.batch,) or t.device != p.device:
+        raise KVDecodeError(
+            f"{name} must be int32 ({p.batch},) on {p.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+        )
+
+
+def _mask(mask: torch.Tensor | None, p: DecodeProblem) -> None:
+    if (mask is not None) != (p.mask_kind != "none"):
+        raise KVDecodeError(
+            f"mask is {'given' if mask is not None else 'None'} but the plan was made with mask kind "
+            f"{p.mask_kind!r}; make a new plan"
+        )
+    if mask is None:
+        return
+    full = (p.batch, p.num_q_heads, p.q_len, p.capacity)
+    try:
+        strides = tuple(mask.expand(full).stride())
+    except RuntimeError:
+        strides = None
+    if mask.dtype != p.mask_dtype or strides != p.mask_strides or mask.device != p.device:
+        raise KVDecodeError(
+            f"mask has dtype {mask.dtype}, shape {tuple(mask.shape)} on {mask.device} but the plan was made "
+            f"for dtype {p.mask_dtype} with broadcast strides {p.mask_strides} on {p.device}; make a new plan"
+        )
+
+
+def _buffer(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, p: DecodeProblem) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != p.device or t.stride(-1) != 1:
+        raise KVDecodeError(
+            f"{name} must be {dtype} {shape} on {p.device} with stride(-1) == 1, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device} with strides {tuple(t.stride())}"
+        )
 
 
 def _same(name: str, t: torch.Tensor, strides: tuple, shape: tuple, p: DecodeProblem) -> None:

@@ -171,3 +171,39 @@ def test_concurrent_callers_get_their_own_plan_and_scratch():
     worker.join()
     assert here[0] is here[1]
     assert there[0] is not here[0]
+
+
+def test_plan_run_checks_every_tensor_against_the_plan():
+    q = torch.randn(2, 4, 1, 16)
+    k = torch.randn(2, 2, 32, 16)
+    lens = torch.tensor([5, 32], dtype=torch.int32)
+    mask = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, k, lens, mask=mask)
+    the_plan = kvdecode.plan(problem, backend="reference")
+    bad = [
+        (dict(seq_lens=lens.long()), "seq_lens must be int32"),
+        (dict(seq_lens=lens[:1]), "seq_lens must be int32"),
+        (dict(out=torch.empty(2, 4, 1, 16, dtype=torch.float16)), "out must be torch.float32"),
+        (dict(out=torch.empty(2, 4, 1, 32)[..., ::2]), "stride"),
+        (dict(lse=torch.empty(2, 4, 1, dtype=torch.float64)), "lse must be torch.float32"),
+        (dict(mask=mask.float()), "mask has dtype torch.float32"),
+        (dict(mask=torch.ones(2, 4, 1, 32, dtype=torch.bool)), "broadcast strides"),
+    ]
+    for change, message in bad:
+        args = dict(seq_lens=lens, mask=mask) | change
+        seq = args.pop("seq_lens")
+        with pytest.raises(kvdecode.KVDecodeError, match=message):
+            the_plan.run(q, k, k, seq, **args)
+
+
+def test_plan_run_writes_into_given_out_and_lse():
+    q = torch.randn(1, 2, 1, 16)
+    k = torch.randn(1, 1, 8, 16)
+    lens = torch.tensor([3], dtype=torch.int32)
+    the_plan = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="reference")
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((1, 2, 1), float("nan"))
+    got_out, got_lse = the_plan.run(q, k, k, lens, out=out, lse=lse)
+    assert got_out is out and got_lse is lse
+    ref, ref_lse = kvdecode.reference_decode_attention(q, k, k, lens)
+    assert torch.allclose(out.double(), ref, atol=1e-6) and torch.allclose(lse.double(), ref_lse, atol=1e-6)
