@@ -21,6 +21,7 @@ _COMMON = dict(
 )
 settings.register_profile("cpu", max_examples=20, **_COMMON)
 settings.register_profile("gpu", max_examples=500, **_COMMON)
+settings.register_profile("gpu-min", max_examples=4, **_COMMON)  # a last look on a short device budget
 # A quick GPU pass (each new shape family compiles a kernel, ~1 s): HYPOTHESIS_PROFILE=gpu-smoke
 settings.register_profile("gpu-smoke", max_examples=50, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
