@@ -75,7 +75,7 @@ def new_result(meta: dict, config: dict) -> dict:
         "copy_bandwidth_gbps": None,
         "steady_state_rule": (
             "N layers with distinct caches captured in one CUDA graph; median of 20 replays / N. "
-            "N = min(8, ceil(1 GB / KV bytes of one layer)), capped by free device memory; "
+            "N = max(8, ceil(1 GB / KV bytes of one layer)), capped by free device memory; "
             "'l2_resident' marks cells whose whole replay fits in L2."
         ),
         "cells": [],
