@@ -85,9 +85,12 @@ class DecodePlan:
 
 
 def _lengths(name: str, t: torch.Tensor, p: DecodeProblem) -> None:
-    if t.dtype != torch.int32 or tuple(t.shape) != (p.batch,) or t.device != p.device:
+    stride_ok = p.batch == 1 or t.stride(0) == 1
+    if t.dtype != torch.int32 or tuple(t.shape) != (p.batch,) or t.device != p.device or not stride_ok:
         raise KVDecodeError(
-            f"{name} must be int32 ({p.batch},) on {p.device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            f"{name} must be a contiguous int32 ({p.batch},) tensor on {p.device}, got {t.dtype} "
+            f"{tuple(t.shape)} with stride {tuple(t.stride())} on {t.device}; pass "
+            f"{name}.to({str(p.device)!r}, torch.int32).contiguous()"
         )
 
 

@@ -237,6 +237,11 @@ def _check_lengths(name: str, t: object, batch: int, device: torch.device) -> No
         raise KVDecodeError(
             f"{name} must be on q's device ({device}), got {t.device}; lengths are read on the device"
         )
+    if batch > 1 and t.stride(0) != 1:
+        raise KVDecodeError(
+            f"{name}.stride(0) must be 1 (the kernels read lengths[b]), got {t.stride(0)}; "
+            f"pass {name}.contiguous()"
+        )
 
 
 def _check_mask(

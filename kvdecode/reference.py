@@ -66,7 +66,10 @@ def reference_decode_attention(
         finite = torch.isfinite(row_lse)
         weights = torch.where(finite[..., None], torch.exp(scores - row_lse[..., None]), 0.0)
         weights = torch.nan_to_num(weights, nan=0.0)
-        out[b] = torch.einsum("htj,hjd->htd", weights, vd[b])
+        # slots no query of a head may see can hold anything (NaN in a torch.empty cache): never read them
+        used = visible.any(dim=1)  # [H_q, capacity]
+        values = torch.where(used[..., None], vd[b], 0.0)
+        out[b] = torch.einsum("htj,hjd->htd", weights, values)
         lse[b] = row_lse
     return out, lse
 

@@ -30,6 +30,7 @@ runs through its interpreter, slower than torch) and a planner choice other than
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 
 import torch
@@ -46,6 +47,7 @@ log = logging.getLogger("kvdecode.sdpa")
 _PLANS: OrderedDict[tuple, DecodePlan | str] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 _STATS = {"hits": 0, "misses": 0}
+_LOCK = threading.Lock()
 
 
 def capacity_view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -211,25 +213,34 @@ def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Ten
     cache_key = (
         tuple(query.shape),
         query.stride(),
+        tuple(k_buf.shape),
         k_buf.stride(),
         v_buf.stride(),
-        capacity,
         query.dtype,
         query.device,
         scale,
         backend,
+        _stream_key(query.device),  # a plan owns scratch: one per stream that may run concurrently
     )
-    found = _PLANS.get(cache_key)
+    with _LOCK:
+        found = _PLANS.get(cache_key)
+        if found is not None:
+            _STATS["hits"] += 1
+            _PLANS.move_to_end(cache_key)
     if found is None:
-        _STATS["misses"] += 1
-        found = _make_plan(query, k_buf, v_buf, scale, backend, capacity)
-        _PLANS[cache_key] = found
-        if len(_PLANS) > _PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    else:
-        _STATS["hits"] += 1
-        _PLANS.move_to_end(cache_key)
+        made = _make_plan(query, k_buf, v_buf, scale, backend, capacity)
+        with _LOCK:
+            _STATS["misses"] += 1
+            found = _PLANS.setdefault(cache_key, made)
+            while len(_PLANS) > _PLAN_CACHE_SIZE:
+                _PLANS.popitem(last=False)
     return found if isinstance(found, str) else (found, k_buf, v_buf)
+
+
+def _stream_key(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return threading.get_ident()
 
 
 def _make_plan(query, k_buf, v_buf, scale, backend, capacity) -> DecodePlan | str:

@@ -184,10 +184,13 @@ class StaticKVCache:
                 raise KVDecodeError("kv_start must be None for a cache made with left_padded=False")
             starts = torch.as_tensor(kv_start, dtype=torch.int32)
             self._check_row_tensor("kv_start", starts, check_device=False)
+        else:
+            starts = self.kv_start
+        if self._validating():  # before anything is copied: a rejected call changes nothing
+            check_lengths(lens, starts, q_len=0, capacity=self.capacity)
+        if kv_start is not None:
             self.kv_start.copy_(starts, non_blocking=True)
         self.seq_lens.copy_(lens, non_blocking=True)
-        if self._validating():
-            check_lengths(self.seq_lens, self.kv_start, q_len=0, capacity=self.capacity)
 
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
         """Zero ``seq_lens`` (and ``kv_start``) of ``rows``, on the device; ``None`` resets every row.

@@ -181,8 +181,9 @@ def test_plan_run_checks_every_tensor_against_the_plan():
     problem = kvdecode.DecodeProblem.from_tensors(q, k, k, lens, mask=mask)
     the_plan = kvdecode.plan(problem, backend="reference")
     bad = [
-        (dict(seq_lens=lens.long()), "seq_lens must be int32"),
-        (dict(seq_lens=lens[:1]), "seq_lens must be int32"),
+        (dict(seq_lens=lens.long()), "seq_lens must be a contiguous int32"),
+        (dict(seq_lens=lens[:1]), "seq_lens must be a contiguous int32"),
+        (dict(seq_lens=torch.tensor([[5, 0], [32, 0]], dtype=torch.int32)[:, 0]), "stride"),
         (dict(out=torch.empty(2, 4, 1, 16, dtype=torch.float16)), "out must be torch.float32"),
         (dict(out=torch.empty(2, 4, 1, 32)[..., ::2]), "stride"),
         (dict(lse=torch.empty(2, 4, 1, dtype=torch.float64)), "lse must be torch.float32"),

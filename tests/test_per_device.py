@@ -198,6 +198,7 @@ def test_cudnn_execute_runs_on_the_launchers_device(fake_devices, monkeypatch):
     launcher._graphs = {False: BuiltGraph(key, graph, 0, "build", 0.0)}
     launcher._workspace = cuda_env.Workspace(torch.device("cpu"))
     launcher._seq_len_q = torch.ones(1, 1, 1, 1, dtype=torch.int32)
+    launcher._seq_len_kv = torch.empty(1, 1, 1, 1, dtype=torch.int32)
     handles = []
     monkeypatch.setattr(cudnn_backend, "handle_for", lambda index, stream: handles.append(index) or 7)
     monkeypatch.setattr(cudnn_backend, "current_stream", lambda index: 1000 + index)

@@ -60,7 +60,7 @@ class CudnnBackend:
 
     def __init__(self, cache: GraphCache | None = None) -> None:
         self._cache = cache
-        self._declined: dict[DecodeProblem, str] = {}
+        self._declined: dict[tuple[DecodeProblem, bool], str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -79,17 +79,17 @@ class CudnnBackend:
         sm = device_props(_device_index(problem)).sm_version
         if sm < MIN_SM:
             return f"GPU SM version {sm} is below {MIN_SM}; cuDNN fused attention needs Ampere or newer"
-        return self._declined.get(problem)
+        return None
 
     def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> CudnnLauncher:
-        reason = self.supports(problem)
+        reason = self.supports(problem) or self._declined.get((problem, deterministic))
         if reason is not None:
             raise UnsupportedError(f"backend 'cudnn' cannot serve {problem.name}: {reason}")
         try:
             return CudnnLauncher(problem, deterministic=deterministic, cache=self.cache)
         except UnsupportedError as exc:
-            with self._lock:
-                self._declined[problem] = str(exc)
+            with self._lock:  # remembered per (problem, determinism): a failed build is not retried
+                self._declined[(problem, deterministic)] = str(exc)
             raise
 
 
@@ -120,6 +120,9 @@ class CudnnLauncher:
         self._seq_len_q = torch.full(
             (b, 1, 1, 1), problem.q_len, dtype=torch.int32, device=self._workspace.device
         )
+        # lengths are clamped into 0..capacity on the device (one tiny capturable kernel) so that, as with
+        # the Triton kernel, no length ever points cuDNN past the cache
+        self._seq_len_kv = torch.empty((b, 1, 1, 1), dtype=torch.int32, device=self._workspace.device)
         self.prepare(lse=False)
 
     def key(self, *, lse: bool) -> GraphKey:
@@ -175,8 +178,8 @@ class CudnnLauncher:
             else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         )
         pack = {UID_Q: q, UID_K: k_cache, UID_V: v_cache, UID_O: o, UID_SEQ_Q: self._seq_len_q}
-        lens = seq_lens if seq_lens.stride(0) == 1 else seq_lens.contiguous()
-        pack[UID_SEQ_KV] = lens.view(p.batch, 1, 1, 1)
+        torch.clamp(seq_lens.view(p.batch, 1, 1, 1), 0, p.capacity, out=self._seq_len_kv)
+        pack[UID_SEQ_KV] = self._seq_len_kv
         stats = None
         if lse is not None:
             shape = (p.batch, p.num_q_heads, p.q_len, 1)

@@ -116,11 +116,18 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
         return None
     batch, length, point = found
     cfg = point["config"]
-    splits = max(1, min(cfg["num_splits"], MAX_SPLITS, triton.cdiv(p.capacity, cfg["block_n"])))
+    splits = cap_splits(p, cfg["num_splits"], cfg["block_n"])
     config = SplitKVConfig(
         num_splits=splits, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
     )
     return config, f"{table.path} [{family} b{batch} L{length}]"
+
+
+def cap_splits(problem: DecodeProblem, splits: int, block_n: int) -> int:
+    """Clamp a split count to 1..MAX_SPLITS, to the tiles in the capacity, and so that the merge's
+    ``[splits, BLOCK_D]`` fp32 tile stays in registers."""
+    block_d = tile_shape(problem)[1]
+    return max(1, min(splits, MAX_SPLITS, 16384 // block_d, triton.cdiv(problem.capacity, block_n)))
 
 
 def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
@@ -135,6 +142,5 @@ def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> Sp
     m_blocks = triton.cdiv(problem.group_size * problem.q_len, block_m)
     programs = problem.batch * problem.num_kv_heads * m_blocks
     splits = triton.cdiv(WAVES * sms, programs)
-    max_splits = min(MAX_SPLITS, 16384 // block_d)  # the merge's [splits, D] fp32 tile stays in registers
-    splits = max(1, min(splits, max_splits, triton.cdiv(problem.capacity, block_n)))
+    splits = cap_splits(problem, splits, block_n)
     return SplitKVConfig(num_splits=splits, block_n=block_n, num_warps=4, num_stages=2)

@@ -24,9 +24,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1 / ln 2
-LN2 = 0.6931471805599453  # ln 2
-
 
 @triton.jit
 def _to_out(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):

@@ -96,6 +96,20 @@ def test_large_and_odd_head_dims(device, head_dim):
     check_all(case, out, lse, ref_out, ref_lse)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_packed_rows_span_several_row_blocks(device):
+    """GROUP * T_q = 64 packed query rows at D 256 exceed one row block (32 rows there), so several
+    programs (program_id(2) > 0) share each K/V tile range; T_q 16 is the longest speculation DESIGN names."""
+    case = Case(
+        batch=1, num_q_heads=4, num_kv_heads=1, head_dim=256, q_len=16, capacity=40, dtype=torch.float16,
+        seq_lens=(37,), kv_start=(2,), seed=77,
+    )  # fmt: skip
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    out, lse = run_triton(case, x)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
 # ---- split-count invariance ----
 
 
