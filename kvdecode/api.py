@@ -70,7 +70,10 @@ def decode_attention(
         Sync and check the device lengths (``T_q <= seq_lens <= capacity``, ``kv_start <= seq_lens -
         T_q``). Off by default: the kernels clamp so nothing is read outside the cache.
     deterministic : bool
-        Bitwise-reproducible results (fixed merge order, deterministic cuDNN engines).
+        Bitwise-reproducible results: Triton's merge order is fixed (it is reproducible either way) and
+        cuDNN's non-deterministic engines are deselected. Known gap (H100, cuDNN 9.19, 2026-11-25): with
+        cuDNN the output repeats bitwise but the LSE of the first call differed from later calls by up
+        to 9.5e-7.
     max_seq_len : int, optional
         An upper bound of ``seq_lens`` (``T_q <= max_seq_len <= capacity``) for ``backend="auto"``, which
         picks Triton below the cuDNN threshold length and cuDNN at or above it. Without it, ``auto``
@@ -88,6 +91,8 @@ def decode_attention(
     ------
     KVDecodeError
         Bad input, before any launch; the message names the argument, the value and the fix.
+    UnsupportedError
+        ``backend`` names a backend that cannot serve the problem; the message says why.
 
     Examples
     --------
