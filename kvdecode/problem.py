@@ -68,6 +68,7 @@ class DecodeProblem:
     mask_kind: MaskKind = "none"
     mask_dtype: torch.dtype | None = None
     mask_strides: Strides | None = None
+    aligned_16: bool = True  # q, k_cache and v_cache start on 16-byte boundaries (cuDNN needs it)
 
     @property
     def group_size(self) -> int:
@@ -159,6 +160,7 @@ class DecodeProblem:
             mask_kind=mask_kind,
             mask_dtype=mask_dtype,
             mask_strides=mask_strides,
+            aligned_16=all(t.data_ptr() % 16 == 0 for t in (q, k_cache, v_cache)),
         )
 
 

@@ -256,3 +256,22 @@ def test_env_table_is_used_for_its_gpu_and_refused_for_another(tmp_path, monkeyp
 def test_malformed_tables_are_refused(tmp_path, over):
     with pytest.raises(KVDecodeError, match="tuning table"):
         load_table(_write(tmp_path / "bad.json", **over))
+
+
+def test_unaligned_tensors_keep_cudnn_away():
+    """cuDNN needs 16-byte aligned starts; the problem records it so auto never plans cuDNN for a view that
+    starts mid-vector (it would otherwise raise at run time)."""
+    import dataclasses
+
+    from kvdecode.cudnn_graphs.backend import problem_reason
+
+    q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    flat = torch.randn(2 * 64 * 16 + 1, dtype=torch.bfloat16)
+    k = flat[1:].view(1, 2, 64, 16)  # starts 2 bytes into the storage
+    lens = torch.tensor([10], dtype=torch.int32)
+    unaligned = DecodeProblem.from_tensors(q, k, k, lens)
+    aligned = DecodeProblem.from_tensors(q, k.clone(), k.clone(), lens)
+    assert not unaligned.aligned_16 and aligned.aligned_16
+    on_gpu = dataclasses.replace(unaligned, device=torch.device("cuda", 0))
+    assert "16-byte" in problem_reason(on_gpu)
+    assert problem_reason(dataclasses.replace(aligned, device=torch.device("cuda", 0))) is None

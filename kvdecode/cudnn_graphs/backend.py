@@ -43,6 +43,8 @@ def problem_reason(problem: DecodeProblem) -> str | None:
         return "kv_start (left padding) is given; cuDNN's padding mask covers right padding only"
     if problem.device.type != "cuda":
         return f"the tensors are on {problem.device}; cuDNN needs a CUDA device"
+    if not problem.aligned_16:
+        return "q, k_cache or v_cache does not start on a 16-byte boundary; cuDNN needs aligned tensors"
     for name, strides in (
         ("q", problem.q_strides),
         ("k_cache", problem.k_strides),
