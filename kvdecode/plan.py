@@ -53,8 +53,22 @@ class DecodePlan:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``).
 
-        Pass ``out`` (and ``lse``, float32 ``[B, H_q, T_q]``, which implies ``return_lse``) to run with no
-        allocation at all, e.g. inside a captured CUDA graph.
+        Parameters
+        ----------
+        q, k_cache, v_cache : Tensor
+            Same shapes, dtype, device and strides as the plan's problem (``q [B, H_q, T_q, D]``, caches
+            ``[B, H_kv, capacity, D]``); a mismatch raises :class:`KVDecodeError` naming both sides.
+        seq_lens : int32 Tensor ``[B]``, contiguous, on the plan's device
+            Read on the device: they may change between runs (and between CUDA-graph replays).
+        kv_start, mask : Tensor, optional
+            As planned (given exactly when the plan was made with them).
+        out : Tensor ``[B, H_q, T_q, D]``, optional
+            Written in place; allocated when None.
+        return_lse : bool
+            Also return the natural-log LSE, float32 ``[B, H_q, T_q]``.
+        lse : float32 Tensor ``[B, H_q, T_q]``, optional
+            Written in place; implies ``return_lse``. With ``out`` and ``lse`` given nothing is allocated,
+            e.g. inside a captured CUDA graph.
         """
         p = self.problem
         _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
@@ -148,9 +162,39 @@ def plan(
 ) -> DecodePlan:
     """Choose a backend for ``problem`` and do its host work once (configuration, graph, scratch).
 
-    With ``backend="auto"`` the choice is made for ``max_seq_len`` (the longest row the plan will serve),
-    or for the capacity when it is None: ``run`` never reads the device lengths. A cuDNN graph that fails
-    to build under ``auto`` falls back to Triton with the reason recorded in ``choice``.
+    Parameters
+    ----------
+    problem : DecodeProblem
+        From :meth:`DecodeProblem.from_tensors` on example tensors of the shapes and layout to serve.
+    backend : {"auto", "triton", "cudnn", "reference"}
+        With ``"auto"`` the choice is made for ``max_seq_len`` (the longest row the plan will serve), or
+        for the capacity when it is None: ``run`` never reads the device lengths. A cuDNN graph that fails
+        to build under ``"auto"`` falls back to Triton with the reason recorded in ``choice``.
+    deterministic : bool
+        Bitwise-reproducible results (see :func:`kvdecode.decode_attention`).
+    max_seq_len : int, optional
+        The longest filled length the plan will see (``<= capacity``).
+
+    Returns
+    -------
+    DecodePlan
+        ``plan.run(q, k_cache, v_cache, seq_lens, out=..., lse=...)`` launches with no host sync; with
+        ``out`` (and ``lse``) given it allocates nothing, so a step can be captured in a CUDA graph.
+
+    Raises
+    ------
+    UnsupportedError
+        An explicit ``backend`` cannot serve ``problem``.
+
+    Examples
+    --------
+    >>> import torch, kvdecode
+    >>> q = torch.randn(2, 8, 1, 64); k = torch.randn(2, 2, 256, 64)
+    >>> lens = torch.tensor([17, 256], dtype=torch.int32)
+    >>> p = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
+    >>> out = torch.empty_like(q)
+    >>> p.run(q, k, k, lens, out=out) is out
+    True
     """
     choice = choose(problem, backend, max_seq_len=max_seq_len)
     return plan_for_choice(problem, choice, deterministic=deterministic, auto=backend == "auto")

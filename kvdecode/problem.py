@@ -110,7 +110,36 @@ class DecodeProblem:
         mask: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> DecodeProblem:
-        """Validate the tensors of one call and describe them; raises :class:`KVDecodeError`."""
+        """Validate the tensors of one call and describe them.
+
+        Parameters
+        ----------
+        q : Tensor ``[B, H_q, T_q, D]``
+        k_cache, v_cache : Tensor ``[B, H_kv, capacity, D]``
+        seq_lens : int32 Tensor ``[B]`` on q's device
+        scale : float, optional
+            Defaults to ``1 / sqrt(D)``.
+        kv_start : int32 Tensor ``[B]``, optional
+        mask : Tensor broadcastable to ``[B, H_q, T_q, capacity]``, optional
+        out : Tensor ``[B, H_q, T_q, D]``, optional
+
+        Returns
+        -------
+        DecodeProblem
+            Shapes, dtype, device, strides, scale and mask kind; never the lengths' values.
+
+        Raises
+        ------
+        KVDecodeError
+            Naming the argument, the value and the fix; nothing has been launched.
+
+        Examples
+        --------
+        >>> import torch
+        >>> q = torch.randn(8, 32, 1, 128); k = torch.randn(8, 8, 4096, 128)
+        >>> DecodeProblem.from_tensors(q, k, k, torch.full((8,), 100, dtype=torch.int32)).name
+        'b8_hq32_hkv8_d128_tq1_cap4096_fp32'
+        """
         _check_tensor("q", q)
         _check_tensor("k_cache", k_cache)
         _check_tensor("v_cache", v_cache)
@@ -207,11 +236,19 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             "K and V caches must have the same layout"
         )
     if k.shape[0] != batch:
-        raise KVDecodeError(f"k_cache.shape[0] (B) must equal q.shape[0] ({batch}), got {k.shape[0]}")
+        raise KVDecodeError(
+            f"k_cache.shape[0] (B) must equal q.shape[0] ({batch}), got {k.shape[0]}; "
+            "one cache row per query row"
+        )
     if k.shape[3] != head_dim:
-        raise KVDecodeError(f"k_cache.shape[3] (D) must equal q.shape[3] ({head_dim}), got {k.shape[3]}")
+        raise KVDecodeError(
+            f"k_cache.shape[3] (D) must equal q.shape[3] ({head_dim}), got {k.shape[3]}; check the head dims"
+        )
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise KVDecodeError(f"head_dim (q.shape[3]) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+        raise KVDecodeError(
+            f"head_dim (q.shape[3]) must be in 1..{MAX_HEAD_DIM}, got {head_dim}; "
+            "larger heads are not supported"
+        )
     num_kv_heads = k.shape[1]
     if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
         raise KVDecodeError(
@@ -234,7 +271,10 @@ def _check_lengths(name: str, t: object, batch: int, device: torch.device) -> No
     if t.dtype != torch.int32:
         raise KVDecodeError(f"{name}.dtype must be torch.int32, got {t.dtype}; pass {name}.to(torch.int32)")
     if tuple(t.shape) != (batch,):
-        raise KVDecodeError(f"{name}.shape must be ({batch},) (one per row), got {tuple(t.shape)}")
+        raise KVDecodeError(
+            f"{name}.shape must be ({batch},) (one per row), got {tuple(t.shape)}; "
+            "pass one length per batch row"
+        )
     if t.device != device:
         raise KVDecodeError(
             f"{name} must be on q's device ({device}), got {t.device}; lengths are read on the device"
@@ -262,9 +302,14 @@ def _check_mask(
             f"got {mask.dtype}; cast the mask"
         )
     if mask.device != device:
-        raise KVDecodeError(f"mask must be on q's device ({device}), got {mask.device}")
+        raise KVDecodeError(
+            f"mask must be on q's device ({device}), got {mask.device}; move it with .to({str(device)!r})"
+        )
     if mask.dim() > 4:
-        raise KVDecodeError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+        raise KVDecodeError(
+            f"mask must have at most 4 dims, got shape {tuple(mask.shape)}; "
+            "it broadcasts to [B, H_q, T_q, capacity]"
+        )
     try:
         expanded = mask.expand(full)
     except RuntimeError:
@@ -279,11 +324,17 @@ def _check_out(out: object, q: torch.Tensor) -> None:
     _check_tensor("out", out)
     assert isinstance(out, torch.Tensor)
     if tuple(out.shape) != tuple(q.shape):
-        raise KVDecodeError(f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        raise KVDecodeError(
+            f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}; pass torch.empty_like(q)"
+        )
     if out.dtype != q.dtype:
-        raise KVDecodeError(f"out.dtype must equal q.dtype ({q.dtype}), got {out.dtype}")
+        raise KVDecodeError(
+            f"out.dtype must equal q.dtype ({q.dtype}), got {out.dtype}; pass torch.empty_like(q)"
+        )
     if out.device != q.device:
-        raise KVDecodeError(f"out must be on q's device ({q.device}), got {out.device}")
+        raise KVDecodeError(
+            f"out must be on q's device ({q.device}), got {out.device}; pass torch.empty_like(q)"
+        )
     _check_unit_last_stride("out", out)
 
 
@@ -293,7 +344,9 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
     try:
         value = float(scale)
     except (TypeError, ValueError):
-        raise KVDecodeError(f"scale must be a positive finite float, got {scale!r}") from None
+        raise KVDecodeError(
+            f"scale must be a positive finite float, got {scale!r}; leave it None for 1/sqrt(D)"
+        ) from None
     if not math.isfinite(value) or value <= 0.0:
         raise KVDecodeError(
             f"scale must be a positive finite float, got {scale!r}; leave it None for 1/sqrt(D)"

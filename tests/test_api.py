@@ -141,10 +141,20 @@ def test_plan_run_mismatch_names_both_sides(planned, change, fragments):
         assert frag in str(info.value), (frag, str(info.value))
 
 
-def test_docstring_example_runs():
+@pytest.mark.parametrize(
+    "target",
+    [
+        api_module.decode_attention,
+        kvdecode.plan,
+        kvdecode.DecodeProblem.from_tensors,
+        kvdecode.StaticKVCache,
+    ],
+    ids=lambda f: f.__qualname__,
+)
+def test_docstring_examples_run(target):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in finder.find(api_module.decode_attention, "decode_attention", globs={}):
+    for test in finder.find(target, target.__qualname__, globs={"DecodeProblem": kvdecode.DecodeProblem}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
 
