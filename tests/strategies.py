@@ -252,6 +252,9 @@ def check_close(
         )
 
 
+LSE_TOLERANCE = 1e-4
+
+
 def check_lse(
     lse: torch.Tensor,
     ref_lse: torch.Tensor,
@@ -262,8 +265,11 @@ def check_lse(
     repro: str | None = None,
 ) -> None:
     """float32 ``[B, H_q, T_q]``; -inf exactly where the reference is; finite entries within
-    ``TOLERANCES[dtype] * max(1, |ref|)`` (an LSE error of e scales the output by exp(e))."""
-    tol = TOLERANCES[dtype]
+    ``LSE_TOLERANCE * max(1, |ref|)`` whatever the input dtype: the LSE is accumulated in float32 from the
+    same (exactly representable) inputs as the reference, so only float32 rounding and the fast exp2/log2
+    separate them (seen on the H100: <= 1.2e-6, bench/gpu_smoke.py). An LSE error of e scales a merged
+    output by exp(e), so the output tolerance would be far too loose here."""
+    tol = LSE_TOLERANCE
     where = f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
     if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
         _fail(f"{where}: lse is {lse.dtype} {tuple(lse.shape)}, want float32 {tuple(ref_lse.shape)}")
