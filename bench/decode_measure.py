@@ -146,6 +146,21 @@ def make_plan(
     return the_plan, (time.perf_counter() - start) * 1e3
 
 
+def plan_for_layers(backend: str, layers, seq_lens, max_seq_len: int) -> tuple | dict:
+    """``(plan, plan_ms, outs)`` for a stack of same-shaped layers (one output each), or the n/a record
+    when the backend is unavailable or cannot serve them."""
+    reason = kvdecode_unavailable(backend)
+    if reason:
+        return backend_na(reason)
+    outs = [torch.empty_like(q) for q, _, _ in layers]
+    q0, k0, v0 = layers[0]
+    try:
+        the_plan, plan_ms = make_plan(backend, q0, k0, v0, seq_lens, outs[0], max_seq_len)
+    except UnsupportedError as exc:
+        return backend_na(str(exc))
+    return the_plan, plan_ms, outs
+
+
 def kvdecode_unavailable(backend: str) -> str | None:
     """Why a kvdecode backend name cannot be benchmarked in this installation, or None."""
     if backend != "auto" and backend not in backend_names():
@@ -216,15 +231,11 @@ def _measure_backend(name, spec, layers, seq_lens, expected, floor, opts) -> dic
 
 
 def _measure_kvdecode(backend, spec, layers, seq_lens, expected, floor, opts) -> dict:
-    reason = kvdecode_unavailable(backend)
-    if reason:
-        return backend_na(reason)
-    outs = [torch.empty_like(q) for q, _, _ in layers]
+    planned = plan_for_layers(backend, layers, seq_lens, spec.seq_len)
+    if isinstance(planned, dict):
+        return planned
+    the_plan, plan_ms, outs = planned
     q0, k0, v0 = layers[0]
-    try:
-        the_plan, plan_ms = make_plan(backend, q0, k0, v0, seq_lens, outs[0], spec.seq_len)
-    except UnsupportedError as exc:
-        return backend_na(str(exc))
     outs[0].fill_(float("nan"))  # poisoned: the check proves every checked element is written
     start = time.perf_counter()
     the_plan.run(q0, k0, v0, seq_lens, out=outs[0])

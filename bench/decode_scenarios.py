@@ -107,16 +107,10 @@ def _replay_lengths(graph, n, seq_lens, lengths, layers, out0, opts, *, on_lengt
 
 
 def _static_kvdecode(name, spec, layers, seq_lens, lengths, opts) -> dict:
-    backend = name.removeprefix("kvdecode-")
-    reason = kvdecode_unavailable(backend)
-    if reason:
-        return backend_na(reason)
-    outs = [torch.empty_like(q) for q, _, _ in layers]
-    q0, k0, v0 = layers[0]
-    try:
-        the_plan, plan_ms = make_plan(backend, q0, k0, v0, seq_lens, outs[0], spec.capacity)
-    except UnsupportedError as exc:
-        return backend_na(str(exc))
+    planned = dm.plan_for_layers(name.removeprefix("kvdecode-"), layers, seq_lens, spec.capacity)
+    if isinstance(planned, dict):
+        return planned
+    the_plan, plan_ms, outs = planned
     steps = [
         (lambda q=q, k=k, v=v, o=o: the_plan.run(q, k, v, seq_lens, out=o))
         for (q, k, v), o in zip(layers, outs)

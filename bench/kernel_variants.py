@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 
 import torch
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 
 from kvdecode.problem import DecodeProblem
 from kvdecode.reference import reference_decode_attention, relative_l2_error
+from kvdecode.timing import steady_state_layers, steady_state_us
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
 
 HQ, HKV, D, DT = 32, 8, 128, torch.bfloat16
@@ -42,34 +41,13 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
 
 
 def graph_us(step, n_layers: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(n_layers):
-            step(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_layers):
-            step(i)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n_layers)
-    del g
-    return statistics.median(times)
+    """The steady-state measure of :mod:`kvdecode.timing` for ``step(layer)``."""
+    return steady_state_us(lambda i: lambda: step(i), n_layers)
 
 
 def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
     nbytes = 2 * batch * HKV * length * D * 2
-    n_layers = max(8, math.ceil(1e9 / nbytes))
+    n_layers = steady_state_layers(nbytes)
     dev = torch.device("cuda")
     ks = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]
     vs = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]

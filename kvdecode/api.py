@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 
 from .errors import KVDecodeError
-from .plan import DecodePlan, plan_for_choice
+from .plan import DecodePlan, plan_for_choice, stream_key
 from .planner import Choice, check_backend_name, choose
 from .problem import DecodeProblem
 
@@ -111,16 +111,15 @@ def decode_attention(
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
     choice = choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens)
     the_plan = _cached_plan(problem, choice, deterministic, auto=backend == "auto")
-    return the_plan.run(
-        q, k_cache, v_cache, seq_lens, kv_start=kv_start, mask=mask, out=out, return_lse=return_lse
-    )
+    # the problem was made from these very tensors (and keys the plan): no second round of checks
+    return the_plan._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse)
 
 
 def _cached_plan(problem: DecodeProblem, choice: Choice, deterministic: bool, *, auto: bool) -> DecodePlan:
     # Keyed by the chosen backend, not the length: every length that picks it reuses one plan (and, for
     # cuDNN, one graph per capacity). A cuDNN plan that fell back to Triton at build time is cached too.
     # A plan owns scratch, so calls that may run concurrently (another stream) get their own plan.
-    key = (problem, choice.backend, deterministic, _stream_key(problem))
+    key = (problem, choice.backend, deterministic, stream_key(problem.device))
     with _PLAN_LOCK:
         found = _PLAN_CACHE.get(key)
         if found is not None:
@@ -133,13 +132,6 @@ def _cached_plan(problem: DecodeProblem, choice: Choice, deterministic: bool, *,
         while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
     return made
-
-
-def _stream_key(problem: DecodeProblem) -> int:
-    """The current stream of the problem's device (CUDA), or the thread (elsewhere)."""
-    if problem.device.type == "cuda":
-        return torch.cuda.current_stream(problem.device).cuda_stream
-    return threading.get_ident()
 
 
 def check_lengths(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -85,17 +86,31 @@ class DecodePlan:
             _lengths("kv_start", kv_start, p)
         _mask(mask, p)
         q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
-        if out is None:
-            out = torch.empty(q_shape, dtype=p.dtype, device=p.device)
-        else:
+        if out is not None:
             _buffer("out", out, q_shape, p.dtype, p)
         if lse is not None:
             _buffer("lse", lse, q_shape[:3], torch.float32, p)
             return_lse = True
-        elif return_lse:
-            lse = torch.empty(q_shape[:3], dtype=torch.float32, device=p.device)
+        return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse)
+
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse):
+        """Allocate what is missing and launch, without checks: for callers whose tensors made the problem
+        (``decode_attention`` validates them in ``DecodeProblem.from_tensors``)."""
+        p = self.problem
+        if out is None:
+            out = torch.empty((p.batch, p.num_q_heads, p.q_len, p.head_dim), dtype=p.dtype, device=p.device)
+        if lse is None and return_lse:
+            lse = torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=p.device)
         self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
         return (out, lse) if return_lse else out
+
+
+def stream_key(device: torch.device) -> int:
+    """Who may run a plan concurrently with others: the current stream of ``device`` (CUDA), else the
+    thread. Plan caches key on it, since a plan's scratch serves one stream at a time."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return threading.get_ident()
 
 
 def _lengths(name: str, t: torch.Tensor, p: DecodeProblem) -> None:

@@ -24,6 +24,7 @@ from .backends import backend_names, get_backend
 from .errors import KVDecodeError, UnsupportedError
 from .problem import DecodeProblem
 from .thresholds import Threshold, threshold_for
+from .tuning.environment import device_gpu_name
 
 __all__ = ["BACKEND_NAMES", "Choice", "auto_threshold", "choose", "explain"]
 
@@ -83,23 +84,11 @@ def auto_threshold(problem: DecodeProblem) -> Threshold:
         problem.head_dim,
         problem.dtype_name,
         problem.batch,
-        _gpu_name(problem.device),
+        device_gpu_name(problem.device),
         num_q_heads=problem.num_q_heads,
         num_kv_heads=problem.num_kv_heads,
         q_len=problem.q_len,
     )
-
-
-def _gpu_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return str(device.type)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    try:
-        from .cudnn_graphs.cuda_env import device_props
-
-        return device_props(index).name
-    except Exception:  # cuda-python missing or failing: torch knows the name too
-        return torch.cuda.get_device_name(index)
 
 
 def choose(

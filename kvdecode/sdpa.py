@@ -36,7 +36,7 @@ from collections import OrderedDict
 import torch
 
 from .errors import UnsupportedError
-from .plan import DecodePlan, plan
+from .plan import DecodePlan, plan, stream_key
 from .planner import check_backend_name
 from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES, DecodeProblem
 
@@ -220,7 +220,7 @@ def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Ten
         query.device,
         scale,
         backend,
-        _stream_key(query.device),  # a plan owns scratch: one per stream that may run concurrently
+        stream_key(query.device),  # a plan owns scratch: one per stream that may run concurrently
     )
     with _LOCK:
         found = _PLANS.get(cache_key)
@@ -235,12 +235,6 @@ def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Ten
             while len(_PLANS) > _PLAN_CACHE_SIZE:
                 _PLANS.popitem(last=False)
     return found if isinstance(found, str) else (found, k_buf, v_buf)
-
-
-def _stream_key(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return threading.get_ident()
 
 
 def _make_plan(query, k_buf, v_buf, scale, backend, capacity) -> DecodePlan | str:

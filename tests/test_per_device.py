@@ -228,7 +228,7 @@ def test_plan_cache_keeps_problems_on_different_devices_apart(monkeypatch):
 
     monkeypatch.setitem(backends._REGISTRY, "reference", Recording())
     monkeypatch.setattr(api, "_PLAN_CACHE", OrderedDict())
-    monkeypatch.setattr(api, "_stream_key", lambda problem: 0)  # fake devices have no streams
+    monkeypatch.setattr(api, "stream_key", lambda device: 0)  # fake devices have no streams
     choice = Choice("reference", "test")
     p0, p1 = problem_on(0), problem_on(1)
     plans = [api._cached_plan(p, choice, False, auto=False) for p in (p0, p1, p0, p1)]
@@ -240,6 +240,7 @@ def test_plan_cache_keeps_problems_on_different_devices_apart(monkeypatch):
 def test_thresholds_use_the_gpu_of_the_problems_device(monkeypatch):
     names = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA A100-SXM4-80GB"}
     monkeypatch.setattr(cuda_env, "device_props", lambda index: SimpleNamespace(name=names[index]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two fake GPUs on a CPU machine
     asked = []
 
     def fake_threshold(head_dim, dtype_name, batch, gpu_name, **heads):

@@ -80,7 +80,7 @@ def fake_cudnn(monkeypatch):
     backends.backend_names()  # fill the registry first
     fake = FakeCudnn()
     monkeypatch.setitem(backends._REGISTRY, "cudnn", fake)
-    monkeypatch.setattr(planner, "_gpu_name", lambda device: H100)
+    monkeypatch.setattr(planner, "device_gpu_name", lambda device: H100)
     monkeypatch.setattr(api, "_PLAN_CACHE", OrderedDict())
     return fake
 

@@ -95,7 +95,7 @@ def describe(key: GraphKey, handle: Any = None) -> Any:
         v=v,
         generate_stats=key.with_lse,
         attn_scale=key.scale,
-        use_padding_mask=key.padding_mask,
+        use_padding_mask=True,  # real lengths through seq_len_q / seq_len_kv: always
         seq_len_q=seq_q,
         seq_len_kv=seq_kv,
         **causal,

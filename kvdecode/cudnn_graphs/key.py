@@ -44,7 +44,6 @@ class GraphKey:
     o_strides: Strides
     dtype: str  # "fp16" | "bf16"
     scale: float
-    padding_mask: bool  # real lengths through seq_len_q / seq_len_kv
     causal_bottom_right: bool  # T_q > 1: query t sees keys <= seq_len_kv - T_q + t
     device_index: int
     cudnn_version: int
@@ -76,7 +75,6 @@ class GraphKey:
             o_strides=contiguous_strides(shape),
             dtype=problem.dtype_name,
             scale=float(problem.scale),
-            padding_mask=True,
             causal_bottom_right=problem.q_len > 1,
             device_index=0 if index is None else int(index),
             cudnn_version=int(cudnn_version),

@@ -36,7 +36,6 @@ class SplitKVLauncher:
     ) -> None:
         self.problem = p = problem
         self.config = cfg = config or default_config(problem)
-        self.deterministic = deterministic
         block_m, block_d = tile_shape(problem)
         rows = p.group_size * p.q_len
         self.use_pdl = _pdl_available(p.device) if cfg.use_pdl is None else cfg.use_pdl
