@@ -30,8 +30,12 @@ else the ``thresholds`` key, else ``default_threshold``. A batch falls in the fi
 
 Which table: an explicit path (:func:`use_table`) > ``$KVDECODE_TUNING_TABLE`` > the user's table for
 this GPU in ``<cache dir>/tuning/`` > the one shipped in ``kvdecode/tuning/`` for this GPU. A table
-whose metadata does not match (GPU, SM count, versions: :mod:`kvdecode.tuning.environment`) is refused
-with a message saying why: an explicit one raises, the others warn and the next in line is tried.
+whose metadata does not match (GPU, SM count, versions: :mod:`kvdecode.tuning.environment`), or that
+cannot be used at all (not a regular file, too large, not UTF-8, too deep, or any value out of its rule:
+:mod:`kvdecode.tuning.table_schema` checks every value when the table loads), is refused with a message
+naming the file and the reason. An explicit one (:func:`use_table`, ``kvdecode plan --table``) raises
+:class:`~kvdecode.KVDecodeError`; the others (``$KVDECODE_TUNING_TABLE``, the user's cache, the packaged
+ones) warn once (``RuntimeWarning``) and the next in line is tried, so a corrupt table never fails a call.
 Without a table the provisional :data:`FALLBACK_THRESHOLD` applies.
 """
 
@@ -47,10 +51,12 @@ from pathlib import Path
 
 from .errors import KVDecodeError
 from .tuning.environment import check_versions_enabled, current_environment, gpu_slug, mismatch_reasons
+from .tuning.table_schema import CONFIG_RULES, MAX_TABLE_BYTES, check_table, read_table_json
 
 __all__ = [
     "ENV_TABLE",
     "FALLBACK_THRESHOLD",
+    "MAX_TABLE_BYTES",
     "NEVER",
     "Resolution",
     "Threshold",
@@ -58,6 +64,7 @@ __all__ = [
     "TuningTable",
     "family_key",
     "load_table",
+    "read_table",
     "resolve_table",
     "save_table",
     "table_for_gpu",
@@ -73,7 +80,7 @@ NEVER = 2**31 - 1  # threshold when cuDNN never won: auto keeps Triton at every 
 TUNING_DIR = Path(__file__).with_name("tuning")
 ENV_TABLE = "KVDECODE_TUNING_TABLE"
 NO_TABLE = "none"  # use_table(NO_TABLE): no table, the fallback threshold and the heuristic configs
-CONFIG_FIELDS = ("num_splits", "block_n", "num_warps", "num_stages")
+CONFIG_FIELDS = tuple(CONFIG_RULES)  # num_splits, block_n, num_warps, num_stages
 
 
 @dataclass(frozen=True)
@@ -154,73 +161,30 @@ class ThresholdTable:
 TuningTable = ThresholdTable
 
 
-def _bad(path: Path, what: str) -> KVDecodeError:
-    return KVDecodeError(f"tuning table {path}: {what}; regenerate it with 'kvdecode tune'")
-
-
-def _check_families(path: Path, families: object) -> None:
-    if not isinstance(families, dict):
-        raise _bad(path, f"families must be a dict, got {type(families).__name__}")
-    for name, fam in families.items():
-        batches = fam.get("batches") if isinstance(fam, dict) else None
-        if not isinstance(batches, dict) or not all(str(b).isdigit() for b in batches):
-            raise _bad(path, f"families[{name!r}].batches must map batch sizes to entries")
-        for b, entry in batches.items():
-            where = f"families[{name!r}].batches[{b!r}]"
-            thr = entry.get("threshold") if isinstance(entry, dict) else 0
-            if thr is not None and not (isinstance(thr, int) and thr >= 1):
-                raise _bad(path, f"{where}.threshold must be a positive int or null, got {thr!r}")
-            lengths = entry.get("lengths", {})
-            if not isinstance(lengths, dict) or not all(str(n).isdigit() for n in lengths):
-                raise _bad(path, f"{where}.lengths must map lengths to points")
-            for n, point in lengths.items():
-                cfg = point.get("config") if isinstance(point, dict) else None
-                ok = isinstance(cfg, dict) and all(
-                    isinstance(cfg.get(f), int) and cfg[f] >= 1 for f in CONFIG_FIELDS
-                )
-                if not ok:
-                    raise _bad(path, f"{where}.lengths[{n!r}].config must have {CONFIG_FIELDS}, got {cfg!r}")
+def read_table(path: str | Path) -> dict:
+    """The table at ``path`` as a checked dict (the checks of :func:`load_table`), e.g. to resume it."""
+    path = Path(path)
+    return check_table(path, read_table_json(path), (1, SCHEMA_VERSION))
 
 
 def load_table(path: str | Path) -> ThresholdTable:
-    """Read and check a table; raises :class:`KVDecodeError` naming the file and the bad field."""
+    """Read and check a table; raises :class:`KVDecodeError` naming the file and the bad field.
+
+    Every value is validated now (:mod:`kvdecode.tuning.table_schema`): a file that is not a regular
+    file, larger than :data:`MAX_TABLE_BYTES`, not UTF-8, nested too deep, or with any value out of its
+    rule (e.g. ``block_n`` 3, ``num_splits`` 10**6, a batch bucket -4 or 2.5) is refused as a whole.
+    """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KVDecodeError(f"tuning table {path} must be readable JSON, got {exc}") from None
-    if not isinstance(raw, dict) or raw.get("schema_version") not in (1, SCHEMA_VERSION):
-        got = raw.get("schema_version") if isinstance(raw, dict) else type(raw).__name__
-        raise KVDecodeError(
-            f"tuning table {path} must have schema_version 1 or {SCHEMA_VERSION}, got {got!r}"
-        )
-    meta = raw.get("metadata")
-    if not isinstance(meta, dict) or not isinstance(meta.get("gpu_name"), str):
-        raise KVDecodeError(f"tuning table {path} must have metadata.gpu_name (a string); regenerate it")
-    if raw["schema_version"] == SCHEMA_VERSION:
-        for name, kind in (("sm_count", int), ("versions", dict), ("date", str)):
-            if not isinstance(meta.get(name), kind):
-                raise _bad(path, f"metadata.{name} must be a {kind.__name__}, got {meta.get(name)!r}")
-        _check_families(path, raw.get("families"))
-    buckets = raw.get("batch_buckets")
-    if not isinstance(buckets, list) or not buckets or list(buckets) != sorted(buckets):
-        raise KVDecodeError(
-            f"tuning table {path}: batch_buckets must be a sorted non-empty list, got {buckets!r}"
-        )
-    values = raw.get("thresholds", {})
-    default = raw.get("default_threshold")
-    numbers = [*values.values(), default] if isinstance(values, dict) else [None]
-    if not all(isinstance(v, int) and v >= 1 for v in numbers):
-        raise KVDecodeError(f"tuning table {path}: thresholds must be positive integers, got {values!r}")
+    raw = read_table(path)
     return ThresholdTable(
-        gpu_name=meta["gpu_name"],
-        default_threshold=int(default),
-        batch_buckets=tuple(int(b) for b in buckets),
-        thresholds=dict(values),
-        metadata=meta,
+        gpu_name=raw["metadata"]["gpu_name"],
+        default_threshold=raw["default_threshold"],
+        batch_buckets=tuple(raw["batch_buckets"]),
+        thresholds=dict(raw.get("thresholds", {})),
+        metadata=raw["metadata"],
         path=str(path),
         families=raw.get("families") or {},
-        schema_version=int(raw["schema_version"]),
+        schema_version=raw["schema_version"],
     )
 
 
@@ -256,8 +220,9 @@ def use_table(path: str | Path | None) -> None:
     """Use the table at ``path`` for every lookup in this process (None: back to the usual order).
 
     ``"none"`` uses no table at all (the provisional fallback threshold and heuristic Triton configs).
-    The file is read and checked now (:class:`KVDecodeError` if malformed); whether it matches the GPU
-    is checked at lookup, where a mismatch raises.
+    The file is read and every value checked now: an unusable file raises :class:`KVDecodeError`
+    (naming the file and the reason) rather than warning, since it was asked for by name. Whether it
+    matches the GPU is checked at lookup, where a mismatch (or a file corrupted since) raises too.
     """
     global _explicit
     if path is not None and str(path) != NO_TABLE:
@@ -291,7 +256,8 @@ def _candidates(gpu_name: str) -> list[tuple[str, Path]]:
 def resolve_table(gpu_name: str) -> Resolution:
     """Find the table for ``gpu_name`` in the lookup order; never warns (see :func:`table_for_gpu`).
 
-    Raises :class:`KVDecodeError` when the explicit table (:func:`use_table`) does not match.
+    Raises :class:`KVDecodeError` when the explicit table (:func:`use_table`) does not match or cannot
+    be used; any other table that cannot be used is listed in ``refused`` and skipped.
     """
     if _explicit is not None and str(_explicit) == NO_TABLE:
         return Resolution(None, "explicit (no table)")

@@ -197,3 +197,108 @@ def test_default_config_follows_the_table_and_keeps_the_heuristic(tmp_path, monk
 def test_version1_tables_still_load():
     table = load_table(thresholds.TUNING_DIR / "default_h100.json")
     assert table.gpu_name.startswith("NVIDIA H100") and table.lookup(128, "bf16", 1) >= 1
+
+
+# ---- corrupt tables are refused at load, with the file and the reason (issue 12, defect 2) ----
+
+
+def _cfg(raw, **over):
+    raw["families"][FAM["key"]]["batches"]["1"]["lengths"]["1024"]["config"].update(over)
+
+
+def _rekey(mapping, old, new):
+    mapping[new] = mapping.pop(old)
+
+
+CORRUPT = {
+    "non_utf8": lambda raw: b'{"schema_version": 2, "note": "\xff\xfe"}',
+    "deep_nesting": lambda raw: b"[" * 100_000 + b"]" * 100_000,
+    "float_bucket": lambda raw: raw.update(batch_buckets=[1, 2.5, 16]),
+    "str_bucket": lambda raw: raw.update(batch_buckets=[1, "4"]),
+    "negative_bucket": lambda raw: raw.update(batch_buckets=[-4, 1, 16]),
+    "unsorted_mixed": lambda raw: raw.update(batch_buckets=[1, None]),
+    "superscript_batch": lambda raw: _rekey(raw["families"][FAM["key"]]["batches"], "1", "\u00b2"),
+    "padded_length": lambda raw: _rekey(
+        raw["families"][FAM["key"]]["batches"]["1"]["lengths"], "1024", "01024"
+    ),
+    "block_n_3": lambda raw: _cfg(raw, block_n=3),
+    "block_n_huge": lambda raw: _cfg(raw, block_n=2**20),
+    "num_warps_3": lambda raw: _cfg(raw, num_warps=3),
+    "num_splits_huge": lambda raw: _cfg(raw, num_splits=10**6),
+    "num_stages_str": lambda raw: _cfg(raw, num_stages="2"),
+    "num_splits_bool": lambda raw: _cfg(raw, num_splits=True),
+    "num_splits_float": lambda raw: _cfg(raw, num_splits=8.0),
+    "threshold_bool": lambda raw: raw.update(default_threshold=True),
+    "threshold_huge": lambda raw: raw["thresholds"].update(d128_bf16_b1=2**70),
+    "family_threshold_str": lambda raw: raw["families"][FAM["key"]]["batches"]["1"].update(threshold="4096"),
+    "family_not_dict": lambda raw: raw["families"].update(bad=[1, 2]),
+    "point_not_dict": lambda raw: raw["families"][FAM["key"]]["batches"]["1"]["lengths"].update({"64": 3}),
+    "versions_not_str": lambda raw: raw["metadata"]["versions"].update(triton=[3, 6]),
+    "provisional_str": lambda raw: raw["metadata"].update(provisional="no"),
+    "v1_bad_families": lambda raw: raw.update(schema_version=1, families={"x": {"batches": {"1": 7}}}),
+}
+
+
+def _write_corrupt(tmp_path, name):
+    raw = _table()
+    data = CORRUPT[name](raw)
+    path = tmp_path / f"corrupt-{name}.json"
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        save_table(raw, path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_table_is_refused_by_load_table(tmp_path, name):
+    path = _write_corrupt(tmp_path, name)
+    with pytest.raises(KVDecodeError, match=f"tuning table .*{path.name}"):
+        load_table(path)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+@pytest.mark.parametrize("source", ["env", "user cache"])
+def test_corrupt_table_warns_and_the_call_goes_on_without_it(tmp_path, monkeypatch, name, source):
+    path = _write_corrupt(tmp_path, name)
+    if source == "env":
+        monkeypatch.setenv("KVDECODE_TUNING_TABLE", str(path))
+    else:
+        user = thresholds.user_table_path(GPU)
+        user.parent.mkdir(parents=True)
+        path.rename(user)
+        path = user
+    thresholds.table_for_gpu.cache_clear()
+    with pytest.warns(RuntimeWarning, match=f"{path.name}.*ignoring it"):
+        t = threshold_for(128, "bf16", 1, GPU, num_q_heads=32, num_kv_heads=8)
+    assert t.value == thresholds.FALLBACK_THRESHOLD and t.provisional
+
+
+def test_explicit_corrupt_table_raises_kvdecode_error(tmp_path):
+    path = _write_corrupt(tmp_path, "num_warps_3")
+    with pytest.raises(KVDecodeError, match="num_warps must be one of"):
+        thresholds.use_table(path)
+
+
+def test_a_table_that_is_not_a_regular_file_is_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVDECODE_TUNING_TABLE", "/dev/zero")  # read whole, this never ends
+    thresholds.table_for_gpu.cache_clear()
+    with pytest.warns(RuntimeWarning, match="/dev/zero.*regular file"):
+        assert thresholds.table_for_gpu(GPU) is None
+
+
+def test_an_oversized_table_is_not_read(tmp_path):
+    path = tmp_path / "huge.json"
+    with open(path, "wb") as f:
+        f.truncate(thresholds.MAX_TABLE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(KVDecodeError, match=f"{path.name}.*at most {thresholds.MAX_TABLE_BYTES} bytes"):
+        load_table(path)
+
+
+def test_cli_plan_with_a_corrupt_table_exits_with_the_reason(tmp_path, capsys):
+    from kvdecode import cli
+
+    path = _write_corrupt(tmp_path, "num_splits_huge")
+    code = cli.main(["plan", "--preset", "llama3-8b", "--capacity", "4096", "--table", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and path.name in err and "num_splits must be an int in 1..128" in err

@@ -151,13 +151,23 @@ def _missing(problem) -> list[str]:
 
 
 def _on_table_gpu(problem, length: int | None, path: str | None) -> list[tuple[str, str]]:
-    """What a table (--table, else each shipped one) would decide for this problem on its GPU."""
+    """What a table (--table, else each shipped one) would decide for this problem on its GPU.
+
+    ``--table`` was checked by ``use_table`` (an unusable one raised :class:`KVDecodeError`); a shipped
+    table that cannot be used is reported in a row, not raised.
+    """
     from ..thresholds import TUNING_DIR, family_key, load_table
 
     paths = [path] if path else sorted(str(p) for p in TUNING_DIR.glob("*.json"))
     rows = []
     for p in paths:
-        table = load_table(p)
+        try:
+            table = load_table(p)
+        except KVDecodeError as exc:
+            if path:
+                raise
+            rows.append(("refused", str(exc)))
+            continue
         f = problem
         key = family_key(f.num_q_heads, f.num_kv_heads, f.head_dim, f.q_len, f.dtype_name)
         value = table.family_threshold(key, f.batch) or table.lookup(f.head_dim, f.dtype_name, f.batch)

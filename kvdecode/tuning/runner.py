@@ -16,7 +16,7 @@ from typing import TextIO
 import torch
 
 from ..errors import KVDecodeError
-from ..thresholds import load_table, save_table
+from ..thresholds import read_table, save_table
 from ..triton_kernels.config import sm_count as config_sm_count
 from .crossover import add_point, finalize, measured_points, new_table
 from .environment import current_environment, device_gpu_name, mismatch_reasons
@@ -67,20 +67,18 @@ def load_for_resume(path: Path, metadata: dict) -> dict | None:
     """The table at ``path`` to continue, None when there is none; KVDecodeError when it must not be."""
     if not path.exists():
         return None
-    table = load_table(path)
-    if table.schema_version < 2:
+    raw = read_table(path)
+    if raw["schema_version"] < 2:
         raise KVDecodeError(
             f"--out {path} holds a version-1 table, which cannot be resumed; pass another --out or --fresh"
         )
     env = current_environment(metadata["gpu_name"])
-    reasons = mismatch_reasons(table.metadata, env)
+    reasons = mismatch_reasons(raw["metadata"], env)
     if reasons:
         raise KVDecodeError(
             f"--out {path} cannot be resumed: {'; '.join(reasons)}; pass another --out or --fresh"
         )
-    import json
-
-    return json.loads(path.read_text())
+    return raw
 
 
 def run_tune(

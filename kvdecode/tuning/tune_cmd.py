@@ -182,9 +182,6 @@ def _keys(spec: TuneSpec) -> frozenset:
 
 
 def _measured(out: Path, measured_points) -> frozenset:
-    import json
+    from ..thresholds import read_table
 
-    from ..thresholds import load_table
-
-    load_table(out)
-    return measured_points(json.loads(out.read_text()))
+    return measured_points(read_table(out))
