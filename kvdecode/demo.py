@@ -21,12 +21,9 @@ import torch
 from .api import decode_attention
 from .errors import KVDecodeError
 from .planner import explain
-from .reference import reference_decode_attention, relative_l2_error
+from .reference import reference_decode_attention, relative_l2_error, tolerance_for
 
 __all__ = ["CPU_SHAPE", "GPU_SHAPE", "DemoShape", "run_demo"]
-
-# Relative L2 error vs the float64 reference allowed for bf16 (the tolerance table of the tests).
-BF16_TOLERANCE = 4e-3
 
 
 @dataclass(frozen=True)
@@ -60,11 +57,12 @@ class StepResult:
     seconds: float
     kv_bytes: int
     error: float
+    tolerance: float  # rel L2 allowed for the shape's dtype (kvdecode.reference.TOLERANCES)
     appended: bool = True  # the step's new K/V sit at position seq_lens[b] - 1
 
     @property
     def ok(self) -> bool:
-        return self.appended and self.error <= BF16_TOLERANCE  # False for a NaN error too
+        return self.appended and self.error <= self.tolerance  # False for a NaN error too
 
     @property
     def gbytes_per_s(self) -> float:
@@ -220,9 +218,9 @@ def _decode_steps(
         top = max(lens)  # the reference only needs the filled prefix of the cache
         expected, _ = reference_decode_attention(q, k_cache[:, :, :top], v_cache[:, :, :top], seq_lens)
         kv_bytes = 2 * sum(lens) * s.num_kv_heads * s.head_dim * k_cache.element_size()
-        result = StepResult(
-            step, tuple(lens), used, seconds, kv_bytes, relative_l2_error(out, expected), appended
-        )
+        error = relative_l2_error(out, expected)
+        tol = tolerance_for(s.dtype).rel_l2
+        result = StepResult(step, tuple(lens), used, seconds, kv_bytes, error, tol, appended)
         results.append(result)
         emit(table.row(result))
     return results
@@ -239,7 +237,7 @@ class _Table:
         return self._line(*cols)
 
     def row(self, r: StepResult) -> str:
-        verdict = "ok" if r.ok else "FAIL (append)" if not r.appended else f"FAIL (> {BF16_TOLERANCE:g})"
+        verdict = "ok" if r.ok else "FAIL (append)" if not r.appended else f"FAIL (> {r.tolerance:g})"
         return self._line(
             str(r.step),
             ",".join(map(str, r.seq_lens)),
@@ -260,12 +258,12 @@ def _summary(results: list[StepResult], emit: Callable[[str], None]) -> int:
     if bad:
         emit(
             f"FAILED: step(s) {', '.join(map(str, bad))} differ from the float64 reference by more than "
-            f"relative L2 {BF16_TOLERANCE:g} (or lost the appended token)"
+            f"relative L2 {results[0].tolerance:g} (or lost the appended token)"
         )
         return 1
     worst = max(r.error for r in results)
     emit(
         f"all {len(results)} steps match the float64 reference "
-        f"(worst relative L2 {worst:.2e} <= {BF16_TOLERANCE:g})"
+        f"(worst relative L2 {worst:.2e} <= {results[0].tolerance:g})"
     )
     return 0

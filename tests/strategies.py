@@ -19,14 +19,9 @@ from dataclasses import dataclass, replace
 import torch
 from hypothesis import strategies as st
 
-from kvdecode.reference import relative_l2_error
+from kvdecode.reference import TOLERANCES as TOLERANCES  # the one table, re-exported for the tests
+from kvdecode.reference import assert_close_to_reference, assert_lse_close
 
-# Relative L2 error vs the float64 reference (issue 2); never NaN.
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.bfloat16: 4e-3,
-    torch.float16: 1e-3,
-    torch.float32: 1e-5,
-}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GQA_GROUPS = (1, 2, 3, 4, 7, 8)
 BLOCK_EDGES = (16, 32, 64, 128)
@@ -224,35 +219,9 @@ def check_close(
     *,
     repro: str | None = None,
 ) -> None:
-    """Relative L2 error vs the float64 reference within ``TOLERANCES[dtype]``, overall and per batch row.
-
-    The per-row check keeps one wrong row of a ragged batch from hiding behind the others. Fails on any
-    NaN, naming the problem, the seed and (when given) a reproduction.
-    """
-    tol = TOLERANCES[dtype]
-    got = out.detach().to("cpu", torch.float64)
-    exp = ref.detach().to("cpu", torch.float64)
-    where = f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
-    if got.shape != exp.shape:
-        _fail(f"{where}: shape {tuple(got.shape)} != reference {tuple(exp.shape)}")
-    if not torch.isfinite(exp).all():  # a non-finite reference would make every comparison pass
-        _fail(f"{where}: the reference itself is not finite; the test is broken, not the kernel")
-    nan = torch.isnan(got)
-    if nan.any():
-        idx = nan.nonzero()[0].tolist()
-        _fail(f"{where}: {int(nan.sum())} NaN in the output (first at [b, h, t, d] = {idx})")
-    err = relative_l2_error(got, exp)
-    row_errs = [relative_l2_error(got[b], exp[b]) for b in range(got.shape[0])]
-    worst = max(range(len(row_errs)), key=row_errs.__getitem__)
-    if err > tol or row_errs[worst] > tol:
-        per_head = [relative_l2_error(got[worst, h], exp[worst, h]) for h in range(got.shape[1])]
-        _fail(
-            f"{where}: relative L2 error {err:.3e} (worst batch row {worst}: {row_errs[worst]:.3e}, "
-            f"per head {[f'{e:.1e}' for e in per_head]}) > tolerance {tol:.0e} for {dtype}"
-        )
-
-
-LSE_TOLERANCE = 1e-4
+    """:func:`kvdecode.reference.assert_close_to_reference` (``TOLERANCES[dtype].rel_l2``, overall and per
+    batch row, no NaN), the failure naming the problem, the seed and (when given) a reproduction."""
+    _checked(assert_close_to_reference, out, ref, dtype, _where(problem_name, seed, repro))
 
 
 def check_lse(
@@ -264,34 +233,21 @@ def check_lse(
     *,
     repro: str | None = None,
 ) -> None:
-    """float32 ``[B, H_q, T_q]``; -inf exactly where the reference is; finite entries within
-    ``LSE_TOLERANCE * max(1, |ref|)`` whatever the input dtype: the LSE is accumulated in float32 from the
-    same (exactly representable) inputs as the reference, so only float32 rounding and the fast exp2/log2
-    separate them (seen on the H100: <= 1.2e-6, bench/gpu_smoke.py). An LSE error of e scales a merged
-    output by exp(e), so the output tolerance would be far too loose here."""
-    tol = LSE_TOLERANCE
-    where = f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
-        _fail(f"{where}: lse is {lse.dtype} {tuple(lse.shape)}, want float32 {tuple(ref_lse.shape)}")
-    got = lse.detach().to("cpu", torch.float64)
-    exp = ref_lse.detach().to("cpu", torch.float64)
-    if torch.isnan(got).any():
-        _fail(f"{where}: NaN in lse at {torch.isnan(got).nonzero()[0].tolist()}")
-    empty = torch.isneginf(exp)
-    wrong_inf = torch.isneginf(got) != empty
-    if wrong_inf.any():
-        idx = wrong_inf.nonzero()[0].tolist()
-        got_i, exp_i = got[tuple(idx)].item(), exp[tuple(idx)].item()
-        _fail(f"{where}: lse at [b, h, t] = {idx} is {got_i}, reference {exp_i}")
-    fin = ~empty
-    diff = (got[fin] - exp[fin]).abs() / exp[fin].abs().clamp(min=1.0)
-    if diff.numel() and diff.max().item() > tol:
-        i = int(diff.argmax())
-        idx = fin.nonzero()[i].tolist()
-        _fail(
-            f"{where}: lse at [b, h, t] = {idx} is {got[tuple(idx)].item():.6f}, reference "
-            f"{exp[tuple(idx)].item():.6f} (error {diff.max().item():.2e} > {tol:.0e})"
-        )
+    """:func:`kvdecode.reference.assert_lse_close`: float32 ``[B, H_q, T_q]``, -inf exactly where the
+    reference is, finite entries within ``TOLERANCES[dtype].lse * max(1, |ref|)`` (the LSE is accumulated
+    in float32, so not the output's tolerance; see :data:`kvdecode.reference.TOLERANCES`)."""
+    _checked(assert_lse_close, lse, ref_lse, dtype, _where(problem_name, seed, repro))
+
+
+def _where(problem_name: str, seed: int, repro: str | None) -> str:
+    return f"{problem_name} seed={seed}" + (f"\n  reproduce: {repro}" if repro else "")
+
+
+def _checked(check, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    try:
+        check(got, ref, dtype, where)
+    except AssertionError as exc:
+        _fail(str(exc))
 
 
 def check_empty_rows(out: torch.Tensor, ref: torch.Tensor, where: str) -> None:

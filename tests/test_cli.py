@@ -18,6 +18,7 @@ import torch
 import kvdecode
 from kvdecode import cli, demo
 from kvdecode.errors import KVDecodeError
+from kvdecode.reference import TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 # step, seq_lens, backend, time, GB/s, rel L2, check
@@ -174,7 +175,7 @@ def test_demo_cpu_end_to_end() -> None:
         seconds, gbps = float(m[4]) * 1e-3, float(m[5])  # time in ms on the CPU
         kv_bytes = 2 * sum(row_lens) * 2 * 64 * 2  # K and V actually read: 2 * sum(L) * H_kv * D * bf16
         assert seconds > 0 and gbps * 1e9 * seconds == pytest.approx(kv_bytes, rel=0.01)
-        assert float(m[6]) <= demo.BF16_TOLERANCE and m[7] == "ok"
+        assert float(m[6]) <= TOLERANCES[torch.bfloat16].rel_l2 and m[7] == "ok"
     assert lines[-1].startswith("all 3 steps match the float64 reference")
 
 

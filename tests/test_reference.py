@@ -17,7 +17,16 @@ from hypothesis import given
 from strategies import Case, cases, make_inputs
 
 from kvdecode import decode_attention, reference_decode_attention
-from kvdecode.reference import relative_l2_error
+from kvdecode.reference import (
+    TOLERANCES,
+    assert_close_to_reference,
+    assert_lse_close,
+    float32_reference_rows,
+    lse_error,
+    relative_l2_error,
+    tolerance_for,
+    within_tolerance,
+)
 
 TOL = 1e-12  # float64 against float64: only summation order differs
 
@@ -186,3 +195,90 @@ def test_reference_backend_through_the_public_call(case):
     assert got is x.out
     assert torch.equal(got, ref.to(case.dtype)), case.repro()
     assert lse.dtype == torch.float32 and torch.equal(lse, ref_lse.float()), case.repro()
+
+
+# ---- the one tolerance table and its checks (kvdecode.reference) ----
+
+
+def test_tolerance_table_is_pinned():
+    """Output rel L2 per dtype (issue 2) and the LSE's float32-accumulation bound; never loosened silently."""
+    got = {dt: (t.rel_l2, t.lse) for dt, t in TOLERANCES.items()}
+    assert got == {torch.bfloat16: (4e-3, 1e-4), torch.float16: (1e-3, 1e-4), torch.float32: (1e-5, 1e-5)}
+    assert tolerance_for(torch.float16) is TOLERANCES[torch.float16]
+    with pytest.raises(ValueError, match="float64"):
+        tolerance_for(torch.float64)
+
+
+def _perturbed(ref: torch.Tensor, rel: float, row: int | None = None, seed: int = 0) -> torch.Tensor:
+    """``ref`` plus noise of relative L2 size ``rel`` (of the whole tensor, or of batch row ``row``)."""
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if row is not None:
+        noise[torch.arange(ref.shape[0]) != row] = 0
+        return ref + noise * (rel * ref[row].norm() / noise.norm())
+    return ref + noise * (rel * ref.norm() / noise.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_assert_close_to_reference_passes_inside_and_fails_outside_the_tolerance(dtype):
+    ref = torch.randn(4, 3, 2, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tol = TOLERANCES[dtype].rel_l2
+    assert_close_to_reference(_perturbed(ref, 0.5 * tol), ref, dtype, "inside")
+    with pytest.raises(AssertionError, match=r"^outside: relative L2 error .* > tolerance"):
+        assert_close_to_reference(_perturbed(ref, 2 * tol), ref, dtype, "outside")
+    # one bad row of eight: the overall error stays inside, the per-row check catches it
+    ref8 = torch.randn(8, 3, 1, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    one_bad = _perturbed(ref8, 2 * tol, row=5)
+    assert relative_l2_error(one_bad, ref8) <= tol
+    with pytest.raises(AssertionError, match="worst batch row 5"):
+        assert_close_to_reference(one_bad, ref8, dtype, "row")
+    assert within_tolerance(_perturbed(ref, 0.5 * tol), ref, dtype)[0]
+    ok, err = within_tolerance(_perturbed(ref, 2 * tol), ref, dtype)
+    assert not ok and err == pytest.approx(2 * tol)
+
+
+def test_assert_close_to_reference_refuses_nan_shapes_and_a_broken_reference():
+    ref = torch.randn(2, 2, 1, 4, dtype=torch.float64)
+    bad = ref.clone()
+    bad[1, 0, 0, 3] = math.nan
+    with pytest.raises(AssertionError, match=r"1 NaN in the output \(first at .* = \[1, 0, 0, 3\]"):
+        assert_close_to_reference(bad, ref, torch.float32, "nan")
+    assert within_tolerance(bad, ref, torch.float32) == (False, math.inf)
+    with pytest.raises(AssertionError, match="reference itself is not finite"):
+        assert_close_to_reference(ref, bad, torch.float32, "ref")
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close_to_reference(ref[:1], ref, torch.float32, "shape")
+
+
+def test_lse_check_uses_the_lse_tolerance_and_the_empty_rows():
+    ref = torch.tensor([[[0.5, 12.0, -math.inf]]], dtype=torch.float64)
+    assert lse_error(ref.float(), ref) == 0.0
+    near = ref.clone()
+    near[0, 0, 1] += 5e-5 * 12.0  # 5e-5 relative: inside bf16's 1e-4, outside float32's 1e-5
+    assert lse_error(near.float(), ref) == pytest.approx(5e-5, rel=1e-2)
+    assert_lse_close(near.float(), ref, torch.bfloat16, "bf16")
+    with pytest.raises(AssertionError, match=r"lse at \[b, h, t\] = \[0, 0, 1\] .* > 1e-05"):
+        assert_lse_close(near.float(), ref, torch.float32, "fp32")
+    small = ref.clone()
+    small[0, 0, 0] += 2e-4  # |ref| < 1: judged against 1, not against 0.5
+    with pytest.raises(AssertionError, match=r"\[0, 0, 0\]"):
+        assert_lse_close(small.float(), ref, torch.bfloat16, "small")
+    finite = ref.clone()
+    finite[0, 0, 2] = 3.0  # something where nothing is visible
+    assert lse_error(finite.float(), ref) == math.inf
+    with pytest.raises(AssertionError, match="reference -inf"):
+        assert_lse_close(finite.float(), ref, torch.bfloat16, "inf")
+    with pytest.raises(AssertionError, match="want float32"):
+        assert_lse_close(ref, ref, torch.bfloat16, "dtype")
+
+
+@pytest.mark.parametrize(("q_len", "num_kv_heads"), [(1, 2), (3, 2), (4, 1), (2, 4)])
+def test_float32_reference_rows_match_the_float64_reference(q_len, num_kv_heads):
+    g = torch.Generator().manual_seed(q_len)
+    batch, cap, length = 3, 40, 29
+    q = torch.randn(batch, 4, q_len, 16, generator=g)
+    k, v = (torch.randn(batch, num_kv_heads, cap, 16, generator=g) for _ in range(2))
+    k[:, :, length:] = math.nan  # unfilled slots are never read
+    ref, _ = reference_decode_attention(q, k, v, torch.full((batch,), length, dtype=torch.int32))
+    rows = float32_reference_rows(q, k, v, length, [0, 2])
+    assert rows.dtype == torch.float64 and rows.shape == (2, 4, q_len, 16)
+    assert relative_l2_error(rows, ref[[0, 2]]) <= 1e-6

@@ -202,7 +202,7 @@ def test_left_padded_attend_and_plans_are_shared():
     check_close(out, ref, torch.float32, "left-padded prefill", 6)
     assert torch.isneginf(lse[1, :, :3]).all() and (out[1, :, :3] == 0).all()  # padded queries see nothing
     torch.testing.assert_close(
-        lse[:, :, 3:].double(), ref_lse[:, :, 3:], rtol=TOLERANCES[torch.float32], atol=0
+        lse[:, :, 3:].double(), ref_lse[:, :, 3:], rtol=TOLERANCES[torch.float32].lse, atol=0
     )
     assert cache.plan_for(q) is cache.plan_for(q.clone())
     assert cache.plan_for(q).problem.has_kv_start
