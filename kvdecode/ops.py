@@ -1,0 +1,154 @@
+"""``torch.ops.kvdecode.decode_attention``: decode attention as a torch.library op.
+
+``torch.compile`` cannot trace into :func:`kvdecode.decode_attention` (host-side planning, Triton
+launches, cuDNN graphs): dynamo would break the graph there. Wrapped as a custom op with ``out`` as its
+only mutated argument and a fake (meta) implementation, a decode step compiles with no graph break
+inside attention, and ``mode="reduce-overhead"`` captures it into a CUDA graph: the op's real
+implementation runs once per shape while CUDA graphs are recorded, plans are looked up by the problem
+(never by the lengths' values), and the lengths stay on the device.
+
+The op returns nothing; it writes ``out``::
+
+    torch.ops.kvdecode.decode_attention(q, k_cache, v_cache, seq_lens, kv_start, mask, out,
+                                         scale, max_seq_len)
+
+Shapes (the public contract of :func:`kvdecode.decode_attention`)::
+
+    q         [B, H_q, T_q, D]
+    k_cache   [B, H_kv, capacity, D]   v_cache the same
+    seq_lens  int32 [B]                 filled length per row, the T_q new tokens included
+    kv_start  int32 [B] or None         keys before kv_start[b] are masked (left padding)
+    mask      None, or bool / float broadcastable to [B, H_q, T_q, capacity]
+    out       [B, H_q, T_q, D]          written in place
+    scale     float                     > 0 (pass 1/sqrt(D) for the default)
+    max_seq_len int                     an upper bound of seq_lens (T_q..capacity), or -1 for none
+
+:func:`decode_attention_op` is the Python wrapper (optional arguments, an ``out`` allocated when not
+given); :func:`kvdecode.sdpa` and :mod:`kvdecode.hf` call it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import decode_attention as _decode_attention
+from .errors import KVDecodeError
+
+__all__ = ["OP_NAME", "decode_attention_op"]
+
+OP_NAME = "kvdecode::decode_attention"
+
+_SCHEMA = (
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? kv_start, Tensor? mask, "
+    "Tensor(a!) out, float scale, int max_seq_len) -> ()"
+)
+
+
+def _decode_attention_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+) -> None:
+    _decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        scale=scale,
+        kv_start=kv_start,
+        mask=mask,
+        out=out,
+        max_seq_len=None if max_seq_len == -1 else max_seq_len,
+    )
+
+
+_op = torch.library.custom_op(OP_NAME, _decode_attention_impl, mutates_args=("out",), schema=_SCHEMA)
+
+
+@_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len) -> None:
+    # Shapes only (fake tensors have no data): the real call validates everything else.
+    if tuple(out.shape) != tuple(q.shape):
+        raise KVDecodeError(
+            f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}; pass torch.empty_like(q)"
+        )
+    return None
+
+
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    kv_start: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    r""":func:`kvdecode.decode_attention` through ``torch.ops.kvdecode.decode_attention``.
+
+    Same contract and results as :func:`kvdecode.decode_attention` with ``backend="auto"``, but
+    traceable: ``torch.compile`` records one op (no graph break) and CUDA graphs capture its launches.
+    ``out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j] + mask) @ v[b, h // G, j]`` over
+    ``kv_start[b] <= j <= seq_lens[b] - T_q + t``, ``G = H_q // H_kv``.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, H_q, T_q, D]``
+        Queries; float16, bfloat16 or float32, unit stride on D.
+    k_cache, v_cache : Tensor ``[B, H_kv, capacity, D]``
+        Fixed-capacity caches in logical BHSD (any strides with unit stride on D).
+    seq_lens : int32 Tensor ``[B]`` on q's device
+        Filled length per row, the T_q new tokens included.
+    scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    kv_start : int32 Tensor ``[B]``, optional
+        First visible key per row (left padding).
+    mask : Tensor, optional
+        Bool (True = attend) or float (added), broadcastable to ``[B, H_q, T_q, capacity]``.
+    out : Tensor ``[B, H_q, T_q, D]``, optional
+        Written in place (any strides with unit stride on D) and returned; allocated when omitted.
+    max_seq_len : int, optional
+        Upper bound of ``seq_lens``; pass it (the capacity will do) so that ``auto`` never reads the
+        lengths on the host.
+
+    Returns
+    -------
+    Tensor ``[B, H_q, T_q, D]``: ``out``.
+
+    Raises
+    ------
+    KVDecodeError
+        Bad input, naming the argument, the value and the fix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kvdecode.ops import decode_attention_op
+    >>> q = torch.randn(1, 4, 1, 16); k = torch.randn(1, 2, 32, 16)
+    >>> decode_attention_op(q, k, k, torch.tensor([5], dtype=torch.int32), max_seq_len=32).shape
+    torch.Size([1, 4, 1, 16])
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise KVDecodeError(f"q must be a 4-D tensor [B, H_q, T_q, D], got {shape}; pass q as BHSD")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(max_seq_len, bool) or not (max_seq_len is None or isinstance(max_seq_len, int)):
+        raise KVDecodeError(f"max_seq_len must be an int or None, got {max_seq_len!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    bound = -1 if max_seq_len is None else max_seq_len
+    op = torch.ops.kvdecode.decode_attention
+    op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound)
+    return out
