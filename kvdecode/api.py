@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import torch
 
+from ._checks import check_outputs_disjoint
 from .errors import KVDecodeError
-from .plan import DecodePlan, plan_for_choice, stream_key
-from .planner import Choice, check_backend_name, choose
-from .problem import DecodeProblem
+from .plan import PLANS, check_flag
+from .planner import check_backend_name, check_max_seq_len
+from .problem import DecodeProblem, check_out
 
-__all__ = ["check_lengths", "decode_attention"]
-
-_PLAN_CACHE: OrderedDict[tuple, DecodePlan] = OrderedDict()
-_PLAN_CACHE_SIZE = 64
-_PLAN_LOCK = threading.Lock()
+__all__ = ["check_lengths", "decode_attention", "problem_for_tensors"]
 
 
 def decode_attention(
@@ -104,34 +98,46 @@ def decode_attention(
     torch.Size([2, 8, 1, 64])
     """
     check_backend_name(backend)
-    problem = DecodeProblem.from_tensors(
-        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask, out=out
-    )
+    for flag, value in (("return_lse", return_lse), ("validate", validate), ("deterministic", deterministic)):
+        check_flag(flag, value)
+    problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask)
+    if out is not None:
+        check_out(out, q)
+        check_outputs_disjoint({"out": out}, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
-    choice = choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens)
-    the_plan = _cached_plan(problem, choice, deterministic, auto=backend == "auto")
+    max_seq_len = check_max_seq_len(max_seq_len, problem)
+    choice = PLANS.route(problem, backend).choose(problem, max_seq_len, seq_lens)
+    the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
     return the_plan._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse)
 
 
-def _cached_plan(problem: DecodeProblem, choice: Choice, deterministic: bool, *, auto: bool) -> DecodePlan:
-    # Keyed by the chosen backend, not the length: every length that picks it reuses one plan (and, for
-    # cuDNN, one graph per capacity). A cuDNN plan that fell back to Triton at build time is cached too.
-    # A plan owns scratch, so calls that may run concurrently (another stream) get their own plan.
-    key = (problem, choice.backend, deterministic, stream_key(problem.device))
-    with _PLAN_LOCK:
-        found = _PLAN_CACHE.get(key)
-        if found is not None:
-            _PLAN_CACHE.move_to_end(key)
-            return found
-    made = plan_for_choice(problem, choice, deterministic=deterministic, auto=auto)  # outside the lock
-    with _PLAN_LOCK:
-        made = _PLAN_CACHE.setdefault(key, made)
-        _PLAN_CACHE.move_to_end(key)
-        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    return made
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.get_device())
+
+
+def problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask) -> DecodeProblem:
+    """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
+    metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
+    validated before."""
+    try:
+        alias = (
+            "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
+            _meta(mask), scale if scale is None or type(scale) is float else repr(scale),
+            q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
+        )  # fmt: skip
+        found = PLANS.problem_for(alias)
+    except (AttributeError, TypeError):  # not tensors (or unhashable): from_tensors names the argument
+        alias = found = None
+    if found is not None:
+        return found
+    problem = DecodeProblem.from_tensors(
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask
+    )
+    if alias is not None:
+        PLANS.remember(alias, problem)
+    return problem
 
 
 def check_lengths(

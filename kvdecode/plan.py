@@ -4,36 +4,55 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import check_buffers, check_inputs, check_outputs_disjoint
 from .backends import Launcher, get_backend
 from .errors import KVDecodeError, UnsupportedError
-from .planner import Choice, choose
+from .planner import Choice, Route, check_backend_name, check_max_seq_len, route
 from .problem import DecodeProblem
 
-__all__ = ["DecodePlan", "plan", "plan_for_choice"]
+__all__ = [
+    "PLANS",
+    "DecodePlan",
+    "PlanCache",
+    "clear_plan_cache",
+    "plan",
+    "plan_cache_info",
+    "plan_for_choice",
+]
 
 log = logging.getLogger("kvdecode.planner")
 
 
-@dataclass
+@dataclass(eq=False)
 class DecodePlan:
-    """A decode problem bound to a backend, its configuration and its scratch.
+    """A decode problem bound to a backend and its configuration (the compiled kernels or cuDNN graph).
 
     ``run`` checks the tensors against the plan (a mismatch raises :class:`KVDecodeError` naming both
     sides) and launches; it never syncs the host.
 
-    A plan owns scratch (the Triton partials, the cuDNN workspace), so its runs must not overlap: use it
-    from one stream at a time, and make one plan per stream (or per thread) that decodes concurrently.
-    ``decode_attention`` does this for you (its plans are per current stream).
+    A plan holds no per-call state: scratch (the Triton partials, cuDNN's workspace and clamped lengths)
+    is allocated per call from torch's caching allocator on the current stream, so one plan may be run
+    from any number of threads and streams at once (and captured in several CUDA graphs).
     """
 
     problem: DecodeProblem
     choice: Choice
     deterministic: bool
     launcher: Launcher = field(repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.problem
+        self._q_sig = (p.dtype, torch.Size((p.batch, p.num_q_heads, p.q_len, p.head_dim)), p.q_strides)
+        kv_shape = torch.Size((p.batch, p.num_kv_heads, p.capacity, p.head_dim))
+        self._k_sig, self._v_sig = (p.dtype, kv_shape, p.k_strides), (p.dtype, kv_shape, p.v_strides)
+        self._len_sig = (torch.int32, torch.Size((p.batch,)))
+        self._device_index = p.device.index if p.device.type == "cuda" else -1
+        self._plain = not p.has_kv_start and p.mask_kind == "none"
 
     @property
     def backend(self) -> str:
@@ -64,34 +83,40 @@ class DecodePlan:
         kv_start, mask : Tensor, optional
             As planned (given exactly when the plan was made with them).
         out : Tensor ``[B, H_q, T_q, D]``, optional
-            Written in place; allocated when None.
+            Written in place; allocated when None. Must not overlap q, the caches, ``lse`` or itself.
         return_lse : bool
             Also return the natural-log LSE, float32 ``[B, H_q, T_q]``.
         lse : float32 Tensor ``[B, H_q, T_q]``, optional
-            Written in place; implies ``return_lse``. With ``out`` and ``lse`` given nothing is allocated,
-            e.g. inside a captured CUDA graph.
+            Written in place; implies ``return_lse``. With ``out`` and ``lse`` given no output is
+            allocated (scratch still comes from torch's caching allocator, the graph's pool under capture).
         """
-        p = self.problem
-        _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
-        kv_shape = (p.batch, p.num_kv_heads, p.capacity, p.head_dim)
-        _same("k_cache", k_cache, p.k_strides, kv_shape, p)
-        _same("v_cache", v_cache, p.v_strides, kv_shape, p)
-        _lengths("seq_lens", seq_lens, p)
-        if (kv_start is not None) != p.has_kv_start:
-            raise KVDecodeError(
-                f"kv_start is {'given' if kv_start is not None else 'None'} but the plan was made "
-                f"{'with' if p.has_kv_start else 'without'} it; make a new plan"
-            )
-        if kv_start is not None:
-            _lengths("kv_start", kv_start, p)
-        _mask(mask, p)
-        q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
-        if out is not None:
-            _buffer("out", out, q_shape, p.dtype, p)
-        if lse is not None:
-            _buffer("lse", lse, q_shape[:3], torch.float32, p)
-            return_lse = True
+        plain = self._plain and kv_start is None and mask is None
+        if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
+            check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
+        if out is not None or lse is not None:
+            check_buffers(self.problem, out, lse)
+            outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
+            check_outputs_disjoint(outputs, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+            return_lse = return_lse or lse is not None
         return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse)
+
+    def _inputs_match(self, q, k_cache, v_cache, seq_lens) -> bool:
+        """The common case in a few comparisons; False sends ``run`` to the checks that name the fault."""
+        try:
+            index = self._device_index
+            return (
+                (q.dtype, q.shape, q.stride()) == self._q_sig
+                and (k_cache.dtype, k_cache.shape, k_cache.stride()) == self._k_sig
+                and (v_cache.dtype, v_cache.shape, v_cache.stride()) == self._v_sig
+                and (seq_lens.dtype, seq_lens.shape) == self._len_sig
+                and (seq_lens.shape[0] == 1 or seq_lens.stride(0) == 1)
+                and q.get_device() == index
+                and k_cache.get_device() == index
+                and v_cache.get_device() == index
+                and seq_lens.get_device() == index
+            )
+        except (AttributeError, TypeError):
+            return False
 
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse):
         """Allocate what is missing and launch, without checks: for callers whose tensors made the problem
@@ -105,67 +130,107 @@ class DecodePlan:
         return (out, lse) if return_lse else out
 
 
-def stream_key(device: torch.device) -> int:
-    """Who may run a plan concurrently with others: the current stream of ``device`` (CUDA), else the
-    thread. Plan caches key on it, since a plan's scratch serves one stream at a time."""
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return threading.get_ident()
+class PlanCache:
+    """The one cache of plans, shared by every entry point (``decode_attention``, ``kvdecode.sdpa``,
+    ``StaticKVCache``, the torch op): a bounded LRU, safe to use from several threads.
+
+    A plan is keyed by ``(problem, backend asked for, backend chosen, deterministic)``: what was asked
+    is part of the key, so an ``auto`` plan whose cuDNN build fell back to Triton is never handed to a
+    later explicit ``backend="cudnn"`` call. Plans hold no per-call state, so threads and streams share
+    them. Entry points that can describe a call more cheaply than a :class:`DecodeProblem` register an
+    *alias* (any hashable) for a problem; aliases are dropped with the plans they lead to.
+    The planner's length-independent work (:func:`~kvdecode.planner.route`) is memoized per problem too.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
+        self._routes: OrderedDict[tuple, Route] = OrderedDict()
+        self._aliases: dict[object, DecodeProblem] = {}
+        self._lock = threading.Lock()
+        self._stats = {"hits": 0, "misses": 0}
+
+    def route(self, problem: DecodeProblem, backend: str) -> Route:
+        key = (problem, backend)
+        with self._lock:
+            found = self._routes.get(key)
+        if found is None:
+            found = route(problem, backend)
+            with self._lock:
+                self._routes[key] = found
+                while len(self._routes) > self.maxsize:
+                    self._routes.popitem(last=False)
+        return found
+
+    def problem_for(self, alias: object) -> DecodeProblem | None:
+        """The problem an entry point registered under ``alias`` (None if unknown or evicted)."""
+        return self._aliases.get(alias)
+
+    def remember(self, alias: object, problem: DecodeProblem) -> None:
+        with self._lock:
+            self._aliases[alias] = problem
+            if len(self._aliases) > 4 * self.maxsize:  # aliases of evicted plans: drop the oldest half
+                for stale in list(self._aliases)[: len(self._aliases) // 2]:
+                    del self._aliases[stale]
+
+    def get(
+        self, problem: DecodeProblem, choice: Choice, *, asked: str, deterministic: bool = False
+    ) -> DecodePlan:
+        """The plan for ``choice`` (made on a miss, outside the lock: cuDNN builds take a while)."""
+        key = (problem, asked, choice.backend, deterministic)
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._stats["hits"] += 1
+                self._plans.move_to_end(key)
+                return found
+        made = plan_for_choice(problem, choice, deterministic=deterministic, auto=asked == "auto")
+        with self._lock:
+            self._stats["misses"] += 1
+            made = self._plans.setdefault(key, made)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return made
+
+    def peek(
+        self, problem: DecodeProblem, *, asked: str, backend: str, deterministic: bool = False
+    ) -> DecodePlan | None:
+        """The cached plan of that key, without counting a lookup or refreshing its age."""
+        with self._lock:
+            return self._plans.get((problem, asked, backend, deterministic))
+
+    def cache_info(self) -> dict[str, int]:
+        """``size`` (plans held), ``maxsize``, ``hits`` and ``misses`` of :meth:`get`."""
+        with self._lock:
+            return dict(size=len(self._plans), maxsize=self.maxsize, **self._stats)
+
+    def clear(self) -> None:
+        """Forget every plan, route and alias and reset the counters (e.g. after the tuning table changed)."""
+        with self._lock:
+            self._plans.clear()
+            self._routes.clear()
+            self._aliases.clear()
+            self._stats.update(hits=0, misses=0)
 
 
-def _lengths(name: str, t: torch.Tensor, p: DecodeProblem) -> None:
-    stride_ok = p.batch == 1 or t.stride(0) == 1
-    if t.dtype != torch.int32 or tuple(t.shape) != (p.batch,) or t.device != p.device or not stride_ok:
-        raise KVDecodeError(
-            f"{name} must be a contiguous int32 ({p.batch},) tensor on {p.device}, got {t.dtype} "
-            f"{tuple(t.shape)} with stride {tuple(t.stride())} on {t.device}; pass "
-            f"{name}.to({str(p.device)!r}, torch.int32).contiguous()"
-        )
+PLANS = PlanCache()
 
 
-def _mask(mask: torch.Tensor | None, p: DecodeProblem) -> None:
-    if (mask is not None) != (p.mask_kind != "none"):
-        raise KVDecodeError(
-            f"mask is {'given' if mask is not None else 'None'} but the plan was made with mask kind "
-            f"{p.mask_kind!r}; make a new plan"
-        )
-    if mask is None:
-        return
-    full = (p.batch, p.num_q_heads, p.q_len, p.capacity)
-    try:
-        strides = tuple(mask.expand(full).stride())
-    except RuntimeError:
-        strides = None
-    if mask.dtype != p.mask_dtype or strides != p.mask_strides or mask.device != p.device:
-        raise KVDecodeError(
-            f"mask has dtype {mask.dtype}, shape {tuple(mask.shape)} on {mask.device} but the plan was made "
-            f"for dtype {p.mask_dtype} with broadcast strides {p.mask_strides} on {p.device}; make a new plan"
-        )
+def plan_cache_info() -> dict[str, int]:
+    """Statistics of the shared plan cache (see :class:`PlanCache`)."""
+    return PLANS.cache_info()
 
 
-def _buffer(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, p: DecodeProblem) -> None:
-    if tuple(t.shape) != shape or t.dtype != dtype or t.device != p.device or t.stride(-1) != 1:
-        raise KVDecodeError(
-            f"{name} must be {dtype} {shape} on {p.device} with stride(-1) == 1, got {t.dtype} "
-            f"{tuple(t.shape)} on {t.device} with strides {tuple(t.stride())}"
-        )
+def clear_plan_cache() -> None:
+    """Empty the shared plan cache."""
+    PLANS.clear()
 
 
-def _same(name: str, t: torch.Tensor, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
-    if t.dtype != p.dtype:
-        raise KVDecodeError(
-            f"{name} has dtype {t.dtype} but the plan was made for {p.dtype}; make a new plan"
-        )
-    if tuple(t.shape) != shape:
-        raise KVDecodeError(
-            f"{name} has shape {tuple(t.shape)} but the plan was made for {shape}; make a new plan"
-        )
-    if tuple(t.stride()) != strides:
-        raise KVDecodeError(
-            f"{name} has strides {tuple(t.stride())} but the plan was made for {strides}; make a new plan"
-        )
-    if t.device != p.device:
-        raise KVDecodeError(f"{name} is on {t.device} but the plan was made for {p.device}; make a new plan")
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise KVDecodeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def plan(
@@ -211,8 +276,16 @@ def plan(
     >>> p.run(q, k, k, lens, out=out) is out
     True
     """
-    choice = choose(problem, backend, max_seq_len=max_seq_len)
-    return plan_for_choice(problem, choice, deterministic=deterministic, auto=backend == "auto")
+    if not isinstance(problem, DecodeProblem):
+        raise KVDecodeError(
+            f"problem must be a DecodeProblem, got {type(problem).__name__}; "
+            "make one with kvdecode.DecodeProblem.from_tensors(q, k_cache, v_cache, seq_lens)"
+        )
+    check_backend_name(backend)
+    check_flag("deterministic", deterministic)
+    max_seq_len = check_max_seq_len(max_seq_len, problem)
+    choice = PLANS.route(problem, backend).choose(problem, max_seq_len, None)
+    return PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
 
 
 def plan_for_choice(

@@ -26,7 +26,7 @@ from .problem import DecodeProblem
 from .thresholds import Threshold, threshold_for
 from .tuning.environment import device_gpu_name
 
-__all__ = ["BACKEND_NAMES", "Choice", "auto_threshold", "choose", "explain"]
+__all__ = ["BACKEND_NAMES", "Choice", "Route", "auto_threshold", "choose", "explain", "route"]
 
 log = logging.getLogger("kvdecode.planner")
 
@@ -91,6 +91,63 @@ def auto_threshold(problem: DecodeProblem) -> Threshold:
     )
 
 
+@dataclass(frozen=True)
+class Route:
+    """What the planner decides about a problem before seeing any length (made once per problem and
+    backend asked for, memoized by the plan cache): a fixed choice, or the cuDNN threshold to compare the
+    length with."""
+
+    fixed: Choice | None
+    threshold: Threshold | None = None
+
+    def choose(
+        self, problem: DecodeProblem, max_seq_len: int | None, seq_lens: torch.Tensor | None
+    ) -> Choice:
+        if self.fixed is not None:
+            if max_seq_len is None or self.fixed.threshold is not None:
+                return self.fixed
+            return Choice(self.fixed.backend, self.fixed.reason, None, max_seq_len)
+        threshold = self.threshold
+        assert threshold is not None
+        length, how = _length(problem, threshold.value, max_seq_len, seq_lens)
+        tag = " (provisional)" if threshold.provisional else ""
+        if length < threshold.value:
+            reason = f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"
+            choice = Choice("triton", reason, threshold.value, length)
+        else:
+            reason = f"auto: length {length} from {how} >= cuDNN threshold {threshold.value}{tag}"
+            choice = Choice("cudnn", reason, threshold.value, length)
+        log.debug("%s -> %s: %s", problem.name, choice.backend, choice.reason)
+        return choice
+
+
+def route(problem: DecodeProblem, backend: str = "auto") -> Route:
+    """The length-independent part of :func:`choose`: which backends can serve ``problem`` and, when both
+    can, the cuDNN threshold. An explicit backend that cannot serve it raises :class:`UnsupportedError`."""
+    check_backend_name(backend)
+    if backend != "auto":
+        reason = _reason(backend, problem)
+        if reason is not None:
+            raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
+        return Route(Choice(backend, "asked for explicitly"))
+    triton_reason = _reason("triton", problem)
+    cudnn_reason = _reason("cudnn", problem) or _auto_cudnn_reason(problem)
+    if cudnn_reason is not None:
+        if triton_reason is not None:
+            log.debug(
+                "neither triton (%s) nor cudnn (%s) serves %s", triton_reason, cudnn_reason, problem.name
+            )
+            return Route(Choice(
+                "reference", f"auto: triton cannot serve it ({triton_reason}) nor cuDNN ({cudnn_reason})"
+            ))  # fmt: skip
+        log.debug("auto: cuDNN cannot serve %s: %s; using triton", problem.name, cudnn_reason)
+        return Route(Choice("triton", f"auto: cuDNN cannot serve it ({cudnn_reason})"))
+    threshold = auto_threshold(problem)
+    if triton_reason is not None:
+        return Route(Choice("cudnn", f"auto: triton cannot serve it ({triton_reason})", threshold.value))
+    return Route(None, threshold)
+
+
 def choose(
     problem: DecodeProblem,
     backend: str = "auto",
@@ -107,39 +164,7 @@ def choose(
     """
     check_backend_name(backend)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
-    if backend != "auto":
-        reason = _reason(backend, problem)
-        if reason is not None:
-            raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
-        return Choice(backend, "asked for explicitly", length=max_seq_len)
-    triton_reason = _reason("triton", problem)
-    cudnn_reason = _reason("cudnn", problem) or _auto_cudnn_reason(problem)
-    if cudnn_reason is not None:
-        if triton_reason is not None:
-            log.debug(
-                "neither triton (%s) nor cudnn (%s) serves %s", triton_reason, cudnn_reason, problem.name
-            )
-            return Choice(
-                "reference", f"auto: triton cannot serve it ({triton_reason}) nor cuDNN ({cudnn_reason})"
-            )
-        log.debug("auto: cuDNN cannot serve %s: %s; using triton", problem.name, cudnn_reason)
-        return Choice("triton", f"auto: cuDNN cannot serve it ({cudnn_reason})", length=max_seq_len)
-    threshold = auto_threshold(problem)
-    if triton_reason is not None:
-        return Choice("cudnn", f"auto: triton cannot serve it ({triton_reason})", threshold.value)
-    length, how = _length(problem, threshold.value, max_seq_len, seq_lens)
-    tag = " (provisional)" if threshold.provisional else ""
-    if length < threshold.value:
-        choice = Choice(
-            "triton", f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"
-        )
-    else:
-        choice = Choice(
-            "cudnn", f"auto: length {length} from {how} >= cuDNN threshold {threshold.value}{tag}"
-        )
-    choice = Choice(choice.backend, choice.reason, threshold.value, length)
-    log.debug("%s -> %s: %s", problem.name, choice.backend, choice.reason)
-    return choice
+    return route(problem, backend).choose(problem, max_seq_len, seq_lens)
 
 
 def _length(

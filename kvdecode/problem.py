@@ -171,7 +171,7 @@ class DecodeProblem:
             _check_lengths("kv_start", kv_start, batch, device)
         mask_kind, mask_dtype, mask_strides = _check_mask(mask, (batch, num_q_heads, q_len, capacity), device)
         if out is not None:
-            _check_out(out, q)
+            check_out(out, q)
         return cls(
             batch=batch,
             num_q_heads=num_q_heads,
@@ -320,7 +320,8 @@ def _check_mask(
     return kind, mask.dtype, tuple(expanded.stride())
 
 
-def _check_out(out: object, q: torch.Tensor) -> None:
+def check_out(out: object, q: torch.Tensor) -> None:
+    """``out`` must match q's shape, dtype and device, with unit stride on D."""
     _check_tensor("out", out)
     assert isinstance(out, torch.Tensor)
     if tuple(out.shape) != tuple(q.shape):

@@ -30,25 +30,18 @@ runs through its interpreter, slower than torch) and a planner choice other than
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 
 import torch
 
+from .api import problem_for_tensors
 from .errors import UnsupportedError
-from .plan import DecodePlan, plan, stream_key
+from .plan import PLANS, DecodePlan
 from .planner import check_backend_name
-from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES, DecodeProblem
+from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 __all__ = ["capacity_view", "clear_plan_cache", "plan_cache_info", "sdpa", "sdpa_fast_path_reason"]
 
 log = logging.getLogger("kvdecode.sdpa")
-
-_PLANS: OrderedDict[tuple, DecodePlan | str] = OrderedDict()
-_PLAN_CACHE_SIZE = 64
-_STATS = {"hits": 0, "misses": 0}
-_LOCK = threading.Lock()
-
 
 def capacity_view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """The fixed-capacity buffer a ``[B, H, L, D]`` view is a leading slice of, or ``None``.
@@ -203,63 +196,34 @@ def _shape_reason(query, key, value, is_causal, scale, enable_gqa) -> str | None
 
 
 def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Tensor, torch.Tensor] | str:
-    """The plan and the capacity views for a call that passed the host checks, or why not."""
+    """The plan (from the shared plan cache) and the capacity views for a call that passed the host
+    checks, or why not."""
     k_found, v_found = capacity_view(key), capacity_view(value)
     if k_found is None or v_found is None:
         which = "key" if k_found is None else "value"
         return f"{which} is not a leading slice of a larger buffer"
     capacity = min(k_found[1], v_found[1])
     k_buf, v_buf = (t[:, :, :capacity] for t in (k_found[0], v_found[0]))
-    cache_key = (
-        tuple(query.shape),
-        query.stride(),
-        tuple(k_buf.shape),
-        k_buf.stride(),
-        v_buf.stride(),
-        query.dtype,
-        query.device,
-        scale,
-        backend,
-        stream_key(query.device),  # a plan owns scratch: one per stream that may run concurrently
-    )
-    with _LOCK:
-        found = _PLANS.get(cache_key)
-        if found is not None:
-            _STATS["hits"] += 1
-            _PLANS.move_to_end(cache_key)
-    if found is None:
-        made = _make_plan(query, k_buf, v_buf, scale, backend, capacity)
-        with _LOCK:
-            _STATS["misses"] += 1
-            found = _PLANS.setdefault(cache_key, made)
-            while len(_PLANS) > _PLAN_CACHE_SIZE:
-                _PLANS.popitem(last=False)
-    return found if isinstance(found, str) else (found, k_buf, v_buf)
-
-
-def _make_plan(query, k_buf, v_buf, scale, backend, capacity) -> DecodePlan | str:
-    lens = torch.empty((query.shape[0],), dtype=torch.int32, device=query.device)
-    problem = DecodeProblem.from_tensors(query, k_buf, v_buf, lens, scale=scale)
+    lens = torch.empty((query.shape[0],), dtype=torch.int32, device=query.device)  # metadata only
+    problem = problem_for_tensors(query, k_buf, v_buf, lens, scale, None, None)
     try:
-        made = plan(problem, backend=backend, max_seq_len=capacity)
+        choice = PLANS.route(problem, backend).choose(problem, capacity, None)
+        made = PLANS.get(problem, choice, asked=backend)
     except UnsupportedError as err:
         if backend != "auto":
             raise
         return f"no backend serves {problem.name}: {err}"
     if backend == "auto" and made.backend == "reference":
         return f"the planner chose the float64 reference for {problem.name} ({made.choice.reason})"
-    return made
+    return made, k_buf, v_buf
 
 
 def plan_cache_info() -> dict[str, int]:
-    """Plans :func:`sdpa` holds (``size``, at most ``maxsize``) and its lookups (``hits``, ``misses``).
-
-    A declined call (say, the planner chose the reference) is cached too, as its reason.
-    """
-    return dict(size=len(_PLANS), maxsize=_PLAN_CACHE_SIZE, **_STATS)
+    """Statistics of the plan cache :func:`sdpa` shares with every entry point
+    (:func:`kvdecode.plan.plan_cache_info`)."""
+    return PLANS.cache_info()
 
 
 def clear_plan_cache() -> None:
-    """Forget the plans :func:`sdpa` made and reset the counters."""
-    _PLANS.clear()
-    _STATS.update(hits=0, misses=0)
+    """Empty the shared plan cache (:func:`kvdecode.plan.clear_plan_cache`)."""
+    PLANS.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import inspect
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -20,11 +19,12 @@ from kvdecode import (
     reference_decode_attention,
 )
 from kvdecode import api as api_module
+from kvdecode.plan import PLANS
 
 
 @pytest.fixture(autouse=True)
 def fresh_plan_cache(monkeypatch):
-    monkeypatch.setattr(api_module, "_PLAN_CACHE", OrderedDict())
+    PLANS.clear()
 
 
 CASE = Case(2, 6, 2, 16, 2, 48, torch.float32, (48, 5), kv_start=(0, 2), seed=5)
@@ -74,11 +74,11 @@ def test_one_plan_serves_every_step():
     for lens in ([48, 5], [2, 2], [30, 47]):
         x.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         decode_attention(x.q, x.k, x.v, x.seq_lens, kv_start=x.kv_start, backend="reference")
-    assert len(api_module._PLAN_CACHE) == 1
+    assert PLANS.cache_info()["size"] == 1
     # a different layout is a different problem
     decode_attention(x.q, x.k.transpose(1, 2).contiguous().transpose(1, 2), x.v, x.seq_lens,
                      kv_start=x.kv_start, backend="reference")  # fmt: skip
-    assert len(api_module._PLAN_CACHE) == 2
+    assert PLANS.cache_info()["size"] == 2
 
 
 def test_auto_picks_triton_where_it_can_serve():
@@ -159,28 +159,28 @@ def test_docstring_examples_run(target):
     assert runner.failures == 0 and runner.tries > 0
 
 
-def test_concurrent_callers_get_their_own_plan_and_scratch():
-    """Plans own scratch: calls that may overlap (another thread here, another stream on a GPU) must not
-    share one, while calls from the same place reuse it."""
+def test_plans_are_shared_and_hold_no_scratch():
+    """Threads sharing a stream used to share one plan's partials and read each other's (issue 12): plans
+    are now shared by everyone and own no scratch; every launch allocates its own."""
     import threading
 
-    from kvdecode import api
     from kvdecode.planner import Choice
+    from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher
 
     q = torch.randn(1, 4, 1, 16)
     k = torch.randn(1, 2, 32, 16)
     lens = torch.tensor([5], dtype=torch.int32)
     problem = kvdecode.DecodeProblem.from_tensors(q, k, k, lens)
     choice = Choice("reference", "test")
-    here = [api._cached_plan(problem, choice, False, auto=False) for _ in range(2)]
+    here = [PLANS.get(problem, choice, asked="reference") for _ in range(2)]
     there = []
-    worker = threading.Thread(
-        target=lambda: there.append(api._cached_plan(problem, choice, False, auto=False))
-    )
+    worker = threading.Thread(target=lambda: there.append(PLANS.get(problem, choice, asked="reference")))
     worker.start()
     worker.join()
-    assert here[0] is here[1]
-    assert there[0] is not here[0]
+    assert here[0] is here[1] is there[0]
+    launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=2, block_n=16))
+    held = [name for name, value in vars(launcher).items() if isinstance(value, torch.Tensor)]
+    assert held == [], f"the launcher holds tensors {held}: concurrent calls would share them"
 
 
 def test_plan_run_checks_every_tensor_against_the_plan():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -20,11 +19,12 @@ import pytest
 import torch
 
 import kvdecode
-from kvdecode import _append, api, backends, planner
+from kvdecode import _append, backends, planner
 from kvdecode.backends import ReferenceBackend
 from kvdecode.cudnn_graphs import DiskCache, GraphCache, GraphKey, cuda_env
 from kvdecode.cudnn_graphs import backend as cudnn_backend
 from kvdecode.cudnn_graphs.builder import BuiltGraph
+from kvdecode.plan import PLANS
 from kvdecode.planner import Choice
 from kvdecode.problem import DecodeProblem
 from kvdecode.reference import reference_decode_attention, relative_l2_error, tolerance_for
@@ -194,9 +194,8 @@ def test_cudnn_execute_runs_on_the_launchers_device(fake_devices, monkeypatch):
     launcher = cudnn_backend.CudnnLauncher.__new__(cudnn_backend.CudnnLauncher)
     launcher.problem, launcher.device_index = p, 1
     launcher._graphs = {False: BuiltGraph(key, graph, 0, "build", 0.0)}
-    launcher._workspace = cuda_env.Workspace(torch.device("cpu"))
+    launcher.device, launcher.workspace_size = torch.device("cpu"), 0
     launcher._seq_len_q = torch.ones(1, 1, 1, 1, dtype=torch.int32)
-    launcher._seq_len_kv = torch.empty(1, 1, 1, 1, dtype=torch.int32)
     handles = []
     monkeypatch.setattr(cudnn_backend, "handle_for", lambda index, stream: handles.append(index) or 7)
     monkeypatch.setattr(cudnn_backend, "current_stream", lambda index: 1000 + index)
@@ -225,11 +224,10 @@ def test_plan_cache_keeps_problems_on_different_devices_apart(monkeypatch):
             return super().make_launcher(problem)
 
     monkeypatch.setitem(backends._REGISTRY, "reference", Recording())
-    monkeypatch.setattr(api, "_PLAN_CACHE", OrderedDict())
-    monkeypatch.setattr(api, "stream_key", lambda device: 0)  # fake devices have no streams
+    PLANS.clear()
     choice = Choice("reference", "test")
     p0, p1 = problem_on(0), problem_on(1)
-    plans = [api._cached_plan(p, choice, False, auto=False) for p in (p0, p1, p0, p1)]
+    plans = [PLANS.get(p, choice, asked="reference") for p in (p0, p1, p0, p1)]
     assert made == [p0, p1]
     assert plans[0] is plans[2] and plans[1] is plans[3] and plans[0] is not plans[1]
     assert [pl.problem.device.index for pl in plans[:2]] == [0, 1]
@@ -347,7 +345,7 @@ def test_two_gpus_two_threads_interleaved(monkeypatch, tmp_path):
     from kvdecode.cudnn_graphs import CudnnBackend, clear, default_graph_cache
 
     monkeypatch.setenv("KVDECODE_CACHE_DIR", str(tmp_path))  # graphs are built here, not loaded
-    monkeypatch.setattr(api, "_PLAN_CACHE", OrderedDict())
+    PLANS.clear()
     clear()
     gen = torch.Generator().manual_seed(1234)
     cases = [[_make_case(spec, gen) for spec in specs] for specs in THREAD_CASES]
@@ -384,8 +382,8 @@ def test_two_gpus_two_threads_interleaved(monkeypatch, tmp_path):
     cache = default_graph_cache()
     keys = {}
     for (name, dev), p in cudnn_problems.items():
-        launcher = api._PLAN_CACHE[(p, "cudnn", False)].launcher
-        assert launcher.device_index == dev and launcher._workspace.device == torch.device("cuda", dev)
+        launcher = PLANS.peek(p, asked="cudnn", backend="cudnn").launcher
+        assert launcher.device_index == dev and launcher.device == torch.device("cuda", dev)
         keys[name, dev] = launcher.key(lse=False)
         assert keys[name, dev].device_index == dev and keys[name, dev] in cache
     same0, same1 = keys["same-shape cudnn", 0], keys["same-shape cudnn", 1]

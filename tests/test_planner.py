@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
 
 import kvdecode
-from kvdecode import api, backends, planner, thresholds
+from kvdecode import backends, planner, thresholds
 from kvdecode.backends import ReferenceBackend
 from kvdecode.errors import KVDecodeError, UnsupportedError
-from kvdecode.plan import plan_for_choice
+from kvdecode.plan import PLANS, plan_for_choice
 from kvdecode.planner import Choice, choose
 from kvdecode.problem import DecodeProblem
 from kvdecode.thresholds import FALLBACK_THRESHOLD, Threshold, load_table, table_for_gpu, threshold_for
@@ -81,7 +80,7 @@ def fake_cudnn(monkeypatch):
     fake = FakeCudnn()
     monkeypatch.setitem(backends._REGISTRY, "cudnn", fake)
     monkeypatch.setattr(planner, "device_gpu_name", lambda device: H100)
-    monkeypatch.setattr(api, "_PLAN_CACHE", OrderedDict())
+    PLANS.clear()
     return fake
 
 

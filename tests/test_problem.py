@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import OrderedDict
 
 import pytest
 import torch
 
 import kvdecode
 from kvdecode import DecodeProblem, KVDecodeError, UnsupportedError
-from kvdecode import api as api_module
 from kvdecode import backends as backends_module
+from kvdecode.plan import PLANS
 
 B, HQ, HKV, TQ, CAP, D = 2, 4, 2, 2, 32, 16
 
@@ -57,7 +56,7 @@ def recorder(monkeypatch):
     for n in backends_module.backend_names():
         _RECORDERS[n] = RecordingBackend(backends_module.get_backend(n))
         monkeypatch.setitem(backends_module._REGISTRY, n, _RECORDERS[n])
-    monkeypatch.setattr(api_module, "_PLAN_CACHE", OrderedDict())
+    PLANS.clear()
     return _RECORDERS
 
 

@@ -17,7 +17,7 @@ from ..errors import KVDecodeError, UnsupportedError
 from ..problem import DecodeProblem
 from .builder import UID_K, UID_O, UID_Q, UID_SEQ_KV, UID_SEQ_Q, UID_STATS, UID_V, BuiltGraph
 from .cache import GraphCache
-from .cuda_env import Workspace, current_stream, device_props, handle_for, load_cudnn
+from .cuda_env import current_stream, device_props, handle_for, load_cudnn
 from .key import GraphKey
 from .store import default_graph_cache
 
@@ -103,10 +103,12 @@ def _device_index(problem: DecodeProblem) -> int:
 class CudnnLauncher:
     """Executes the capacity graph of one problem; ``(q, k, v, seq_lens, kv_start, mask, out, lse)``.
 
-    The graph that also writes the LSE (cuDNN's natural-log ``Stats``) is made on the first call that
-    asks for it, or ahead of time with ``prepare(lse=True)`` (needed before capturing such a call).
-    ``out`` and ``lse`` are written in place; a layout other than row-major goes through a scratch
-    buffer and a device copy.
+    Both graphs (without and with the LSE, cuDNN's natural-log ``Stats``) are made with the plan, so a
+    build failure surfaces while ``auto`` can still fall back, never at run time. The launcher holds
+    no per-call state: the workspace and the clamped lengths are allocated per call from torch's
+    caching allocator on the current stream (the graph's pool under capture), so threads sharing a
+    stream never share scratch. ``out`` and ``lse`` are written in place; a layout other than
+    row-major goes through a scratch buffer and a device copy.
     """
 
     def __init__(self, problem: DecodeProblem, *, deterministic: bool, cache: GraphCache) -> None:
@@ -114,18 +116,17 @@ class CudnnLauncher:
         self.problem = problem
         self.deterministic = deterministic
         self.device_index = _device_index(problem)
+        self.device = torch.device("cuda", self.device_index)
         self._cache = cache
         self._version = int(version or 0)
         self._graphs: dict[bool, BuiltGraph] = {}
-        self._workspace = Workspace(torch.device("cuda", self.device_index))
-        b = problem.batch
+        self.workspace_size = 0
+        # read-only, so shared by every call
         self._seq_len_q = torch.full(
-            (b, 1, 1, 1), problem.q_len, dtype=torch.int32, device=self._workspace.device
+            (problem.batch, 1, 1, 1), problem.q_len, dtype=torch.int32, device=self.device
         )
-        # lengths are clamped into 0..capacity on the device (one tiny capturable kernel) so that, as with
-        # the Triton kernel, no length ever points cuDNN past the cache
-        self._seq_len_kv = torch.empty((b, 1, 1, 1), dtype=torch.int32, device=self._workspace.device)
         self.prepare(lse=False)
+        self.prepare(lse=True)
 
     def key(self, *, lse: bool) -> GraphKey:
         return GraphKey.from_problem(
@@ -147,12 +148,11 @@ class CudnnLauncher:
             built = self._cache.get(self.key(lse=lse))
         except cudnn.cudnnGraphNotSupportedError as exc:
             raise UnsupportedError(f"backend 'cudnn' cannot serve {self.problem.name}: {exc}") from exc
-        self._workspace.ensure(built.workspace_size)
+        self.workspace_size = max(self.workspace_size, int(built.workspace_size))
         self._graphs[lse] = built
         return built
 
     def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
-        p = self.problem
         if kv_start is not None or mask is not None:
             raise UnsupportedError(
                 "backend 'cudnn' takes neither kv_start nor mask; plan with another backend"
@@ -163,25 +163,26 @@ class CudnnLauncher:
                     f"{name}.data_ptr() must be 16-byte aligned for cuDNN, got {t.data_ptr():#x}; "
                     "pass an aligned tensor or use backend='triton'"
                 )
-        built = self._graphs.get(lse is not None)
-        if built is None:
-            with torch.cuda.device(self.device_index):  # capture is a property of this device's stream
-                capturing = torch.cuda.is_current_stream_capturing()
-            if capturing:
-                raise KVDecodeError(
-                    "return_lse must match a graph made before capture, got return_lse=True while capturing; "
-                    "run the call once with return_lse=True before capturing"
-                )
-            built = self.prepare(lse=True)
+        if torch.cuda.current_device() == self.device_index:
+            self._execute(q, k_cache, v_cache, seq_lens, out, lse)
+        else:  # a cuDNN handle is tied to the device current at its creation: execute there
+            with torch.cuda.device(self.device_index):
+                self._execute(q, k_cache, v_cache, seq_lens, out, lse)
+
+    def _execute(self, q, k_cache, v_cache, seq_lens, out, lse) -> None:
+        p = self.problem
+        built = self._graphs[lse is not None]
         key = built.key
         o = (
             out
             if tuple(out.stride()) == key.o_strides
             else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         )
+        # lengths clamped into 0..capacity on the device (one tiny capturable kernel) so that, as with the
+        # Triton kernel, no length ever points cuDNN past the cache; a fresh tensor per call
+        seq_len_kv = torch.clamp(seq_lens.view(p.batch, 1, 1, 1), 0, p.capacity)
         pack = {UID_Q: q, UID_K: k_cache, UID_V: v_cache, UID_O: o, UID_SEQ_Q: self._seq_len_q}
-        torch.clamp(seq_lens.view(p.batch, 1, 1, 1), 0, p.capacity, out=self._seq_len_kv)
-        pack[UID_SEQ_KV] = self._seq_len_kv
+        pack[UID_SEQ_KV] = seq_len_kv
         stats = None
         if lse is not None:
             shape = (p.batch, p.num_q_heads, p.q_len, 1)
@@ -190,12 +191,13 @@ class CudnnLauncher:
                 lse.view(shape) if contiguous else torch.empty(shape, dtype=torch.float32, device=q.device)
             )
             pack[UID_STATS] = stats
+        workspace = (
+            torch.empty(self.workspace_size, dtype=torch.uint8, device=self.device)
+            if self.workspace_size
+            else None
+        )
         handle = handle_for(self.device_index, current_stream(self.device_index))
-        if torch.cuda.current_device() == self.device_index:
-            built.graph.execute(pack, self._workspace.tensor, handle=handle)
-        else:  # a cuDNN handle is tied to the device current at its creation: execute there
-            with torch.cuda.device(self.device_index):
-                built.graph.execute(pack, self._workspace.tensor, handle=handle)
+        built.graph.execute(pack, workspace, handle=handle)
         if o is not out:
             out.copy_(o)
         if stats is not None and lse is not None and stats.data_ptr() != lse.data_ptr():

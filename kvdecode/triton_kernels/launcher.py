@@ -8,6 +8,7 @@ import triton
 from .._interpret import interpreter_problem
 from ..backends import Launcher
 from ..problem import DecodeProblem
+from .bound import BoundKernel
 from .config import LOG2E_CONST, SplitKVConfig, default_config, interpreter_active, tile_shape
 from .split_kv import merge_kernel, split_kv_kernel
 
@@ -22,13 +23,30 @@ def _pdl_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+MERGE_BUCKETS = (16, 64, 128)  # compile-time split capacities of the merge kernel (one variant each)
+GRID_Y_MAX = 65535  # CUDA's limit on grid dimensions y and z
+
+
+def merge_bucket(num_splits: int) -> int:
+    """The merge variant serving ``num_splits``: the smallest bucket that holds it (splits are padded
+    with masked lanes), so a family meets at most ``len(MERGE_BUCKETS)`` merge kernels."""
+    for bucket in MERGE_BUCKETS:
+        if num_splits <= bucket:
+            return bucket
+    raise ValueError(f"num_splits {num_splits} exceeds the largest merge bucket {MERGE_BUCKETS[-1]}")
+
+
 class SplitKVLauncher:
     """Launches the split kernel (and the merge kernel when ``num_splits > 1``) for one problem.
 
-    Made once per plan: it fixes the grid, the compile-time constants and the fp32 scratch for the
-    partial outputs (``[B * H_kv, M, num_splits, D]``) and their LSEs. ``__call__`` only launches.
-    The merge sums splits in a fixed order, so results are bitwise reproducible for a given config
-    (``deterministic`` needs nothing more).
+    Made once per plan: it fixes the grid and every constant argument (:class:`BoundKernel`), so a call
+    passes only the tensors' pointers and launches the compiled kernels directly. The split count is a
+    run-time argument: plans of one family share compiled kernels whatever their batch and capacity.
+
+    It holds no mutable state: the fp32 partials (``[B * H_kv, M, num_splits, D]`` and their LSEs) are
+    allocated per call from torch's caching allocator, on the current stream (the graph's private pool
+    under CUDA-graph capture), so one plan may serve any number of threads and streams at once. The merge
+    sums splits in a fixed order, so results are bitwise reproducible for a given config.
     """
 
     def __init__(
@@ -41,49 +59,33 @@ class SplitKVLauncher:
         self.use_pdl = _pdl_available(p.device) if cfg.use_pdl is None else cfg.use_pdl
         if self.use_pdl and not _pdl_available(p.device):
             self.use_pdl = False
-        self.split_grid = (cfg.num_splits, p.batch * p.num_kv_heads, triton.cdiv(rows, block_m))
-        self.merge_grid = (p.batch * p.num_kv_heads * rows,)
+        self.num_splits = splits = cfg.num_splits
+        self.split_grid = (splits, p.batch * p.num_kv_heads, triton.cdiv(rows, block_m))
+        self.merge_grid = (p.batch * p.num_kv_heads * rows, 1, 1)
         interp_bf16 = (
             interpreter_active() and p.dtype == torch.bfloat16
         )  # Triton 3.9 interpreter: bf16 tl.dot reads raw bits and fp32->bf16 truncates
-        self.constexprs = dict(
-            H_KV=p.num_kv_heads,
-            GROUP=p.group_size,
-            T_Q=p.q_len,
-            HEAD_DIM=p.head_dim,
-            NUM_SPLITS=cfg.num_splits,
-        )
-        self.split_constexprs = dict(
-            BLOCK_M=block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_D=block_d,
-            HAS_KV_START=p.has_kv_start,
-            MASK_KIND=_MASK_KIND[p.mask_kind],
-            INTERP_BF16=interp_bf16,
-            DOT_PRECISION="ieee",
-            USE_PDL=self.use_pdl,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        splits_p2 = max(2, triton.next_power_of_2(cfg.num_splits))
-        self.merge_constexprs = dict(
-            SPLITS_P2=splits_p2,
-            BLOCK_D=block_d,
-            INTERP_BF16=interp_bf16,
-            USE_PDL=self.use_pdl,
-            num_warps=4 if splits_p2 * block_d <= 8192 else 8,  # [SPLITS_P2, BLOCK_D] fp32 in registers
-        )
-        if self.use_pdl:
-            self.split_constexprs["launch_pdl"] = True
-            self.merge_constexprs["launch_pdl"] = True
-        n_part = p.batch * p.num_kv_heads * rows * cfg.num_splits if cfg.num_splits > 1 else 1
-        self.part_o = torch.empty(n_part * (p.head_dim if cfg.num_splits > 1 else 1), dtype=torch.float32,
-                                  device=p.device)  # fmt: skip
-        self.part_lse = torch.empty(n_part, dtype=torch.float32, device=p.device)
-        self.qk_scale = p.scale * LOG2E_CONST
-        self.mask_strides = p.mask_strides or (0, 0, 0, 0)
-        # Triton launches on the *current* device and its current stream: remember ours to switch to it.
+        common = [p.num_kv_heads, p.group_size, p.q_len, p.head_dim]  # H_KV, GROUP, T_Q, HEAD_DIM
+        self._split_tail = [
+            *(p.mask_strides or (0, 0, 0, 0)), p.scale * LOG2E_CONST, p.capacity, splits, *common,
+            block_m, cfg.block_n, block_d, p.has_kv_start, _MASK_KIND[p.mask_kind],
+        ]  # fmt: skip
+        self._split_end = [interp_bf16, "ieee", self.use_pdl]  # INTERP_BF16, DOT_PRECISION, USE_PDL
+        self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
+        self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
+        self._part_elems = self.n_part * (p.head_dim + 1)
         self.device_index = p.device.index if p.device.type == "cuda" and not interpreter_active() else None
+        pdl = {"launch_pdl": True} if self.use_pdl else {}
+        self._split = BoundKernel(
+            split_kv_kernel, "split_kv_kernel",
+            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
+        )  # fmt: skip
+        bucket = merge_bucket(splits)
+        self._merge_tail = [splits, *common, bucket, block_d]
+        merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
+        self._merge = BoundKernel(
+            merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
+        )
 
     def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
         index = self.device_index
@@ -94,35 +96,32 @@ class SplitKVLauncher:
         self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
 
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
-        p, cfg = self.problem, self.config
         write_lse = lse is not None
-        lse_t = lse if write_lse else self.part_lse
-        lse_strides = (lse.stride(0), lse.stride(1)) if write_lse else (0, 0)
-        o_strides = (out.stride(0), out.stride(1), out.stride(2))
-        split_kv_kernel[self.split_grid](
-            out, *o_strides,
-            lse_t, *lse_strides,
-            self.part_o, self.part_lse,
-            q, p.q_strides[0], p.q_strides[1], p.q_strides[2],
-            k_cache, p.k_strides[0], p.k_strides[1], p.k_strides[2],
-            v_cache, p.v_strides[0], p.v_strides[1], p.v_strides[2],
-            seq_lens,
-            kv_start if kv_start is not None else seq_lens,
-            mask if mask is not None else seq_lens, *self.mask_strides,
-            self.qk_scale,
-            p.capacity,
-            WRITE_LSE=write_lse,
-            **self.constexprs,
-            **self.split_constexprs,
+        if self.n_part:  # owned by this call: concurrent calls never share partials
+            part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
+            part_lse = part[self.n_part * self.problem.head_dim :]
+        else:
+            part = part_lse = seq_lens  # never read nor written with one split
+        lse_t = lse if write_lse else part_lse
+        lse_strides = [lse.stride(0), lse.stride(1)] if write_lse else [0, 0]
+        o_strides = [out.stride(0), out.stride(1), out.stride(2)]
+        kv_start = kv_start if kv_start is not None else seq_lens
+        mask = mask if mask is not None else seq_lens
+        ptrs = (out, lse_t, part, part_lse, q, k_cache, v_cache, seq_lens, kv_start, mask)
+        spec = (write_lse, *o_strides, *lse_strides, *(t.data_ptr() % 16 == 0 for t in ptrs))
+        self._split(
+            self.split_grid,
+            [out, *o_strides, lse_t, *lse_strides, part, part_lse, q, *self._q_strides, k_cache,
+             *self._k_strides, v_cache, *self._v_strides, seq_lens, kv_start, mask, *self._split_tail,
+             write_lse, *self._split_end],
+            spec,
         )  # fmt: skip
-        if cfg.num_splits > 1:
-            merge_kernel[self.merge_grid](
-                out, *o_strides,
-                lse_t, *lse_strides,
-                self.part_o, self.part_lse,
-                WRITE_LSE=write_lse,
-                **self.constexprs,
-                **self.merge_constexprs,
+        if self.n_part:
+            self._merge(
+                self.merge_grid,
+                [out, *o_strides, lse_t, *lse_strides, part, part_lse, *self._merge_tail, write_lse,
+                 self._split_end[0], self.use_pdl],
+                spec,
             )  # fmt: skip
 
 
@@ -132,6 +131,9 @@ class TritonBackend:
     name = "triton"
 
     def supports(self, problem: DecodeProblem) -> str | None:
+        rows = problem.batch * problem.num_kv_heads
+        if rows > GRID_Y_MAX:
+            return f"B * H_kv ({rows}) exceeds the {GRID_Y_MAX} programs of a grid's second dimension"
         if problem.device.type != "cuda":
             if not interpreter_active():
                 return (

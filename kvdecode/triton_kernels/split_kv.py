@@ -2,9 +2,11 @@ r"""Split-KV ("flash-decoding") vector SDPA kernels.
 
 For one row ``b`` and one KV head, the ``GROUP = H_q / H_kv`` query heads times the ``T_q`` new tokens form
 ``M = GROUP * T_q`` query rows that share every K/V tile load (GQA packing). The visible key range
-``[kv_start[b], seq_lens[b])`` is cut on the device into ``NUM_SPLITS`` chunks, so lengths can change every
-step without a host sync or a recompilation. Split ``s`` computes, in base 2 (``exp2``/``log2`` are the
-fast hardware paths; ``1.44269504 = 1/ln 2`` converts)::
+``[kv_start[b], seq_lens[b])`` is cut on the device into ``num_splits`` chunks, so lengths can change every
+step without a host sync or a recompilation. ``num_splits`` is a run-time argument (never specialized):
+a new batch size or capacity that changes it reuses the compiled kernels; the merge reads at most
+``SPLITS_P2`` (a compile-time bucket, see ``launcher.merge_bucket``) splits. Split ``s`` computes, in
+base 2 (``exp2``/``log2`` are the fast hardware paths; ``1.44269504 = 1/ln 2`` converts)::
 
     s_ij  = scale * log2(e) * <q_i, k_j>  (+ log2(e) * additive mask)       j in split s, visible to i
     m_i   = max_j s_ij,  l_i = sum_j 2^(s_ij - m_i)
@@ -16,7 +18,7 @@ and the merge combines the splits with LSE weights::
 
 Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``seq_lens[b] - T_q + t``; it sees
 keys ``kv_start[b] <= j <= seq_lens[b] - T_q + t`` (bottom-right causal). A row with nothing visible writes
-zeros and ``LSE = -inf``. With ``NUM_SPLITS == 1`` the split kernel writes the final output itself.
+zeros and ``LSE = -inf``. With ``num_splits == 1`` the split kernel writes the final output itself.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _tile_update(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def split_kv_kernel(
     Out,
     stride_ob,
@@ -107,8 +109,8 @@ def split_kv_kernel(
     Lse,
     stride_lb,
     stride_lh,  # float32 [B, H_q, T_q] (T_q stride 1); used when WRITE_LSE
-    PartO,  # float32 [B * H_kv, M, NUM_SPLITS, D] contiguous
-    PartLse,  # float32 [B * H_kv, M, NUM_SPLITS] contiguous
+    PartO,  # float32 [B * H_kv, M, num_splits, D] contiguous
+    PartLse,  # float32 [B * H_kv, M, num_splits] contiguous
     Q,
     stride_qb,
     stride_qh,
@@ -130,11 +132,11 @@ def split_kv_kernel(
     stride_mn,  # broadcast view [B, H_q, T_q, capacity]
     qk_scale,  # scale * log2(e)
     capacity,
+    num_splits,  # programs per (row, KV head) on grid axis 0; run time, so it never recompiles
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
     T_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -145,7 +147,7 @@ def split_kv_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program: the tiles ``split, split + NUM_SPLITS, ...`` of one (row, KV head), for one block of
+    """One program: the tiles ``split, split + num_splits, ...`` of one (row, KV head), for one block of
     packed query rows.
 
     Tiles are dealt round-robin so that, without ``kv_start``, the first tile's address does not depend on
@@ -198,7 +200,7 @@ def split_kv_kernel(
         acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
         qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
-    for t in range(tile + NUM_SPLITS, tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS):
+    for t in range(tile + num_splits, tl.cdiv(seq_len, BLOCK_N), num_splits):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
@@ -211,7 +213,7 @@ def split_kv_kernel(
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
         tl.store(
             out_ptrs + offs_d[None, :],
@@ -224,12 +226,12 @@ def split_kv_kernel(
     else:
         # every split writes its partial (zeros when empty) so the merge loads LSEs and partials at once
         row = bh.to(tl.int64) * M + offs_m
-        tl.store(PartLse + row * NUM_SPLITS + split, lse2, mask=m_ok)
-        po_ptrs = PartO + (row[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :]
+        tl.store(PartLse + row * num_splits + split, lse2, mask=m_ok)
+        po_ptrs = PartO + (row[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(po_ptrs, o, mask=m_ok[:, None] & d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def merge_kernel(
     Out,
     stride_ob,
@@ -238,13 +240,13 @@ def merge_kernel(
     Lse,
     stride_lb,
     stride_lh,  # float32 [B, H_q, T_q]
-    PartO,  # float32 [B * H_kv, M, NUM_SPLITS, D]
-    PartLse,  # float32 [B * H_kv, M, NUM_SPLITS]
+    PartO,  # float32 [B * H_kv, M, num_splits, D]
+    PartLse,  # float32 [B * H_kv, M, num_splits]
+    num_splits,  # 2..SPLITS_P2, run time
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
     T_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
@@ -265,11 +267,11 @@ def merge_kernel(
         tl.extra.cuda.gdc_wait()  # the split kernel's partials are visible after this
         tl.extra.cuda.gdc_launch_dependents()  # a PDL successor may launch now; it waits for our end
     part = tl.load(  # issued together with the LSE load: no dependent round trip
-        PartO + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-        mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM),
+        PartO + (row * num_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
-    lse_s = tl.load(PartLse + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_s = tl.load(PartLse + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     lse_max = tl.max(lse_s, axis=0)
     lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     w = tl.exp2(lse_s - lse_ref)  # 0 for empty splits

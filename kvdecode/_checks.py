@@ -1,0 +1,151 @@
+"""Checks ``DecodePlan.run`` makes on every call: cheap comparisons first, messages only on failure.
+
+The fast test compares each tensor's metadata with tuples the plan computed once; only when it fails
+does the slow path work out which argument is wrong and raise :class:`KVDecodeError` naming both sides
+(a non-tensor argument included: never a raw ``AttributeError``).
+
+Overlaps: an output that aliases an input or the other output would be written while it is read (or
+written twice), so ``out`` and ``lse`` must not share memory with ``q``, ``k_cache``, ``v_cache`` or each
+other, and neither may overlap itself (an expanded, stride-0 view). Two tensors are taken to overlap when
+their byte ranges ``[data_ptr, data_ptr + extent)`` intersect: exact for the dense layouts decode uses,
+conservative for interleaved views of one buffer (refused though disjoint element by element).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import KVDecodeError
+from .problem import DecodeProblem
+
+__all__ = ["check_buffers", "check_inputs", "extent", "overlapping"]
+
+
+def extent(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past its last element (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+    return (last + 1) * t.element_size()
+
+
+def overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of ``a`` and ``b`` intersect (see the module docstring)."""
+    if a.device != b.device:
+        return False
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + extent(b) and pb < pa + extent(a)
+
+
+def self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (e.g. an expanded view with a zero stride)."""
+    return torch._debug_has_internal_overlap(t) != 0  # 0: none; 1: yes; 2: too hard to tell (refused)
+
+
+def check_outputs_disjoint(outputs: dict, inputs: dict) -> None:
+    """Refuse outputs that overlap themselves, each other or an input (names in the message)."""
+    for name, t in outputs.items():
+        if self_overlapping(t):
+            raise KVDecodeError(
+                f"{name} must not overlap itself, got strides {tuple(t.stride())} for shape "
+                f"{tuple(t.shape)}; pass a fresh tensor (torch.empty) instead of an expanded view"
+            )
+    names = list(outputs)
+    for i, name in enumerate(names):
+        others = {**{n: outputs[n] for n in names[i + 1 :]}, **inputs}
+        for other, t in others.items():
+            if overlapping(outputs[name], t):
+                raise KVDecodeError(
+                    f"{name} must not share memory with {other}, got overlapping ranges at "
+                    f"{outputs[name].data_ptr():#x} and {t.data_ptr():#x}; pass a separate output buffer"
+                )
+
+
+def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask) -> None:
+    """Raise :class:`KVDecodeError` for the first argument that does not match the plan."""
+    kv_shape = (p.batch, p.num_kv_heads, p.capacity, p.head_dim)
+    _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
+    _same("k_cache", k_cache, p.k_strides, kv_shape, p)
+    _same("v_cache", v_cache, p.v_strides, kv_shape, p)
+    _lengths("seq_lens", seq_lens, p)
+    if (kv_start is not None) != p.has_kv_start:
+        raise KVDecodeError(
+            f"kv_start is {'given' if kv_start is not None else 'None'} but the plan was made "
+            f"{'with' if p.has_kv_start else 'without'} it; make a new plan"
+        )
+    if kv_start is not None:
+        _lengths("kv_start", kv_start, p)
+    _mask(mask, p)
+
+
+def check_buffers(p: DecodeProblem, out, lse) -> None:
+    q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
+    if out is not None:
+        _buffer("out", out, q_shape, p.dtype, p)
+    if lse is not None:
+        _buffer("lse", lse, q_shape[:3], torch.float32, p)
+
+
+def _tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise KVDecodeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor")
+    return t
+
+
+def _lengths(name: str, t: object, p: DecodeProblem) -> None:
+    t = _tensor(name, t)
+    stride_ok = p.batch == 1 or t.stride(0) == 1
+    if t.dtype != torch.int32 or tuple(t.shape) != (p.batch,) or t.device != p.device or not stride_ok:
+        raise KVDecodeError(
+            f"{name} must be a contiguous int32 ({p.batch},) tensor on {p.device}, got {t.dtype} "
+            f"{tuple(t.shape)} with stride {tuple(t.stride())} on {t.device}; pass "
+            f"{name}.to({str(p.device)!r}, torch.int32).contiguous()"
+        )
+
+
+def _mask(mask: object, p: DecodeProblem) -> None:
+    if (mask is not None) != (p.mask_kind != "none"):
+        raise KVDecodeError(
+            f"mask is {'given' if mask is not None else 'None'} but the plan was made with mask kind "
+            f"{p.mask_kind!r}; make a new plan"
+        )
+    if mask is None:
+        return
+    mask = _tensor("mask", mask)
+    full = (p.batch, p.num_q_heads, p.q_len, p.capacity)
+    try:
+        strides = tuple(mask.expand(full).stride())
+    except RuntimeError:
+        strides = None
+    if mask.dtype != p.mask_dtype or strides != p.mask_strides or mask.device != p.device:
+        raise KVDecodeError(
+            f"mask has dtype {mask.dtype}, shape {tuple(mask.shape)} on {mask.device} but the plan was made "
+            f"for dtype {p.mask_dtype} with broadcast strides {p.mask_strides} on {p.device}; make a new plan"
+        )
+
+
+def _buffer(name: str, t: object, shape: tuple, dtype: torch.dtype, p: DecodeProblem) -> None:
+    t = _tensor(name, t)
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != p.device or t.stride(-1) != 1:
+        raise KVDecodeError(
+            f"{name} must be {dtype} {shape} on {p.device} with stride(-1) == 1, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device} with strides {tuple(t.stride())}"
+        )
+
+
+def _same(name: str, t: object, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
+    t = _tensor(name, t)
+    if t.dtype != p.dtype:
+        raise KVDecodeError(
+            f"{name} has dtype {t.dtype} but the plan was made for {p.dtype}; make a new plan"
+        )
+    if tuple(t.shape) != shape:
+        raise KVDecodeError(
+            f"{name} has shape {tuple(t.shape)} but the plan was made for {shape}; make a new plan"
+        )
+    if tuple(t.stride()) != strides:
+        raise KVDecodeError(
+            f"{name} has strides {tuple(t.stride())} but the plan was made for {strides}; make a new plan"
+        )
+    if t.device != p.device:
+        raise KVDecodeError(f"{name} is on {t.device} but the plan was made for {p.device}; make a new plan")

@@ -1,0 +1,113 @@
+"""A Triton kernel with its arguments bound once: per-call launches that skip ``JITFunction.run``.
+
+``JITFunction.run`` re-binds every argument, re-computes the specialization key and looks the compiled
+kernel up on every call (~10-40 µs of host time for a kernel with many parameters). A plan's launches
+only ever differ in a few pointers (and the ``out``/``lse`` strides), so :class:`BoundKernel` goes through
+``JITFunction.run`` once per *specialization* (the 16-byte alignment of every pointer plus the exact
+values of the per-call integers), keeps the ``CompiledKernel`` it returned, and afterwards calls that
+kernel's launcher directly, as ``JITFunction.run`` itself does after its lookup.
+
+The direct path is used only where it is known to work: a real GPU (not the interpreter) and a Triton
+whose ``CompiledKernel`` has ``run``, ``function`` and ``packed_metadata``. If a direct launch raises,
+the bound kernel falls back to ``JITFunction.run`` for good (logged at DEBUG). Compiles are counted per
+kernel in :func:`compile_counts` (a compiled variant met for the first time in this process: compiled
+afresh or loaded from Triton's on-disk cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+import torch
+
+from .._interpret import interpreter_active
+
+__all__ = ["BoundKernel", "compile_counts", "reset_compile_counts"]
+
+log = logging.getLogger("kvdecode.triton")
+
+_SEEN: set[tuple[str, str]] = set()
+_COUNTS: Counter[str] = Counter()
+_LOCK = threading.Lock()
+
+
+def compile_counts() -> dict[str, int]:
+    """Compiled kernel variants this process has met, per kernel name (``{"split_kv_kernel": 1, ...}``)."""
+    with _LOCK:
+        return dict(_COUNTS)
+
+
+def reset_compile_counts() -> None:
+    """Forget the variants met so far (for benchmarks that count compiles from a point on)."""
+    with _LOCK:
+        _SEEN.clear()
+        _COUNTS.clear()
+
+
+def _note_variant(name: str, kernel: object) -> None:
+    tag = str(getattr(kernel, "hash", id(kernel)))
+    with _LOCK:
+        if (name, tag) not in _SEEN:
+            _SEEN.add((name, tag))
+            _COUNTS[name] += 1
+
+
+def _hooks():
+    try:
+        from triton import knobs
+
+        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    except (ImportError, AttributeError):  # older Triton: hooks live on CompiledKernel
+        from triton.compiler import CompiledKernel
+
+        return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+
+
+class BoundKernel:
+    """One ``@triton.jit`` kernel and its launch options, launched with a full positional argument list.
+
+    Parameters
+    ----------
+    fn : triton JITFunction
+    name : str
+        For :func:`compile_counts` and logs.
+    options : dict
+        ``num_warps``, ``num_stages``, ``launch_pdl``...: what ``fn[grid](..., **options)`` takes.
+    device_index : int or None
+        The CUDA device the kernel launches on (its current stream is read per call); None under the
+        interpreter, where every launch goes through ``fn[grid]``.
+    """
+
+    def __init__(self, fn, name: str, options: dict, device_index: int | None) -> None:
+        self.fn, self.name, self.options = fn, name, options
+        self.device_index = device_index
+        self.direct = device_index is not None and not interpreter_active()
+        self._compiled: dict[tuple, object] = {}
+        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._stream = get_stream if get_stream is not None else self._torch_stream
+
+    def _torch_stream(self, index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+    def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple) -> None:
+        """Launch on ``grid``; ``spec`` must determine Triton's specialization of ``args`` (alignments and
+        per-call integers): launches with an equal ``spec`` share one compiled kernel."""
+        kernel = self._compiled.get(spec) if self.direct else None
+        if kernel is not None:
+            try:
+                stream = self._stream(self.device_index)
+                enter, leave = _hooks()
+                meta = kernel.launch_metadata(grid, stream, *args)
+                kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                           meta, enter, leave, *args)  # fmt: skip
+                return
+            except Exception as exc:  # an unknown Triton: its binder path is always right
+                log.debug("%s: direct launch failed (%s); using JITFunction.run from now on", self.name, exc)
+                self.direct = False
+        kernel = self.fn[grid](*args, **self.options)
+        if kernel is not None:  # None under the interpreter
+            _note_variant(self.name, kernel)
+        if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            self._compiled[spec] = kernel
