@@ -30,11 +30,21 @@ from typing import Literal
 
 import torch
 
+from ._cache_checks import (
+    check_constructor,
+    check_in_range,
+    check_index_tensor,
+    device_row_mask,
+    host_ints,
+    host_row_mask,
+    is_host,
+    resolve_device,
+)
 from .api import check_lengths
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
 from .planner import check_backend_name
-from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES, DecodeProblem
+from .problem import DecodeProblem
 
 __all__ = ["StaticKVCache"]
 
@@ -76,6 +86,12 @@ class StaticKVCache:
     out of bounds, never written over the last slot), and attention reads at most ``capacity`` keys.
     :meth:`overflowed` gives a device bool ``[B]`` to check later.
 
+    **Rows and lengths.** What comes from the host (ints, sequences, CPU tensors) is checked on the host:
+    out of range, negative, non-integral or of the wrong type raises :class:`~kvdecode.KVDecodeError`
+    before anything changes. What is already on the GPU is never read back (no sync, capture-safe): device
+    lengths and counts are clamped to ``0..capacity`` and device row indices outside ``0..B - 1`` are
+    ignored (see :mod:`kvdecode._cache_checks`).
+
     Examples
     --------
     >>> import torch, kvdecode
@@ -107,21 +123,10 @@ class StaticKVCache:
     ) -> None:
         sizes = {"num_layers": num_layers, "batch": batch, "num_kv_heads": num_kv_heads}
         sizes.update(capacity=capacity, head_dim=head_dim)
-        for name, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise KVDecodeError(f"{name} must be a positive int, got {value!r}")
-        if head_dim > MAX_HEAD_DIM:
-            raise KVDecodeError(f"head_dim must be <= {MAX_HEAD_DIM}, got {head_dim}")
-        if dtype not in SUPPORTED_DTYPES:
-            raise KVDecodeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-        if layout not in ("bhsd", "bshd"):
-            raise KVDecodeError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+        flags = {"left_padded": left_padded, "deterministic": deterministic, "validate": validate}
+        check_constructor(sizes, dtype, layout, scale, flags)
         self.backend = check_backend_name(backend)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())  # tensors report an index
+        self.device = resolve_device(device)
         self.num_layers, self.batch, self.num_kv_heads = num_layers, batch, num_kv_heads
         self.capacity, self.head_dim, self.dtype, self.layout = capacity, head_dim, dtype, layout
         self.scale, self.deterministic, self.validate = scale, deterministic, validate
@@ -159,12 +164,24 @@ class StaticKVCache:
     def advance(self, n: int | torch.Tensor = 1) -> None:
         """``seq_lens += n`` on the device; ``n`` is an int or an int32 tensor ``[B]`` (per-row counts).
 
-        With ``validate`` (eager) a row that would leave ``0..capacity`` raises and nothing changes.
+        Counts are in ``0..capacity``: an int or a CPU tensor outside raises (nothing changes); a device
+        tensor is clamped to that range on the device (read back it would sync the host). To move rows
+        back, use :meth:`set_lengths` or :meth:`reset`. With ``validate`` (eager) a row that would leave
+        ``0..capacity`` raises and nothing changes.
         """
         if isinstance(n, torch.Tensor):
             self._check_row_tensor("n", n)
+            if is_host(n):
+                check_in_range("n", n, self.capacity)
+            else:
+                n = n.clamp(0, self.capacity)
         elif not isinstance(n, int) or isinstance(n, bool):
             raise KVDecodeError(f"n must be an int or an int32 tensor [B], got {type(n).__name__}")
+        elif not 0 <= n <= self.capacity:
+            raise KVDecodeError(
+                f"n must be in 0..capacity ({self.capacity}), got {n}; advance by the tokens of one step "
+                "(set_lengths or reset move rows back)"
+            )
         if self._validating():
             new = (self.seq_lens.long() + (n.long() if isinstance(n, torch.Tensor) else n)).tolist()
             for b, length in enumerate(new):
@@ -176,14 +193,18 @@ class StaticKVCache:
         self.seq_lens.add_(n)
 
     def set_lengths(self, seq_lens: torch.Tensor | Sequence[int], kv_start=None) -> None:
-        """Copy lengths (and ``kv_start`` for a left-padded cache) into the device buffers, in place."""
-        lens = torch.as_tensor(seq_lens, dtype=torch.int32)
-        self._check_row_tensor("seq_lens", lens, check_device=False)
+        """Copy lengths (and ``kv_start`` for a left-padded cache) into the device buffers, in place.
+
+        Each is a sequence of ints or an integer tensor ``[B]``. From the host (a sequence or a CPU
+        tensor) every value must be an integer in ``0..capacity``, else :class:`~kvdecode.KVDecodeError`
+        and nothing changes (``1.7`` is refused, never truncated). A tensor on a CUDA device is not read
+        back: its values are clamped to ``0..capacity`` on the device.
+        """
+        lens = self._lengths_in("seq_lens", seq_lens)
         if kv_start is not None:
             if self.kv_start is None:
                 raise KVDecodeError("kv_start must be None for a cache made with left_padded=False")
-            starts = torch.as_tensor(kv_start, dtype=torch.int32)
-            self._check_row_tensor("kv_start", starts, check_device=False)
+            starts = self._lengths_in("kv_start", kv_start)
         else:
             starts = self.kv_start
         if self._validating():  # before anything is copied: a rejected call changes nothing
@@ -195,38 +216,21 @@ class StaticKVCache:
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
         """Zero ``seq_lens`` (and ``kv_start``) of ``rows``, on the device; ``None`` resets every row.
 
-        ``rows`` is a bool tensor ``[B]`` (True = reset), an integer index tensor, or a sequence of ints.
-        Under capture pass a device tensor (a Python sequence is copied to the device at call time).
+        ``rows`` is a bool tensor ``[B]`` (True = reset), a 1-D int32/int64 index tensor, or a sequence
+        of ints. From the host (a sequence or a CPU tensor) every index must be in ``0..B - 1``, else
+        :class:`~kvdecode.KVDecodeError` and nothing changes (negative indices are refused, not wrapped).
+        An index tensor on the cache's CUDA device is not read back (no host sync, capture-safe): its
+        indices outside ``0..B - 1`` select no row and are ignored (with ``validate``, eager, they raise).
+        Under capture pass a device tensor (a host one is copied to the device at call time).
         """
         targets = [self.seq_lens] + ([self.kv_start] if self.kv_start is not None else [])
         if rows is None:
             for t in targets:
                 t.zero_()
             return
-        if not isinstance(rows, torch.Tensor):
-            rows = list(rows)
-            for r in rows:
-                if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.batch:
-                    raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {r!r}")
-            rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        if rows.device != self.device:
-            raise KVDecodeError(f"rows must be on the cache's device ({self.device}), got {rows.device}")
-        if rows.dtype == torch.bool:
-            self._check_row_tensor("rows", rows)
-            for t in targets:
-                t.masked_fill_(rows, 0)
-            return
-        if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
-            raise KVDecodeError(
-                f"rows must be a bool mask [B] or a 1-D integer index tensor, got {rows.dtype} "
-                f"with shape {tuple(rows.shape)}"
-            )
-        if self._validating():
-            bad = [r for r in rows.tolist() if not 0 <= r < self.batch]
-            if bad:
-                raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {bad[0]}")
+        mask = self._rows_mask(rows)
         for t in targets:
-            t.index_fill_(0, rows.long(), 0)
+            t.masked_fill_(mask, 0)
 
     # ---- the step ----------------------------------------------------------------------------------
 
@@ -312,6 +316,38 @@ class StaticKVCache:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise KVDecodeError(f"layer must be an int in 0..{self.num_layers - 1}, got {layer!r}")
         return layer
+
+    def _lengths_in(self, name: str, values: object) -> torch.Tensor:
+        """int32 ``[B]`` lengths to copy in: host values checked, device values clamped (no sync)."""
+        if is_host(values):
+            return host_ints(name, values, self.batch, self.capacity)
+        if tuple(values.shape) != (self.batch,):
+            raise KVDecodeError(
+                f"{name}.shape must be ({self.batch},) (one per row), got {tuple(values.shape)}"
+            )
+        if values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+            raise KVDecodeError(
+                f"{name} must hold ints (an integer tensor), got {values.dtype}; pass token counts"
+            )
+        return values.clamp(0, self.capacity).to(torch.int32)
+
+    def _rows_mask(self, rows: object) -> torch.Tensor:
+        """Bool ``[B]`` on the cache's device: the rows :meth:`reset` zeroes."""
+        if is_host(rows):
+            return host_row_mask(rows, self.batch).to(self.device, non_blocking=True)
+        if rows.device != self.device:
+            raise KVDecodeError(
+                f"rows must be on the cache's device ({self.device}) or the CPU, got {rows.device}"
+            )
+        if rows.dtype == torch.bool:
+            self._check_row_tensor("rows", rows)
+            return rows
+        check_index_tensor(rows)
+        if self._validating():
+            bad = [r for r in rows.tolist() if not 0 <= r < self.batch]
+            if bad:
+                raise KVDecodeError(f"rows must hold row indices in 0..{self.batch - 1}, got {bad[0]}")
+        return device_row_mask(rows, self.batch)
 
     def _check_row_tensor(self, name: str, t: torch.Tensor, *, check_device: bool = True) -> None:
         if tuple(t.shape) != (self.batch,):

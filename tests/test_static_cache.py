@@ -215,3 +215,185 @@ def test_attend_with_a_query_the_cache_cannot_serve_raises():
         cache.attend(0, torch.randn(3, 2, 1, 16, dtype=torch.float64).half())
     with pytest.raises(KVDecodeError, match=r"num_q_heads \(3\) must be a multiple of num_kv_heads \(2\)"):
         cache.attend(0, torch.randn(3, 3, 1, 16))
+
+
+# ---- hostile rows, lengths and arguments (issue 12, defects 3 and 6) ----
+
+
+def test_reset_with_an_out_of_range_or_negative_host_index_raises_and_changes_nothing():
+    cache = make_cache(batch=4, left_padded=True)
+    cache.set_lengths([5, 6, 7, 8], kv_start=[1, 2, 3, 4])
+    for rows, bad in ((torch.tensor([7]), 7), (torch.tensor([1, -1]), -1), ([-4], -4), ((0, 2**40), 2**40)):
+        with pytest.raises(KVDecodeError, match=rf"rows must hold row indices in 0..3, got {bad}"):
+            cache.reset(rows)
+        assert cache.seq_lens.tolist() == [5, 6, 7, 8] and cache.kv_start.tolist() == [1, 2, 3, 4]
+    cache.reset([])  # nothing to reset
+    cache.reset(torch.tensor([], dtype=torch.int64))
+    assert cache.seq_lens.tolist() == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (3, "rows must be None, a bool mask"),
+        (1.5, "rows must be None, a bool mask"),
+        ([1.0], r"rows must hold row indices in 0..3, got 1.0"),
+        ([True], r"rows must hold row indices in 0..3, got True"),
+        (torch.tensor([[1]]), r"rows must be a bool mask \[B\] or a 1-D integer index tensor"),
+        (torch.tensor([1.0]), r"rows must be a bool mask \[B\] or a 1-D integer index tensor"),
+    ],
+)
+def test_reset_with_a_wrong_type_raises_naming_rows(rows, match):
+    with pytest.raises(KVDecodeError, match=match):
+        make_cache(batch=4).reset(rows)
+
+
+def test_device_row_mask_ignores_out_of_range_indices_without_a_sync():
+    from kvdecode._cache_checks import device_row_mask
+
+    rows = torch.tensor([7, -1, 1, 2**40, -(2**40), 1, 3])
+    assert device_row_mask(rows, 4).tolist() == [False, True, False, True]
+    assert device_row_mask(torch.tensor([], dtype=torch.int32), 4).tolist() == [False] * 4
+
+
+@pytest.mark.parametrize(
+    "lens, match",
+    [
+        ([1.7, 2, 3], r"seq_lens must hold ints .* got 1.7"),
+        (torch.tensor([1.0, 2.0, 3.0]), r"seq_lens must hold ints .* got 1.0"),
+        ([True, 2, 3], r"seq_lens must hold ints"),
+        ([2**40, 0, 0], r"seq_lens\[0\] must be in 0..capacity \(32\), got 1099511627776"),
+        ([2**70, 0, 0], r"seq_lens\[0\] must be in 0..capacity \(32\), got 1180591620717411303424"),
+        ([1, -1, 0], r"seq_lens\[1\] must be in 0..capacity \(32\), got -1"),
+        (torch.tensor([1, 2, 33]), r"seq_lens\[2\] must be in 0..capacity \(32\), got 33"),
+        ("abc", r"seq_lens must hold ints"),
+        (5, r"seq_lens must hold ints"),
+        ([1, 2], r"seq_lens.shape must be \(3,\)"),
+    ],
+)
+def test_set_lengths_checks_host_values_without_validate(lens, match):
+    cache = make_cache()
+    cache.set_lengths([4, 5, 6])
+    with pytest.raises(KVDecodeError, match=match):
+        cache.set_lengths(lens)
+    assert cache.seq_lens.tolist() == [4, 5, 6]
+
+
+def test_set_lengths_checks_host_kv_start():
+    cache = make_cache(left_padded=True)
+    with pytest.raises(KVDecodeError, match=r"kv_start must hold ints .* got 0.5"):
+        cache.set_lengths([4, 5, 6], kv_start=[0.5, 0, 0])
+    with pytest.raises(KVDecodeError, match=r"kv_start\[2\] must be in 0..capacity \(32\), got -2"):
+        cache.set_lengths([4, 5, 6], kv_start=[0, 0, -2])
+    cache.set_lengths(torch.tensor([4, 5, 6]), kv_start=torch.tensor([1, 2, 3]))  # int64 host: fine
+    assert cache.seq_lens.tolist() == [4, 5, 6] and cache.kv_start.tolist() == [1, 2, 3]
+    assert cache.seq_lens.dtype == cache.kv_start.dtype == torch.int32
+
+
+@pytest.mark.parametrize("n", [2**40, 2**31, -1, 33, 1.0, True, "1", None])
+def test_advance_by_an_int_out_of_range_or_of_a_wrong_type_raises(n):
+    cache = make_cache(capacity=32)
+    cache.set_lengths([1, 2, 3])
+    with pytest.raises(KVDecodeError, match=r"^n must be"):
+        cache.advance(n)
+    assert cache.seq_lens.tolist() == [1, 2, 3]
+    cache.advance(32)  # a whole capacity at once is allowed (the rows overflow, as documented)
+    assert cache.overflowed().tolist() == [True] * 3
+
+
+def test_advance_by_a_host_tensor_checks_its_values():
+    cache = make_cache(capacity=32)
+    with pytest.raises(KVDecodeError, match=r"n\[1\] must be in 0..capacity \(32\), got -1"):
+        cache.advance(torch.tensor([1, -1, 0], dtype=torch.int32))
+    with pytest.raises(KVDecodeError, match=r"n\[0\] must be in 0..capacity \(32\), got 2147483647"):
+        cache.advance(torch.tensor([2**31 - 1, 0, 0], dtype=torch.int32))
+    assert cache.seq_lens.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(device="cuda:99"), r"device must be"),
+        (dict(device="nonsense"), r"device must be"),
+        (dict(device=3), r"device must be a torch.device or a string"),
+        (dict(device="meta"), r"device must be a CPU or CUDA device"),
+        (dict(dtype=[]), r"dtype must be one of"),
+        (dict(dtype="float32"), r"dtype must be one of"),
+        (dict(layout=["bhsd"]), r"layout must be 'bhsd' or 'bshd'"),
+        (dict(left_padded="yes"), r"left_padded must be a bool, got 'yes'"),
+        (dict(validate=1), r"validate must be a bool, got 1"),
+        (dict(deterministic=[]), r"deterministic must be a bool, got \[\]"),
+        (dict(scale="x"), r"scale must be None or a positive finite float, got 'x'"),
+        (dict(scale=float("nan")), r"scale must be None or a positive finite float, got nan"),
+        (dict(scale=-1.0), r"scale must be None or a positive finite float, got -1.0"),
+        (dict(backend=3), r"backend must be one of"),
+        (dict(capacity=2**31), r"capacity must be a positive int <= 2147483647, got 2147483648"),
+        (dict(batch=2.0), r"batch must be a positive int"),
+    ],
+)
+def test_constructor_arguments_of_a_wrong_type_or_value_raise(kw, match):
+    args = dict(num_layers=1, batch=1, num_kv_heads=1, capacity=8, head_dim=8, dtype=torch.float32)
+    args.setdefault("device", DEV)
+    args.update(kw)
+    with pytest.raises(KVDecodeError, match=match):
+        StaticKVCache(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_a_cuda_cache_without_cuda_raises_kvdecode_error():
+    with pytest.raises(KVDecodeError, match=r"device must be .*CUDA is not available.*device='cpu'"):
+        StaticKVCache(1, 1, 1, 8, 8, dtype=torch.float32, device="cuda")
+
+
+# ---- on the GPU: device rows and lengths are clamped there, with no host sync ----
+
+
+def _gpu_cache(**kw) -> StaticKVCache:
+    return StaticKVCache(1, 4, 1, 32, 16, dtype=torch.float16, device="cuda", backend="triton", **kw)
+
+
+@pytest.mark.gpu
+def test_gpu_reset_with_out_of_range_device_indices_ignores_them():
+    cache = _gpu_cache(left_padded=True)
+    cache.set_lengths([5, 6, 7, 8], kv_start=[1, 2, 3, 4])
+    cache.reset(torch.tensor([7, -1, 1, 2**40], device="cuda"))  # no device-side assert
+    torch.cuda.synchronize()
+    assert cache.seq_lens.tolist() == [5, 0, 7, 8] and cache.kv_start.tolist() == [1, 0, 3, 4]
+    cache.reset(torch.tensor([2], dtype=torch.int32))  # a host index tensor is checked and copied
+    assert cache.seq_lens.tolist() == [5, 0, 0, 8]
+    with pytest.raises(KVDecodeError, match=r"rows must hold row indices in 0..3, got 7"):
+        cache.reset(torch.tensor([7]))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_reset_with_device_indices_under_capture():
+    cache = _gpu_cache()
+    rows = torch.tensor([3, 9], device="cuda")
+    cache.set_lengths([5, 6, 7, 8])
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        cache.reset(rows)  # warm up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            cache.reset(rows)
+    cache.set_lengths([5, 6, 7, 8])
+    rows.copy_(torch.tensor([-2, 0]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert cache.seq_lens.tolist() == [0, 6, 7, 8]
+
+
+@pytest.mark.gpu
+def test_gpu_device_lengths_and_increments_are_clamped_on_the_device():
+    cache = _gpu_cache(left_padded=True)
+    lens = torch.tensor([40, -3, 5, 2**30], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([-1, 0, 99, 2], device="cuda")
+    cache.set_lengths(lens, kv_start=starts)
+    assert cache.seq_lens.tolist() == [32, 0, 5, 32] and cache.kv_start.tolist() == [0, 0, 32, 2]
+    cache.set_lengths([0, 0, 0, 0])
+    cache.advance(torch.tensor([2**30, -5, 1, 32], dtype=torch.int32, device="cuda"))
+    assert cache.seq_lens.tolist() == [32, 0, 1, 32]
+    with pytest.raises(KVDecodeError, match=r"seq_lens must hold ints"):
+        cache.set_lengths(torch.tensor([1.5, 0, 0, 0], device="cuda"))
