@@ -1,0 +1,166 @@
+"""Issue 12 regressions in the plan layer: keys say what was asked, outputs never alias inputs, wrong
+argument types raise ``KVDecodeError``, cuDNN graphs are built at plan time, and plans are thread-safe
+(the threaded GPU test is in tests/test_threads.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_planner import FakeCudnn, gpu_problem
+
+import kvdecode
+from kvdecode import backends
+from kvdecode.backends import ReferenceBackend
+from kvdecode.errors import KVDecodeError, UnsupportedError
+from kvdecode.plan import PLANS
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    PLANS.clear()
+    yield
+    PLANS.clear()
+
+
+class FakeTriton(ReferenceBackend):
+    name = "triton"
+
+
+def test_explicit_cudnn_never_reuses_an_auto_fallback(monkeypatch):
+    """An ``auto`` call whose cuDNN build failed falls back to Triton; a later explicit ``cudnn`` call for
+    the same problem used to get that Triton plan from the cache (keyed by the chosen name only)."""
+    from kvdecode.thresholds import Threshold
+
+    backends.backend_names()
+    monkeypatch.setitem(backends._REGISTRY, "cudnn", FakeCudnn(fail_build=True))
+    monkeypatch.setitem(backends._REGISTRY, "triton", FakeTriton())
+    monkeypatch.setattr("kvdecode.planner.auto_threshold", lambda p: Threshold(16, "test", False))
+    q, k, v, lens = _cpu_inputs()
+    kvdecode.decode_attention(q, k, v, lens, max_seq_len=32)  # auto -> cuDNN -> build fails -> Triton
+    auto = PLANS.peek(kvdecode.DecodeProblem.from_tensors(q, k, v, lens), asked="auto", backend="cudnn")
+    assert auto is not None and auto.backend == "triton" and "declined at build time" in auto.choice.reason
+    with pytest.raises(UnsupportedError, match="no engine"):
+        kvdecode.decode_attention(q, k, v, lens, backend="cudnn")
+
+
+def _cpu_inputs():
+    q = torch.randn(2, 4, 1, 16)
+    k = torch.randn(2, 2, 32, 16)
+    v = torch.randn(2, 2, 32, 16)
+    lens = torch.tensor([5, 32], dtype=torch.int32)
+    return q, k, v, lens
+
+
+def _plan(q, k, v, lens):
+    return kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, v, lens), backend="reference")
+
+
+@pytest.mark.parametrize(
+    "make_out, fragment",
+    [
+        (lambda q, k: torch.empty(1, 4, 1, 16).expand(2, 4, 1, 16), "out must not overlap itself"),
+        (lambda q, k: k.view(-1)[:128].view(2, 4, 1, 16), "share memory with k_cache"),
+        (lambda q, k: q, "share memory with q"),
+    ],
+    ids=["expanded", "inside-k_cache", "is-q"],
+)
+def test_outputs_that_alias_are_refused(make_out, fragment):
+    q, k, v, lens = _cpu_inputs()
+    out = make_out(q, k)
+    k_before = k.clone()
+    for call in (
+        lambda: _plan(q, k, v, lens).run(q, k, v, lens, out=out),
+        lambda: kvdecode.decode_attention(q, k, v, lens, backend="reference", out=out),
+    ):
+        with pytest.raises(KVDecodeError, match=fragment):
+            call()
+    assert torch.equal(k, k_before)
+
+
+def test_lse_overlapping_out_is_refused():
+    q, k, v, lens = _cpu_inputs()
+    buf = torch.empty(2 * 4 * 1 * 16)
+    out = buf.view(2, 4, 1, 16)
+    lse = buf[:8].view(2, 4, 1)
+    with pytest.raises(KVDecodeError, match="out must not share memory with lse"):
+        _plan(q, k, v, lens).run(q, k, v, lens, out=out, lse=lse)
+
+
+@pytest.mark.parametrize("arg", ["q", "k_cache", "v_cache", "seq_lens", "out", "lse", "kv_start", "mask"])
+def test_run_with_a_non_tensor_names_the_argument(arg):
+    q, k, v, lens = _cpu_inputs()
+    args = dict(q=q, k_cache=k, v_cache=v, seq_lens=lens)
+    kwargs = {}
+    if arg in args:
+        args[arg] = [1, 2]
+    else:
+        kwargs[arg] = [1, 2]
+    the_plan = _plan(q, k, v, lens)
+    with pytest.raises(KVDecodeError, match=arg):
+        the_plan.run(*args.values(), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "problem", 3, object()])
+def test_plan_of_a_non_problem_is_a_clear_error(bad):
+    with pytest.raises(KVDecodeError, match="problem must be a DecodeProblem"):
+        kvdecode.plan(bad)
+
+
+@pytest.mark.parametrize("flag", ["deterministic", "return_lse", "validate"])
+def test_flags_must_be_bools(flag):
+    q, k, v, lens = _cpu_inputs()
+    with pytest.raises(KVDecodeError, match=f"{flag} must be True or False"):
+        kvdecode.decode_attention(q, k, v, lens, backend="reference", **{flag: []})
+    if flag == "deterministic":
+        with pytest.raises(KVDecodeError, match="deterministic must be True or False"):
+            kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, v, lens), deterministic=[])
+
+
+def test_one_plan_cache_serves_every_entry_point():
+    """decode_attention, plan, sdpa and StaticKVCache share PLANS: the same problem is planned once."""
+    q, k, v, lens = _cpu_inputs()
+    kvdecode.decode_attention(q, k, v, lens, backend="reference")
+    _plan(q, k, v, lens)
+    info = PLANS.cache_info()
+    assert (info["size"], info["misses"], info["hits"]) == (1, 1, 1)
+    kvdecode.sdpa(q, k[:, :, :7], v[:, :, :7], enable_gqa=True, backend="reference")  # same problem
+    cache = kvdecode.StaticKVCache(1, batch=2, num_kv_heads=2, capacity=32, head_dim=16,
+                                   dtype=torch.float32, device="cpu", backend="reference")  # fmt: skip
+    cache.advance(1)
+    cache.attend(0, q)
+    cache.attend(0, q)
+    info = PLANS.cache_info()  # the cache's layer views have the same shape and strides too
+    assert (info["size"], info["misses"]) == (1, 1) and cache.plan_for(q) is _plan(q, k, v, lens)
+
+
+def test_triton_refuses_grids_past_the_cuda_limit():
+    p = gpu_problem(batch=8193)  # 8193 * 8 KV heads > 65535 programs on grid axis 1
+    from kvdecode.triton_kernels import TritonBackend
+
+    assert "65535" in TritonBackend().supports(p)
+
+
+def test_cudnn_launcher_builds_both_graphs_at_plan_time(monkeypatch):
+    """The LSE graph used to be built on the first call that asked for it, after ``auto`` had committed
+    to cuDNN: a build failure then surfaced at run time. Both are made with the plan now."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("cudnn")
+    import cudnn
+
+    from kvdecode.cudnn_graphs import backend as cudnn_backend
+
+    asked = []
+
+    class Cache:
+        def get(self, key):
+            asked.append(key.with_lse)
+            if key.with_lse:
+                raise cudnn.cudnnGraphNotSupportedError("no engine for Stats")
+            return SimpleNamespace(key=key, workspace_size=0)
+
+    monkeypatch.setattr(cudnn_backend, "load_cudnn", lambda: (None, 91900, None))
+    monkeypatch.setattr(torch, "full", lambda *a, **k: None)  # the constant seq_len_q: no CUDA here
+    with pytest.raises(UnsupportedError, match="no engine for Stats"):
+        cudnn_backend.CudnnLauncher(gpu_problem(), deterministic=False, cache=Cache())
+    assert asked == [False, True]
