@@ -1,0 +1,257 @@
+"""The attention function registered with ``transformers.AttentionInterface``.
+
+transformers calls it once per layer with the layer's queries and its **whole** static cache::
+
+    query           [B, H_q, q_len, D]
+    key, value      [B, H_kv, capacity, D]      (a static cache: every slot, filled or not)
+    attention_mask  bool [B, 1, q_len, capacity + 1] from :func:`~kvdecode.hf.mask.kvdecode_mask`
+    returns         ([B, q_len, H_q, D], None)
+
+A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
+the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
+stay exact). Everything else is handed on, each reason warned once (:class:`KVDecodeFallbackWarning`):
+
+* prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
+* logit softcapping, attention sinks: the model's own ``eager_attention_forward``;
+* sliding window, dropout, autograd, non-causal attention, a position bias, a mask kvdecode did not mark
+  (a dynamic cache, a 4-D mask made elsewhere), unsupported dtypes or head dims: torch SDPA
+  (transformers' ``sdpa`` integration) with the unmarked mask.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..errors import KVDecodeError
+from ..ops import decode_attention_op
+from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .mask import MAX_DECODE_Q_LEN, is_marked, strip_marker
+from .warn import warn_once
+
+__all__ = ["Fallback", "fallback_reason", "kvdecode_attention_forward", "lengths_from_mask"]
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Why a call does not run kvdecode: a warning key, the message (None: expected, no warning), and
+    the target, ``"sdpa"`` or ``"eager"`` (the model's own eager attention)."""
+
+    key: str
+    message: str | None
+    target: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's arguments, as the checks below read them."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: object
+    dropout: float
+    is_causal: bool | None
+    kwargs: dict
+
+
+def _needs_eager(c: _Call) -> Fallback | None:
+    if c.kwargs.get("softcap") is not None:
+        return Fallback("softcap", "logit softcapping: the model's eager attention serves it", "eager")
+    if c.kwargs.get("s_aux") is not None:
+        return Fallback("sinks", "attention sinks (s_aux): the model's eager attention serves them", "eager")
+    return None
+
+
+def _prefill(c: _Call) -> Fallback | None:
+    return Fallback("prefill", None) if c.query.shape[2] > MAX_DECODE_Q_LEN else None
+
+
+def _model_feature(c: _Call) -> Fallback | None:
+    if c.kwargs.get("sliding_window") is not None:
+        return Fallback("sliding-window", "sliding-window attention layers run torch SDPA")
+    if c.dropout and c.dropout > 0.0:
+        return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (c.query, c.key, c.value)):
+        return Fallback("autograd", "kvdecode has no backward; calls that need gradients run torch SDPA")
+    if c.is_causal is False or not getattr(c.module, "is_causal", True):
+        return Fallback("non-causal", "non-causal (bidirectional) attention runs torch SDPA")
+    if c.kwargs.get("position_bias") is not None:
+        return Fallback("position-bias", "a position bias runs torch SDPA")
+    return None
+
+
+def _unmarked(c: _Call) -> Fallback | None:
+    if is_marked(c.attention_mask, c.key):
+        return None
+    return Fallback(
+        "unmarked-mask",
+        "a decode step without kvdecode's static-cache mask (a dynamic cache, or a 4-D mask made "
+        "elsewhere or sliced by the model) runs torch SDPA; generate with cache_implementation='static'",
+    )
+
+
+def _unsupported_shape(c: _Call) -> Fallback | None:
+    q, k, v = c.query, c.key, c.value
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return Fallback("dtype", f"dtype {q.dtype}/{k.dtype} is not served by kvdecode; torch SDPA runs it")
+    if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
+        return Fallback("shapes", f"key {tuple(k.shape)} / value {tuple(v.shape)} differ; torch SDPA runs it")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return Fallback("head-dim", f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}; torch SDPA runs it")
+    if q.shape[1] % k.shape[1] != 0:
+        return Fallback("heads", f"H_q {q.shape[1]} is not a multiple of H_kv {k.shape[1]}; torch SDPA")
+    if k.device != q.device or v.device != q.device:
+        return Fallback("device", "query and cache on different devices; torch SDPA runs it")
+    return None
+
+
+# Checked in this order; the first answer wins.
+_CHECKS: tuple[Callable[[_Call], Fallback | None], ...] = (
+    _needs_eager,
+    _prefill,
+    _model_feature,
+    _unmarked,
+    _unsupported_shape,
+)
+
+
+def fallback_reason(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> Fallback | None:
+    """Why this call does not run kvdecode, or ``None`` when it does (host-side checks only)."""
+    call = _Call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    for check in _CHECKS:
+        found = check(call)
+        if found is not None:
+            return found
+    return None
+
+
+def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side ``(seq_lens, kv_start)`` from a static-cache decode mask; no host sync.
+
+    Parameters
+    ----------
+    mask : bool Tensor ``[B, 1, q_len, capacity]``
+        The causal + padding mask (True = attend); the last query row sees every key any row sees.
+    q_len : int
+        New tokens per row.
+
+    Returns
+    -------
+    seq_lens : int32 Tensor ``[B]``
+        One past the last attended key of any row (a static cache fills every row alike), at least
+        ``q_len``.
+    kv_start : int32 Tensor ``[B]``
+        Each row's first attended key (left padding); ``capacity`` for a row that sees nothing.
+    """
+    last_row = mask[:, 0, -1, :]
+    capacity = last_row.shape[-1]
+    ends = torch.arange(1, capacity + 1, device=mask.device, dtype=torch.int32)
+    filled = torch.where(last_row, ends, 0).amax().clamp(min=q_len)
+    seq_lens = filled.to(torch.int32).expand(last_row.shape[0]).contiguous()
+    kv_start = torch.where(last_row, ends - 1, capacity).amin(dim=-1).to(torch.int32)
+    return seq_lens, kv_start
+
+
+def _decode_step(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    batch, num_q_heads, q_len, _ = query.shape
+    capacity = key.shape[-2]
+    mask = attention_mask[..., :capacity]
+    seq_lens, kv_start = lengths_from_mask(mask, q_len)
+    out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
+    decode_attention_op(
+        query,
+        key,
+        value,
+        seq_lens,
+        scale=scaling,
+        kv_start=kv_start,
+        mask=mask,
+        out=out.transpose(1, 2),
+        max_seq_len=capacity,
+    )
+    return out
+
+
+def _model_eager(module: torch.nn.Module, reason: Fallback) -> Callable:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise KVDecodeError(
+            f"{reason.key} needs the model's eager attention, but {type(module).__module__} has no "
+            "eager_attention_forward; load the model with attn_implementation='eager'"
+        )
+    return fn
+
+
+def _additive(mask: object, dtype: torch.dtype) -> object:
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
+    return mask
+
+
+def kvdecode_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attn_implementation="kvdecode"``: transformers' attention-function contract.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention layer (``num_key_value_groups``, ``is_causal``, ...).
+    query : Tensor ``[B, H_q, q_len, D]``
+    key, value : Tensor ``[B, H_kv, kv_len, D]``
+        The layer's cache; for a static cache ``kv_len`` is its capacity.
+    attention_mask : Tensor or None
+        From the registered mask function (see :mod:`kvdecode.hf.mask`).
+    dropout : float
+        Attention dropout (training only); > 0 runs torch SDPA.
+    scaling : float, optional
+        Score scale; defaults to ``1 / sqrt(D)``.
+    is_causal : bool, optional
+        False runs torch SDPA.
+    **kwargs
+        Model extras (``sliding_window``, ``softcap``, ``s_aux``, ``position_ids``, ...).
+
+    Returns
+    -------
+    (Tensor ``[B, q_len, H_q, D]``, None)
+        Attention weights are never returned (as with ``sdpa``).
+    """
+    reason = fallback_reason(module, query, key, value, attention_mask, dropout, is_causal, **kwargs)
+    if reason is None:
+        if kwargs.get("output_attentions"):
+            warn_once("output-attentions", "output_attentions is not supported; attention weights are None")
+        return _decode_step(query, key, value, attention_mask, scaling), None
+    if reason.message is not None:
+        warn_once(reason.key, reason.message)
+    mask = strip_marker(attention_mask, key)
+    if reason.target == "eager":
+        eager = _model_eager(module, reason)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        mask = _additive(mask, query.dtype)
+        return eager(module, query, key, value, mask, dropout=dropout, scaling=scale, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
