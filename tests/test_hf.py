@@ -1,0 +1,358 @@
+"""kvdecode.hf: attn_implementation="kvdecode" against transformers' own "sdpa", end to end.
+
+CPU: a tiny random Llama (fp32, the Triton interpreter), a left-padded batch of 2, greedy decode with a
+StaticCache: logits within 1e-4 of sdpa's and the same tokens; prefill goes to SDPA; every fallback warns
+once and is right. GPU (``-m gpu``): bf16 over 32 steps, no graph break inside attention under
+``torch._dynamo.explain``, ``generate(cache_implementation="static")`` (torch.compile "reduce-overhead").
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import kvdecode
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers.masking_utils import causal_mask_function, sdpa_mask  # noqa: E402
+
+import kvdecode.hf  # noqa: E402  (after kvdecode: the interpreter switch comes first)
+from kvdecode.hf import attention as hf_attention  # noqa: E402
+from kvdecode.hf.mask import MARKER_COLUMNS, kvdecode_mask  # noqa: E402
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
+def _model(impl: str, *, dtype=torch.float32, device="cpu", seed=0, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**TINY, **config})
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _prompt(batch=2, length=20, pad=(0, 7), vocab=96, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, n in enumerate(pad):
+        ids[row, :n], mask[row, :n] = 0, 0  # left padding
+    return ids.to(device), mask.to(device)
+
+
+# transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40); 5.17 has only the old
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _decode(model, ids, mask, steps, *, forced=None, capacity=None):
+    """Prefill, then ``steps`` greedy (or ``forced``) one-token steps on a StaticCache; returns
+    (tokens [B, steps], logits [B, steps + 1, V])."""
+    capacity = capacity or ids.shape[1] + steps + 3
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
+    logits, tokens = [out.logits[:, -1].float()], []
+    for step in range(steps):
+        nxt = forced[:, step] if forced is not None else logits[-1].argmax(-1)
+        tokens.append(nxt)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **{CACHE_KW: cache})
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+class _Spy:
+    """Counts calls of a function in kvdecode.hf.attention (and what q_len they had)."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.q_lens: list[int] = []
+        real = getattr(hf_attention, name)
+
+        def spy(*args, **kwargs):
+            self.q_lens.append(args[1].shape[2] if name == "sdpa_attention_forward" else args[0].shape[2])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hf_attention, name, spy)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    kvdecode.hf.reset_warnings()
+    yield
+
+
+def _fallbacks(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, kvdecode.hf.KVDecodeFallbackWarning)]
+
+
+# ---- end to end on the CPU ----
+
+
+def test_left_padded_greedy_decode_matches_sdpa(monkeypatch):
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    sdpa = _Spy(monkeypatch, "sdpa_attention_forward")
+    ids, mask = _prompt(length=20, pad=(0, 7))
+    ref_tokens, ref_logits = _decode(_model("sdpa"), ids, mask, 32)
+    sdpa.q_lens.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tokens, logits = _decode(_model("kvdecode"), ids, mask, 32)
+    assert _fallbacks(record) == []
+    assert ops.q_lens == [1] * (32 * TINY["num_hidden_layers"])  # every decode step ran kvdecode
+    assert sdpa.q_lens == [20] * TINY["num_hidden_layers"]  # the prefill ran SDPA
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_short_prompt_into_an_empty_static_cache_runs_kvdecode_with_t_q_above_1(monkeypatch):
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    ids, mask = _prompt(length=6, pad=(0, 2), seed=3)
+    ref_tokens, ref_logits = _decode(_model("sdpa"), ids, mask, 3)
+    tokens, logits = _decode(_model("kvdecode"), ids, mask, 3)
+    assert ops.q_lens[: TINY["num_hidden_layers"]] == [6] * TINY["num_hidden_layers"]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_generate_with_static_cache_matches_sdpa():
+    ids, mask = _prompt(length=18, pad=(3, 0), seed=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = _model("sdpa").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _model("kvdecode").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert _fallbacks(record) == []
+    assert torch.equal(got, ref)
+
+
+# ---- fallbacks: right, and warned once ----
+
+
+def test_dynamic_cache_falls_back_to_sdpa_with_one_warning(monkeypatch):
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    ids, mask = _prompt(length=18, pad=(0, 4), seed=2)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)  # no cache_implementation: dynamic
+    ref = _model("sdpa").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _model("kvdecode").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, ref)
+    assert ops.q_lens == []
+    messages = _fallbacks(record)
+    assert len(messages) == 1 and "dynamic cache" in messages[0]
+
+
+class _Attn(torch.nn.Module):
+    """A stand-in attention layer; its module (this test file) defines eager_attention_forward."""
+
+    num_key_value_groups = 2
+    is_causal = True
+
+
+EAGER_CALLS: list[dict] = []
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    EAGER_CALLS.append(dict(mask_dtype=None if attention_mask is None else attention_mask.dtype, **kwargs))
+    return query.transpose(1, 2).contiguous(), None
+
+
+def _step_tensors(dtype=torch.float32, head_dim=16, requires_grad=False):
+    q = torch.randn(2, 4, 1, head_dim, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 24, head_dim, dtype=dtype)
+    offset = torch.tensor(9)
+    mask = kvdecode_mask(batch_size=2, q_length=1, kv_length=24, q_offset=offset, device="cpu")
+    return q, k, k.clone(), mask
+
+
+@pytest.mark.parametrize(
+    "case, key",
+    [
+        (dict(dropout=0.1), "dropout"),
+        (dict(sliding_window=8), "sliding-window"),
+        (dict(is_causal=False), "non-causal"),
+        (dict(position_bias=torch.zeros(1, 4, 1, 24)), "position-bias"),
+        (dict(requires_grad=True), "autograd"),
+        (dict(dtype=torch.float64), "dtype"),
+        (dict(head_dim=288), "head-dim"),
+    ],
+)
+def test_unsupported_features_run_sdpa_and_warn_once(monkeypatch, case, key):
+    case = dict(case)
+    q, k, v, mask = _step_tensors(
+        case.pop("dtype", torch.float32), case.pop("head_dim", 16), case.pop("requires_grad", False)
+    )
+    sdpa = _Spy(monkeypatch, "sdpa_attention_forward")
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out, weights = kvdecode.hf.kvdecode_attention_forward(
+                _Attn(), q, k, v, mask, scaling=0.25, **case
+            )
+    assert out.shape == (2, 1, 4, q.shape[-1]) and weights is None
+    assert sdpa.q_lens == [1, 1] and ops.q_lens == []
+    assert len(_fallbacks(record)) == 1 and key in kvdecode.hf.warned()
+
+
+@pytest.mark.parametrize("feature", [dict(softcap=30.0), dict(s_aux=torch.zeros(4))])
+def test_softcap_and_sinks_run_the_models_eager_attention(feature):
+    q, k, v, mask = _step_tensors()
+    EAGER_CALLS.clear()
+    with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning):
+        out, _ = kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25, **feature)
+    assert out.shape == (2, 1, 4, 16)
+    assert len(EAGER_CALLS) == 1 and EAGER_CALLS[0]["mask_dtype"] == torch.float32  # additive, not bool
+    assert set(feature) <= set(EAGER_CALLS[0])
+
+
+def test_softcap_without_an_eager_function_raises():
+    class Foreign(torch.nn.Module):
+        num_key_value_groups = 2
+
+    Foreign.__module__ = "torch.nn"  # a module with no eager_attention_forward
+    q, k, v, mask = _step_tensors()
+    with (
+        pytest.warns(kvdecode.hf.KVDecodeFallbackWarning),
+        pytest.raises(kvdecode.KVDecodeError, match="eager"),
+    ):
+        kvdecode.hf.kvdecode_attention_forward(Foreign(), q, k, v, mask, scaling=0.25, softcap=5.0)
+
+
+# ---- the mask function and the lengths ----
+
+
+def test_mask_is_sdpas_plus_a_marker_on_static_decode_steps_only():
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    args = dict(batch_size=2, q_length=2, kv_length=12, attention_mask=pad, device="cpu")
+    marked = kvdecode_mask(q_offset=torch.tensor(4), **args)
+    expected = sdpa_mask(q_offset=torch.tensor(4), allow_is_causal_skip=False, **args)
+    assert marked.shape == (2, 1, 2, 12 + MARKER_COLUMNS) and marked[..., 12:].all()
+    assert torch.equal(marked[..., :12], expected)
+    dynamic = kvdecode_mask(
+        batch_size=2, q_length=1, kv_length=7, q_offset=6, attention_mask=pad, device="cpu"
+    )
+    assert dynamic is None or dynamic.shape[-1] == 7  # exactly what sdpa builds
+    prefill = dict(batch_size=2, q_length=20, kv_length=32, q_offset=torch.tensor(0), device="cpu")
+    got, want = kvdecode_mask(**prefill), sdpa_mask(**prefill)
+    assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_other_mask_patterns_are_not_marked_and_warn():
+    def window(b, h, q, kv):
+        return causal_mask_function(b, h, q, kv) & (q - kv < 4)
+
+    with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning, match="not plain causal"):
+        got = kvdecode_mask(
+            batch_size=1,
+            q_length=1,
+            kv_length=10,
+            q_offset=torch.tensor(6),
+            mask_function=window,
+            device="cpu",
+        )
+    assert got is None or got.shape[-1] == 10  # what sdpa builds
+
+
+def test_lengths_from_mask():
+    mask = torch.zeros(3, 1, 2, 10, dtype=torch.bool)
+    mask[0, 0, 0, 2:6], mask[0, 0, 1, 2:7] = True, True  # left padding 2, filled 7
+    mask[1, 0, 0, :6], mask[1, 0, 1, :7] = True, True
+    mask[2, 0, 1, 4:6] = True  # newest token masked: the batch's length still counts
+    seq_lens, kv_start = kvdecode.hf.lengths_from_mask(mask, 2)
+    assert seq_lens.dtype == kv_start.dtype == torch.int32
+    assert seq_lens.tolist() == [7, 7, 7] and kv_start.tolist() == [2, 0, 4]
+
+
+# ---- registration and imports ----
+
+
+def test_register_under_another_name():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert kvdecode.hf.register("kvdecode_test") == "kvdecode_test"
+    assert AttentionInterface._global_mapping["kvdecode_test"] is kvdecode.hf.kvdecode_attention_forward
+    assert AttentionMaskInterface._global_mapping["kvdecode_test"] is kvdecode.hf.kvdecode_mask
+    ids, mask = _prompt(length=17, pad=(0, 3), seed=4)
+    ref = _decode(_model("sdpa"), ids, mask, 2)[1]
+    torch.testing.assert_close(_decode(_model("kvdecode_test"), ids, mask, 2)[1], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["", "sdpa", "eager", 3, None])
+def test_register_rejects_bad_names(name):
+    with pytest.raises(kvdecode.KVDecodeError, match="name must"):
+        kvdecode.hf.register(name)
+
+
+def test_import_kvdecode_does_not_import_transformers():
+    code = "import sys, kvdecode, kvdecode.ops; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---- GPU ----
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_32_steps_match_sdpa_where_the_margin_allows():
+    cfg = dict(
+        hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=64
+    )
+    cfg.update(num_hidden_layers=4, vocab_size=512)
+    ids, mask = _prompt(length=40, pad=(0, 13), vocab=512, device="cuda")
+    ref_tokens, ref = _decode(_model("sdpa", dtype=torch.bfloat16, device="cuda", **cfg), ids, mask, 32)
+    _, got = _decode(
+        _model("kvdecode", dtype=torch.bfloat16, device="cuda", **cfg), ids, mask, 32, forced=ref_tokens
+    )
+    tol = 0.05 * max(1.0, ref.abs().max().item())
+    assert (got - ref).abs().max().item() <= tol
+    top2 = ref[:, :-1].topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > tol
+    assert torch.equal(got[:, :-1].argmax(-1)[clear], ref_tokens[clear])
+
+
+@pytest.mark.gpu
+def test_gpu_no_graph_break_inside_attention():
+    model = _model("kvdecode", dtype=torch.bfloat16, device="cuda")
+    layer = model.model.layers[0].self_attn
+    q = torch.randn(2, 4, 1, 16, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 64, 16, device="cuda", dtype=torch.bfloat16)
+    pad = torch.ones(2, 12, dtype=torch.bool, device="cuda")
+    pad[1, :3] = False
+    mask = kvdecode_mask(
+        2, 1, 64, q_offset=torch.tensor(11, device="cuda"), attention_mask=pad, device="cuda"
+    )
+
+    def step(q, k, v, mask):
+        return kvdecode.hf.kvdecode_attention_forward(layer, q, k, v, mask, scaling=0.25)[0]
+
+    explained = torch._dynamo.explain(step)(q, k, k.clone(), mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_generate_static_cache_compiled_matches_sdpa():
+    ids, mask = _prompt(length=24, pad=(0, 5), device="cuda", seed=7)
+    kwargs = dict(max_new_tokens=12, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = _model("sdpa", device="cuda").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    torch._dynamo.reset()
+    got = _model("kvdecode", device="cuda").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, ref)
