@@ -9,6 +9,7 @@ from .problem import DecodeProblem
 from .reference import reference_decode_attention
 from .sdpa import sdpa
 from .static_cache import StaticKVCache
+from .warm import warmup
 
 __all__ = [
     "Choice",
@@ -22,6 +23,7 @@ __all__ = [
     "plan",
     "reference_decode_attention",
     "sdpa",
+    "warmup",
 ]
 
 __version__ = "0.1.0"

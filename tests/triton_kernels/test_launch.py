@@ -1,0 +1,97 @@
+"""Launches that never recompile (issue 10): run-time split counts, merge buckets, bound launches,
+``kvdecode.warmup``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvdecode
+from kvdecode import warm as warmup_module
+from kvdecode.reference import assert_close_to_reference, assert_lse_close, reference_decode_attention
+from kvdecode.triton_kernels import config as config_module
+from kvdecode.triton_kernels.bound import compile_counts
+from kvdecode.triton_kernels.config import SplitKVConfig
+from kvdecode.triton_kernels.launcher import MERGE_BUCKETS, SplitKVLauncher, merge_bucket
+
+
+def test_merge_buckets_cover_every_split_count():
+    for splits in range(2, MERGE_BUCKETS[-1] + 1):
+        bucket = merge_bucket(splits)
+        assert splits <= bucket and bucket in MERGE_BUCKETS
+    with pytest.raises(ValueError):
+        merge_bucket(MERGE_BUCKETS[-1] + 1)
+
+
+def test_a_family_meets_at_most_three_variants_on_an_h200_sized_gpu(monkeypatch):
+    """B 1..64 and capacity 1k..128k of the Llama-3-8B family: the heuristic's configs fall into at most
+    three (tile, warps, stages, merge bucket) variants, since the split count itself is a run-time value."""
+    monkeypatch.setattr(config_module, "sm_count", lambda device: 132)
+    monkeypatch.setattr(config_module, "tuned_config", lambda problem, sms=None: None)
+    launched = []
+    monkeypatch.setattr(warmup_module, "_launch_once", lambda launcher, p, lse: launched.append(p))
+    caps = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+    got = kvdecode.warmup(32, 8, 128, batch_sizes=range(1, 65), capacities=caps, device="cpu")
+    assert got["variants"] == len(launched) <= 3
+
+
+def test_warmup_runs_and_checks_its_arguments():
+    got = kvdecode.warmup(4, 2, 16, dtype=torch.float32, batch_sizes=[1, 3], capacities=[64], device="cpu")
+    assert got["variants"] >= 1
+    with pytest.raises(kvdecode.KVDecodeError, match="batch_sizes"):
+        kvdecode.warmup(4, 2, 16, batch_sizes=[0], device="cpu")
+    with pytest.raises(kvdecode.KVDecodeError, match="multiple of num_kv_heads"):
+        kvdecode.warmup(6, 4, 16, device="cpu")
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 16, 17, 33])
+def test_any_split_count_gives_the_reference(splits):
+    """One compiled split kernel and merge bucket serve every split count (the count is run time)."""
+    gen = torch.Generator().manual_seed(splits)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k = torch.randn(2, 2, 33 * 16, 16, generator=gen)
+    v = torch.randn(2, 2, 33 * 16, 16, generator=gen)
+    lens = torch.tensor([33 * 16, 100], dtype=torch.int32)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+    launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"))
+    launcher(q, k, v, lens, None, None, out, lse)
+    ref, ref_lse = reference_decode_attention(q, k, v, lens)
+    assert_close_to_reference(out, ref, q.dtype, f"{problem.name} splits {splits}")
+    assert_lse_close(lse, ref_lse, q.dtype, f"{problem.name} splits {splits}")
+
+
+@pytest.mark.gpu
+def test_direct_launch_matches_the_binder_path():
+    q = torch.randn(3, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(3, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(3, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([4096, 17, 2000], dtype=torch.int32, device="cuda")
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+    direct, binder = SplitKVLauncher(problem), SplitKVLauncher(problem)
+    binder._split.direct = binder._merge.direct = False
+    assert direct.num_splits > 1
+    outs = []
+    for launcher in (direct, direct, binder):
+        out = torch.full_like(q, float("nan"))
+        launcher(q, k, v, lens, None, None, out, None)
+        outs.append(out)
+    assert direct._split._compiled and direct._merge._compiled and direct._split.direct
+    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[1])
+    assert_close_to_reference(outs[1], reference_decode_attention(q, k, v, lens)[0], q.dtype, problem.name)
+
+
+@pytest.mark.gpu
+def test_new_batch_sizes_and_capacities_compile_nothing_after_warmup():
+    caps = (1024, 8192, 131072)
+    kvdecode.warmup(32, 8, 128, batch_sizes=range(1, 65), capacities=caps)
+    before = compile_counts()
+    for b, cap in [(1, 1024), (5, 8192), (12, 8192), (48, 1024), (64, 1024), (2, 131072)]:
+        q = torch.randn(b, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, 8, cap, 128, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((b,), cap // 2, dtype=torch.int32, device="cuda")
+        out = kvdecode.decode_attention(q, k, k, lens, backend="triton")
+        ref = reference_decode_attention(q, k, k, lens)[0]
+        assert_close_to_reference(out, ref, q.dtype, f"b{b} cap{cap}")
+    assert compile_counts() == before
