@@ -6,13 +6,31 @@ call runs one :class:`~kvdecode.DecodePlan` made for the buffers' **capacity** w
 device length, so one plan serves every step while the cache fills. Anything else goes to
 ``torch.nn.functional.scaled_dot_product_attention`` unchanged.
 
-Recognizing a slice, from strides and storage alone (no data is read): the view ``[B, H, L, D]`` with
-strides ``(sb, sh, ss, 1)`` at storage offset ``o`` extends to the capacity ``C``, the largest length for
-which ``torch.as_strided(t, (B, H, C, D), t.stride(), o)``
+Recognizing a slice, from strides and storage alone (no data is read). Nothing in a view proves that
+the memory past ``L`` is its buffer's unused tail rather than other data (the next layer of a stacked
+``[layers, B, H, cap, D]`` buffer, V after K in one storage), so a capacity is claimed only on evidence,
+and it is the smallest the evidence allows. The view ``[B, H, L, D]`` with strides ``(sb, sh, ss, 1)`` at
+storage offset ``o`` extends to the capacity ``C``, the smallest of:
 
-* stays inside the tensor's untyped storage, and
-* does not run into the next head or batch row: ``C * ss <= s`` for every stride ``s > ss`` of a
-  dimension of size > 1 (size-1 and stride-0, i.e. expanded, dimensions are ignored).
+* the **row pitch** ``P = min(s // ss)`` over ``s`` in ``(sb, sh)`` with ``s > ss``, whatever the
+  dimension's size. Rows of a dimension of size > 1 cannot be closer without overlapping; a size-1
+  dimension's stride constrains no memory, but it is the stride the dimension had in the buffer the view
+  was sliced from (``buf[i]`` of a contiguous ``[layers, 1, 1, cap, D]`` buffer has strides
+  ``(cap·D, cap·D, D, 1)``), the only record of where a row ends, and using it can only lower ``C``.
+  Without such a stride (B and H broadcast with stride 0, or both strides <= ``ss`` as in a sequence-
+  outermost ``[cap, B, H, D]`` buffer permuted to BHSD) there is no evidence: the call falls through;
+* the **end of the row the view starts in**, ``P - (o mod (P·ss)) // ss``, taking rows to start at
+  multiples of the pitch from the storage's start, as in any buffer allocated whole (``buf[:, :, 5:15]``
+  of a 40-long buffer has capacity 35, not 40 reaching into the next row's first 5 positions; V in the
+  second half of ``[B, H, 2·cap, D]`` rows gets ``cap``);
+* the **storage**: ``torch.as_strided(t, (B, H, C, D), t.stride(), o)`` stays inside the tensor's
+  untyped storage.
+
+K and V sharing one storage (``kv[0]``, ``kv[1]`` of ``[2, B, H, cap, D]``, or of a per-layer stack of
+them, or K and V interleaved per position) are each bounded by their own pitch this way. A limit that
+no view can see past: a row holding several buffers one after another (``[B, H, layers·cap, D]`` with a
+layer per ``cap`` positions) looks like one longer row, so all but the last get a larger ``C`` (never
+outside the storage; only the first ``L`` positions are ever read).
 
 The fast path is taken only when ``C > L`` for both ``key`` and ``value`` (using the smaller ``C``). A
 tensor exactly ``L`` long (a fresh tensor, or a full cache) falls through: a plan per ``L`` would be
@@ -43,13 +61,14 @@ __all__ = ["capacity_view", "clear_plan_cache", "plan_cache_info", "sdpa", "sdpa
 
 log = logging.getLogger("kvdecode.sdpa")
 
+
 def capacity_view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """The fixed-capacity buffer a ``[B, H, L, D]`` view is a leading slice of, or ``None``.
 
     Returns ``(buf, C)`` with ``buf`` a ``[B, H, C, D]`` view over ``t``'s storage with ``t``'s strides
     and storage offset (so ``buf[:, :, :L]`` is ``t``), and ``C`` the capacity defined in this module's
-    docstring; ``None`` when ``t`` is not 4-D, has no room beyond ``L`` (``C == L``), or its sequence
-    stride is 0.
+    docstring; ``None`` when ``t`` is not 4-D, no stride gives the row pitch, there is no room beyond
+    ``L`` (``C == L``), or its sequence stride is 0.
     """
     if t.dim() != 4 or t.numel() == 0:
         return None
@@ -57,16 +76,21 @@ def capacity_view(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     s_seq = t.stride(2)
     if s_seq <= 0:
         return None
+    # The row pitch: the smallest stride above the sequence stride among B and H, whatever their size
+    # (a size-1 dimension keeps the stride it had in the buffer it was sliced from).
+    pitches = [stride // s_seq for stride in (t.stride(0), t.stride(1)) if stride > s_seq]
+    if not pitches:
+        return None  # no evidence where a row ends: only the storage would bound it
+    pitch = min(pitches)
+    offset = t.storage_offset()
+    capacity = pitch - (offset % (pitch * s_seq)) // s_seq  # up to the end of the row the view starts in
     storage_elems = t.untyped_storage().nbytes() // t.element_size()
     others = [(size, stride) for i, (size, stride) in enumerate(zip(t.shape, t.stride())) if i != 2]
-    last_other = t.storage_offset() + sum((size - 1) * stride for size, stride in others)
-    capacity = (storage_elems - 1 - last_other) // s_seq + 1
-    for size, stride in others:
-        if size > 1 and stride > s_seq:
-            capacity = min(capacity, stride // s_seq)
+    last_other = offset + sum((size - 1) * stride for size, stride in others)
+    capacity = min(capacity, (storage_elems - 1 - last_other) // s_seq + 1)
     if capacity <= length:
         return None
-    buf = t.as_strided((batch, heads, capacity, head_dim), t.stride(), t.storage_offset())
+    buf = t.as_strided((batch, heads, capacity, head_dim), t.stride(), offset)
     return buf, capacity
 
 

@@ -46,13 +46,12 @@ def test_capacity_view_finds_the_buffer_of_a_leading_slice(layout, layers, b, h,
     found = capacity_view(buf[:, :, :length])
     assert found is not None
     view, capacity = found
-    # The true capacity, or more where no stride bounds the rows (B = 1, and H = 1 or BSHD) and only the
-    # storage does (a later layer follows): still correct, only the first L positions are ever read.
-    unbounded = b == 1 and (h == 1 or layout == "bshd") and layer < layers - 1
-    assert capacity == cap or (unbounded and capacity > cap)
+    # Exactly the layer's capacity, at B 1 / H 1 too: the strides a size-1 dimension keeps from its
+    # buffer bound the row, where the storage alone would run on into the next layers.
+    assert capacity == cap
     assert view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
-    assert torch.equal(view[:, :, :cap], buf)
-    assert capacity_view(buf) is None or unbounded  # a full buffer has no room
+    assert torch.equal(view, buf)
+    assert capacity_view(buf) is None  # a full buffer has no room
 
 
 def test_capacity_view_cases():
@@ -228,3 +227,82 @@ def test_fast_path_on_gpu_matches_torch(layout, dtype, torch_sdpa_calls):
         expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # the spy records this one
         torch_sdpa_calls.clear()
         check_close(expected, ref, dtype, f"torch sdpa {layout} L={length}", 13)
+
+
+# ---- capacity from evidence, not from the storage's end (issue 12, defect 7) ----
+
+
+def test_capacity_view_is_exact_for_every_layer_of_a_stacked_buffer_at_b1_h1():
+    for layout in ("bhsd", "bshd"):
+        shape = (4, 1, 1, 40, 16) if layout == "bhsd" else (4, 1, 40, 1, 16)
+        storage = torch.randn(shape)
+        for layer in range(4):
+            buf = _layer_view(storage, layout, layer)
+            view, cap = capacity_view(buf[:, :, :10])
+            assert cap == 40, (layout, layer, cap)
+            assert torch.equal(view, buf)
+            view, cap = capacity_view(buf[:, :, 5:15])  # a slice at an offset: up to its row's end
+            assert cap == 35 and torch.equal(view, buf[:, :, 5:])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 1, 1, 40, 16),  # [k|v, B, H, cap, D]
+        lambda: torch.randn(3, 2, 1, 1, 40, 16)[1],  # layer 1 of [layers, k|v, B, H, cap, D]
+        lambda: torch.randn(2, 3, 1, 1, 40, 16)[:, 1],  # layer 1 of [k|v, layers, B, H, cap, D]
+        lambda: torch.randn(2 * 40 * 16).view(2, 1, 1, 40, 16),  # one flat storage
+    ],
+    ids=["kv", "layers-kv", "kv-layers", "flat"],
+)
+def test_capacity_view_of_k_and_v_sharing_one_storage(make):
+    kv = make()
+    k, v = kv[0][:, :, :10], kv[1][:, :, :10]
+    assert capacity_view(k)[1] == capacity_view(v)[1] == 40
+    assert capacity_view(k)[0].untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+
+
+def test_capacity_view_of_packed_kv_in_one_tensor():
+    packed = torch.randn(1, 40, 2, 1, 16)  # [B, cap, k|v, H, D]: K and V interleaved per position
+    k, v = (packed[:, :10, i].transpose(1, 2) for i in range(2))
+    assert capacity_view(k)[1] == capacity_view(v)[1] == 40
+
+
+def test_capacity_view_without_evidence_of_the_row_pitch_is_none():
+    # Layer 0 of [layers, cap, D] seen as [1, 1, L, D] with stride-0 (broadcast) B and H: no stride says
+    # where the buffer ends (the next layer follows), only the storage does: no capacity is claimed.
+    stacked = torch.randn(3, 40, 16)
+    assert capacity_view(stacked[0].as_strided((1, 1, 10, 16), (0, 0, 16, 1))) is None
+    # Unsqueezed, torch gives the size-1 dimensions the pitch as stride: every layer then holds 40.
+    assert (
+        capacity_view(stacked[0][None, None, :10])[1] == capacity_view(stacked[2][None, None, :10])[1] == 40
+    )
+
+
+def test_every_layer_of_a_stacked_b1_h1_cache_shares_one_plan(torch_sdpa_calls):
+    gen = torch.Generator().manual_seed(9)
+    k_all = torch.randn(3, 1, 1, 48, 16, generator=gen)
+    v_all = torch.randn(3, 1, 1, 48, 16, generator=gen)
+    q = torch.randn(1, 2, 1, 16, generator=gen)
+    sdpa_module.clear_plan_cache()
+    for layer in range(3):
+        k, v = k_all[layer][:, :, :20], v_all[layer][:, :, :20]
+        out = kvdecode.sdpa(q, k, v, enable_gqa=True, backend="triton")
+        ref, _ = reference_decode_attention(q, k, v, torch.full((1,), 20, dtype=torch.int32))
+        check_close(out, ref, torch.float32, f"sdpa layer {layer}", 9)
+    assert sdpa_module.plan_cache_info()["size"] == 1
+    assert not torch_sdpa_calls
+
+
+def test_capacity_view_of_v_in_the_second_half_of_each_row():
+    rows = torch.randn(2, 2, 80, 16)  # [B, H, 2 * cap, D]: K in positions 0..39, V in 40..79
+    k, v = rows[:, :, :10], rows[:, :, 40:50]
+    assert capacity_view(v)[1] == 40  # up to the end of its row, not into the next row's K
+    assert capacity_view(k)[1] == 80  # one longer row, as far as a view can tell: sdpa takes the smaller
+
+
+def test_capacity_view_of_a_sequence_outermost_buffer_is_none():
+    # [cap, B, H, D] seen as BHSD: B and H strides are below the sequence stride, nothing says where the
+    # buffer ends ([layers, cap, B, H, D] would continue into the next layer): torch SDPA serves it.
+    sbhd = torch.randn(2, 40, 2, 3, 16)
+    assert capacity_view(sbhd[0, :10].permute(1, 2, 0, 3)) is None
