@@ -1,12 +1,14 @@
-"""Timing utilities shared by the benchmark, the CLI and the tuner.
+"""Timing utilities shared by the benchmark, the CLI and the tuner: the one steady-state harness.
 
 Four measures, each answering a different question:
 
 ``steady_state_us``
-    The number that matters (DESIGN.md "Facts measured"): a decode step runs attention once per layer,
-    each layer over its own cache, all captured in one CUDA graph. N layers with distinct caches are
-    captured into one ``torch.cuda.CUDAGraph``; the result is the median of 20 replays divided by N, in
-    µs per layer. How many layers: :func:`steady_state_layers`.
+    The number that matters (the benchmark's and the tuner's measure, bench/README.md): a decode step
+    runs attention once per layer, each layer over its own cache, all captured in one CUDA graph. N
+    layers with distinct caches are captured into one ``torch.cuda.CUDAGraph``; the result is the median
+    of 20 replays divided by N, in µs per layer. How many layers: :func:`steady_state_layers` (within
+    free memory: :func:`layers_that_fit`); the layers themselves: :class:`LayerStack`, whose
+    :meth:`LayerStack.steady_us` is what the benchmark and ``kvdecode tune`` both time with.
 ``isolated_us``
     One call timed by ``triton.testing.do_bench`` (median; it flushes L2 before every call). Reads
     higher than steady state for everyone: the flush leaves dirty lines the next kernel writes back.
@@ -31,14 +33,19 @@ import torch
 __all__ = [
     "MIN_REPLAY_BYTES",
     "MIN_STEADY_LAYERS",
+    "RESERVE_BYTES",
     "STEADY_REPLAYS",
+    "LayerStack",
+    "call_times_us",
     "capture_graph",
     "copy_bandwidth",
     "floor_us",
+    "free_device_bytes",
     "gbps",
     "host_overhead_us",
     "isolated_us",
     "kv_bytes",
+    "layers_that_fit",
     "pct_of_floor",
     "steady_state_layers",
     "steady_state_us",
@@ -48,6 +55,8 @@ __all__ = [
 MIN_REPLAY_BYTES = 10**9  # 1 GB of KV per replay ...
 MIN_STEADY_LAYERS = 8  # ... or 8 layers, whichever needs fewer layers
 STEADY_REPLAYS = 20
+RESERVE_BYTES = 4 * 10**9  # device memory kept free for scratch, workspaces, graph pools and checks
+CPU_BUDGET_BYTES = 8 * 10**9  # what a CPU "device" (the Triton interpreter, in tests) may allocate
 
 _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
@@ -101,7 +110,7 @@ def steady_state_layers(
 ) -> int:
     """How many layers (distinct caches) one steady-state replay holds.
 
-    DESIGN.md asks for ">= 1 GB of KV per replay or at least 8 layers": enough distinct caches that a
+    The rule is ">= 1 GB of KV per replay or at least 8 layers": enough distinct caches that a
     replay cannot be served from the 50 MB L2, and never fewer than 8 layers. We take
     ``max(min_layers, ceil(min_replay_bytes / layer_read_bytes))``, then cap it by memory:
     ``budget_bytes // layer_alloc_bytes``. So B 1, L 1k (4 MB a layer) gets 239 layers, a layer of >= 1 GB
@@ -142,11 +151,17 @@ def copy_bandwidth(
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
     dst = torch.empty_like(src)
     with torch.cuda.device(dev):
-        for _ in range(2):
-            dst.copy_(src)
-        times = _time_events([functools.partial(dst.copy_, src)] * reps)
+        times = call_times_us(functools.partial(dst.copy_, src), reps)
     del src, dst
     return 2 * nbytes / (statistics.median(times) * 1e-6) / 1e9
+
+
+def call_times_us(fn: Callable[[], object], reps: int, *, warmup: int = 2) -> list[float]:
+    """GPU time of each of ``reps`` back-to-back calls of ``fn`` (CUDA events), µs, after ``warmup``
+    untimed calls. For calls that move ``>= 1 GB``, where L2 cannot hold what the next call reads."""
+    for _ in range(warmup):
+        fn()
+    return _time_events([fn] * reps)
 
 
 def capture_graph(steps: Sequence[Callable[[], object]], *, warmup: int = 3) -> torch.cuda.CUDAGraph:
@@ -188,7 +203,7 @@ def steady_state_us(
     replays: int = STEADY_REPLAYS,
     warmup: int = 3,
 ) -> float:
-    """Steady-state time per layer, in µs: the DESIGN.md measure.
+    """Steady-state time per layer, in µs: the benchmark's and the tuner's measure.
 
     ``make_step(layer)`` returns a zero-argument callable that launches layer ``layer``'s attention on
     that layer's own cache (and writes a preallocated output). All ``n_layers`` calls are captured in
@@ -209,6 +224,78 @@ def steady_state_us(
         return statistics.median(time_replays_us(graph, replays)) / n_layers
     finally:
         del graph
+
+
+def free_device_bytes(device: torch.device, reserve_bytes: int = RESERVE_BYTES) -> int:
+    """Bytes the caches of one measurement may take on ``device``: free memory minus ``reserve_bytes``
+    (a CPU device, for tests through the interpreter, has :data:`CPU_BUDGET_BYTES`)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else CPU_BUDGET_BYTES
+    return max(0, free - reserve_bytes)
+
+
+def layers_that_fit(
+    layer_read_bytes: int,
+    device: torch.device,
+    *,
+    layer_alloc_bytes: int | None = None,
+    reserve_bytes: int = RESERVE_BYTES,
+) -> int:
+    """:func:`steady_state_layers` capped by :func:`free_device_bytes` (0: not even one layer fits)."""
+    budget = free_device_bytes(device, reserve_bytes)
+    return steady_state_layers(layer_read_bytes, layer_alloc_bytes=layer_alloc_bytes, budget_bytes=budget)
+
+
+Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Launch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+class LayerStack(Sequence[Layer]):
+    """N layers of one decode shape, each with its own random ``(q, k_cache, v_cache)`` and output.
+
+    The steady-state harness: distinct caches, so a replay cannot be served from L2, timed by
+    :meth:`steady_us` in one CUDA graph. A sequence of ``(q, k, v)``; ``outs[i]`` is layer ``i``'s
+    preallocated output (``empty_like(q)``). Shapes: q ``[B, H_q, T_q, D]``, caches
+    ``[B, H_kv, capacity, D]``, contiguous BHSD, standard normal.
+    """
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        self.outs = [torch.empty_like(q) for q, _, _ in layers]
+
+    @classmethod
+    def random(
+        cls,
+        n_layers: int,
+        q_shape: tuple[int, int, int, int],
+        kv_shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> LayerStack:
+        def randn(shape):
+            return torch.randn(shape, dtype=dtype, device=device)
+
+        return cls([(randn(q_shape), randn(kv_shape), randn(kv_shape)) for _ in range(n_layers)])
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):  # an int gives one (q, k, v); a slice, a list of them
+        return self.layers[i]
+
+    def step(self, i: int, launch: Launch) -> Callable[[], object]:
+        """A zero-argument call of ``launch(q, k, v, out)`` on layer ``i``."""
+        (q, k, v), out = self.layers[i], self.outs[i]
+        return lambda: launch(q, k, v, out)
+
+    def steady_us(self, launch: Launch, *, replays: int = STEADY_REPLAYS, warmup: int = 3) -> float:
+        """:func:`steady_state_us` of ``launch(q, k, v, out)`` over every layer: µs per layer."""
+        return steady_state_us(lambda i: self.step(i, launch), len(self), replays=replays, warmup=warmup)
+
+    def close(self) -> None:
+        """Drop the tensors (and give the cached blocks back to the device)."""
+        self.layers, self.outs = [], []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def isolated_us(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 100) -> float:

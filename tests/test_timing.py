@@ -19,10 +19,14 @@ from hypothesis import strategies as st
 
 from kvdecode.problem import DecodeProblem
 from kvdecode.timing import (
+    CPU_BUDGET_BYTES,
+    LayerStack,
     floor_us,
+    free_device_bytes,
     gbps,
     host_overhead_us,
     kv_bytes,
+    layers_that_fit,
     pct_of_floor,
     steady_state_layers,
 )
@@ -61,8 +65,8 @@ def test_kv_bytes_agrees_with_the_problem_description():
     assert kv_bytes(3, 8, 1000, 128, torch.bfloat16) == problem.kv_bytes(1000)
 
 
-def test_kv_bytes_known_value_from_design():
-    # DESIGN.md: B 1, L 1k, H_kv 8, D 128, bf16 has a 1.4 us floor at 3.0 TB/s.
+def test_kv_bytes_known_value_from_the_h100_notes():
+    # bench/NOTES.md (H100): B 1, L 1k, H_kv 8, D 128, bf16 has a 1.4 us floor at 3.0 TB/s.
     nbytes = kv_bytes(1, 8, 1024, 128, torch.bfloat16)
     assert nbytes == 4_194_304
     assert floor_us(nbytes, 3000.0) == pytest.approx(1.398, abs=1e-3)
@@ -199,6 +203,37 @@ def test_host_overhead_counts_every_call_and_measures_per_call():
     assert len(calls) == 55 and us > 0
     slow = host_overhead_us(lambda: time.sleep(0.002), n=5, warmup=0)
     assert slow >= 2000
+
+
+# ---- the steady-state harness's host side ----
+
+
+def test_layer_stack_holds_distinct_layers_and_steps_launch_the_right_one():
+    cpu = torch.device("cpu")
+    stack = LayerStack.random(3, (2, 4, 1, 8), (2, 2, 16, 8), torch.bfloat16, cpu)
+    assert len(stack) == 3 and len(stack.outs) == 3
+    q, k, v = stack[1]
+    assert q.shape == (2, 4, 1, 8) and k.shape == v.shape == (2, 2, 16, 8) and k.dtype == torch.bfloat16
+    ptrs = {t.data_ptr() for layer in stack for t in layer} | {o.data_ptr() for o in stack.outs}
+    assert len(ptrs) == 3 * 4  # every q, k, v and out its own allocation: no replay reads a shared cache
+    assert not torch.equal(stack[0][1], stack[2][1])
+    seen = []
+    call = stack.step(2, lambda q, k, v, out: seen.append((q, k, v, out)))
+    assert seen == []  # step builds the call, it does not run it
+    call()
+    assert seen[0][:3] == stack[2] and seen[0][3] is stack.outs[2]
+    stack.close()
+    assert len(stack) == 0 and stack.outs == []
+
+
+def test_layers_that_fit_caps_the_layer_rule_by_free_memory():
+    cpu = torch.device("cpu")
+    assert free_device_bytes(cpu, reserve_bytes=10**9) == CPU_BUDGET_BYTES - 10**9
+    assert free_device_bytes(cpu, reserve_bytes=CPU_BUDGET_BYTES + 1) == 0
+    assert layers_that_fit(4 * 10**6, cpu) == steady_state_layers(4 * 10**6)  # 250 layers fit in 4 GB
+    big = 3 * 10**9  # 8 layers wanted; (8 GB - 4 GB reserve) // 3 GB = 1 fits
+    assert layers_that_fit(big, cpu) == 1
+    assert layers_that_fit(10**8, cpu, layer_alloc_bytes=10**9, reserve_bytes=0) == 8
 
 
 # ---- results schema and rendering ----
