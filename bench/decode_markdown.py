@@ -52,14 +52,27 @@ def _md_header(doc: dict) -> str:
             f"- torch {m.get('torch')} (CUDA {m.get('cuda_runtime')}, cuDNN {m.get('torch_cudnn')}), "
             f"triton {m.get('triton')}, cuDNN frontend {m.get('cudnn_frontend')} "
             f"(backend {m.get('cudnn_backend')}), kvdecode {m.get('kvdecode')} at {commit}",
-            f"- Copy bandwidth (device-to-device, bytes read + written, GB = 1e9): "
-            f"{_num(doc.get('copy_bandwidth_gbps'), '.0f')} GB/s; floor = KV bytes / copy bandwidth",
+            _bandwidth_line(doc),
             f"- Steady state (primary): {doc.get('steady_state_rule')}",
             "- Isolated: `triton.testing.do_bench` median, L2 flushed before each call "
             "(reads high for everyone)",
             "- T_q = 1, bf16, capacity = L, every row filled to L; cases: gqa H 32/8 D 128, mha 32/32, "
             "mqa 32/1, d64 and d256 at H 32/8",
         ]
+    )
+
+
+def _bandwidth_line(doc: dict) -> str:
+    bw = doc.get("bandwidth") or {}
+    copy = _num(doc.get("copy_bandwidth_gbps"), ".0f")
+    sheet = _num(bw.get("datasheet_gbps"), ".0f")
+    if not doc.get("floor_bandwidth_gbps"):
+        return f"- Copy bandwidth (device-to-device, bytes read + written, GB = 1e9): {copy} GB/s"
+    return (
+        f"- Floor bandwidth: {doc['floor_bandwidth_gbps']:.0f} GB/s (GB = 1e9), the best read-only bandwidth "
+        f"measured in this run ({bw.get('floor_source')}; {_num(bw.get('floor_pct_datasheet'), '.0f')}% of "
+        f"the datasheet's {sheet} GB/s); device-to-device copy {copy} GB/s (bytes read + written); "
+        "floor = KV bytes / floor bandwidth"
     )
 
 
@@ -122,6 +135,7 @@ def _md_backend(doc: dict, backend: str) -> str:
             rows.append(_cell_label(cell) + ["–"] * 8 + [f"{rec['status']}: {rec.get('reason', '')[:120]}"])
             continue
         note = f"chose {rec['chosen']}" if rec.get("chosen") and backend.endswith("auto") else ""
+        note = f"served by {rec['sdpa_backend']}" if rec.get("sdpa_backend") else note
         rows.append(
             [
                 *_cell_label(cell),
@@ -165,10 +179,24 @@ def _md_static(sc: dict) -> str:
         f"capacity {sc['capacity']}, {sc['n_layers']} layers, one graph replayed as the length grows"
     )
     note = (
-        "sdpa-masked attends over the whole capacity with a boolean mask (what a captured SDPA must do); "
-        "q is folded to [B, H_kv, G, D] so no K/V repeat is needed."
+        "sdpa-masked attends over the whole capacity with a boolean mask [B, 1, 1, capacity] and "
+        "enable_gqa=True (what a captured SDPA must do)" + _sdpa_served(sc["results"].get("sdpa-masked"))
     )
     return title + "\n\n" + _table(head, rows) + "\n\n" + note
+
+
+def _sdpa_served(rec: dict | None) -> str:
+    """ ", served by <backend> (fastest alone: <backend>; per backend µs)." for an SDPA record."""
+    if not _ok(rec) or "sdpa_backend" not in rec:
+        return "."
+    alone = [
+        f"{b} {r['isolated_us']:.1f} µs" if r.get("runs") else f"{b} cannot"
+        for b, r in rec.get("sdpa_backends", {}).items()
+    ]
+    return (
+        f", served by {rec['sdpa_backend']} (fastest alone: {rec.get('sdpa_fastest')}; isolated, "
+        f"each backend alone: {', '.join(alone)})."
+    )
 
 
 def _md_step(step: dict) -> str:
@@ -237,6 +265,9 @@ def _md_targets(doc: dict) -> str:
                     near.append(f"{b} {cell['name']} ({rec['pct_floor']:.0f}%)")
             if rec.get("vs_sdpa") is not None and rec["vs_sdpa"] > 1.03:
                 slower.append(f"{b} {cell['name']} ({rec['vs_sdpa']:.2f}x)")
+    above = doc.get("over_ceiling") or []
+    sdpa = sorted({r["sdpa_backend"] for c in doc["cells"] for r in [c["results"].get("sdpa") or {}]
+                   if "sdpa_backend" in r})  # fmt: skip
     return "\n".join(
         [
             "## Targets (steady state)",
@@ -245,6 +276,9 @@ def _md_targets(doc: dict) -> str:
             f"{len(near)} of {big}" + (": " + "; ".join(near) if near else ""),
             f"- kvdecode results slower than SDPA on the exact slice by more than 3%: {len(slower)}"
             + (": " + "; ".join(slower) if slower else ""),
+            f"- **results above 100% of the floor** (the floor would not be a ceiling): {len(above)}"
+            + (": " + "; ".join(above) if above else ""),
+            f"- SDPA on the exact slice served by: {', '.join(sdpa) or 'not recorded'}",
         ]
     )
 

@@ -1,12 +1,13 @@
 """GPU side of the decode benchmark: one grid cell, measured for every backend.
 
-Each cell allocates N layers of distinct caches, checks one layer of each backend against an exact
-answer, then times steady state (N layers in one CUDA graph) and an isolated ``do_bench`` call.
+Each cell allocates N layers of distinct caches (:class:`kvdecode.timing.LayerStack`, the harness the
+tuner uses too), checks one layer of each backend against an exact answer within
+:data:`kvdecode.reference.TOLERANCES`, then times steady state (N layers in one CUDA graph) and an
+isolated ``do_bench`` call.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from decode_grid import CellSpec, plan_layers
 from decode_report import add_vs_sdpa, backend_error, backend_na, backend_ok
+from decode_sdpa import sdpa_served_by
 
 import kvdecode
 from kvdecode.backends import backend_names
 from kvdecode.errors import UnsupportedError
 from kvdecode.problem import DecodeProblem
-from kvdecode.reference import reference_decode_attention, relative_l2_error
-from kvdecode.timing import floor_us, isolated_us, steady_state_us
+from kvdecode.reference import float32_reference_rows, reference_decode_attention, within_tolerance
+from kvdecode.timing import RESERVE_BYTES, LayerStack, floor_us, free_device_bytes, isolated_us
 
 __all__ = [
-    "TOLERANCE",
     "Expected",
     "RunOptions",
     "check_output",
@@ -34,11 +35,10 @@ __all__ = [
     "make_layers",
     "make_plan",
     "measure_cell",
+    "on_layers",
     "sync",
 ]
 
-# Relative L2 error vs an exact answer (TEAM.md table).
-TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 REFERENCE_MAX_BYTES = 16 * 10**6  # the CPU float64 reference for cells up to 16 MB of KV
 DEVICE = torch.device("cuda")  # a CPU smoke test of the bench's logic may point this elsewhere
 
@@ -46,11 +46,11 @@ DEVICE = torch.device("cuda")  # a CPU smoke test of the bench's logic may point
 @dataclass
 class RunOptions:
     backends: tuple[str, ...]
-    copy_gbps: float
+    floor_gbps: float  # the best read-only bandwidth measured in this run (decode_bandwidth)
     replays: int = 20
     bench_warmup_ms: int = 25
     bench_rep_ms: int = 100
-    reserve_bytes: int = 4 * 10**9  # left free for SDPA workspaces, graph pools and the check
+    reserve_bytes: int = RESERVE_BYTES  # left free for SDPA workspaces, graph pools and the check
     l2_bytes: int | None = None
 
 
@@ -68,8 +68,7 @@ Layer = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def free_budget(reserve: int) -> int:
     """Device bytes the caches of one cell may take."""
-    free, _ = torch.cuda.mem_get_info()
-    return max(0, free - reserve)
+    return free_device_bytes(DEVICE, reserve)
 
 
 def sync() -> None:
@@ -81,28 +80,39 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def make_layers(spec: CellSpec, n_layers: int, *, capacity: int | None = None) -> list[Layer]:
-    """``n_layers`` distinct (q, k, v), BHSD contiguous, random normal, on the GPU."""
+def make_layers(spec: CellSpec, n_layers: int, *, capacity: int | None = None) -> LayerStack:
+    """``n_layers`` distinct (q, k, v) and outputs, BHSD contiguous, random normal, on the GPU."""
     cap = spec.capacity if capacity is None else capacity
-    dt, dev = spec.torch_dtype, DEVICE
     kv_shape = (spec.batch, spec.num_kv_heads, cap, spec.head_dim)
     q_shape = (spec.batch, spec.num_q_heads, 1, spec.head_dim)
-    return [
-        (
-            torch.randn(q_shape, dtype=dt, device=dev),
-            torch.randn(kv_shape, dtype=dt, device=dev),
-            torch.randn(kv_shape, dtype=dt, device=dev),
-        )
-        for _ in range(n_layers)
-    ]
+    return LayerStack.random(n_layers, q_shape, kv_shape, spec.torch_dtype, DEVICE)
+
+
+def on_layers(rec: dict, spec: CellSpec, n_layers: int, body: Callable[[LayerStack], None]) -> dict:
+    """``body(layers)`` on ``n_layers`` fresh layers of ``spec``, then ``rec["status"] = "ok"``; an
+    exception becomes ``rec``'s status and reason (out of memory: skipped). The layers are freed after."""
+    layers = None
+    try:
+        layers = make_layers(spec, n_layers)
+        body(layers)
+        rec["status"] = "ok"
+    except Exception as exc:
+        err = backend_error(exc, skipped=is_oom(exc))
+        rec.update(status=err["status"], reason=err["reason"])
+    finally:
+        if layers is not None:
+            layers.close()
+        torch.cuda.empty_cache()
+    return rec
 
 
 def expected_rows(layer: Layer, seq_len: int, seq_lens: torch.Tensor) -> Expected:
     """Exact output of ``layer`` at length ``seq_len``.
 
     Small cells (<= 16 MB of KV): :func:`kvdecode.reference_decode_attention` (float64, CPU) on every
-    row. Larger ones: float32 math on the GPU for the first and last row (an fp32 answer is ~1e-6 from
-    float64, far below the bf16 tolerance), so the check never copies a big cache to the host.
+    row. Larger ones: :func:`kvdecode.reference.float32_reference_rows` on the GPU for the first and last
+    row (~1e-6 from float64, far below the bf16 tolerance), so the check never copies a big cache to the
+    host.
     """
     q, k, v = layer
     nbytes = 2 * k[:, :, :seq_len].numel() * k.element_size()
@@ -110,27 +120,14 @@ def expected_rows(layer: Layer, seq_len: int, seq_lens: torch.Tensor) -> Expecte
         out, _ = reference_decode_attention(q, k, v, seq_lens)
         return Expected(list(range(q.shape[0])), out, "reference (float64, CPU)")
     rows = sorted({0, q.shape[0] - 1})
-    values = torch.stack([_fp32_row(q, k, v, b, seq_len) for b in rows])
+    values = float32_reference_rows(q, k, v, seq_len, rows)
     return Expected(rows, values, "float32 math on the device, first and last row")
-
-
-def _fp32_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, seq_len: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for row ``b`` over keys ``0 .. seq_len - 1``; GQA by head grouping."""
-    num_q_heads, q_len, head_dim = q.shape[1:]
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    qb = q[b].float().reshape(num_kv_heads, group * q_len, head_dim)  # heads h -> kv head h // group
-    kb, vb = k[b, :, :seq_len].float(), v[b, :, :seq_len].float()
-    p = torch.softmax((qb @ kb.transpose(-1, -2)) / math.sqrt(head_dim), dim=-1)
-    return (p @ vb).reshape(num_q_heads, q_len, head_dim).double().cpu()
 
 
 def check_output(out: torch.Tensor, expected: Expected) -> dict:
     """Relative L2 error of ``out``'s checked rows; ``ok`` when within the dtype's tolerance, no NaN."""
-    got = out[expected.rows].detach().double().cpu()
-    err = relative_l2_error(got, expected.values)
-    finite = bool(torch.isfinite(got).all())
-    ok = finite and err <= TOLERANCE[out.dtype]
+    ok, err = within_tolerance(out[expected.rows], expected.values, out.dtype)
+    finite = err != float("inf")
     return {"check_rel_l2": err if finite else None, "check_ok": ok, "check_method": expected.method}
 
 
@@ -152,7 +149,7 @@ def plan_for_layers(backend: str, layers, seq_lens, max_seq_len: int) -> tuple |
     reason = kvdecode_unavailable(backend)
     if reason:
         return backend_na(reason)
-    outs = [torch.empty_like(q) for q, _, _ in layers]
+    outs = layers.outs
     q0, k0, v0 = layers[0]
     try:
         the_plan, plan_ms = make_plan(backend, q0, k0, v0, seq_lens, outs[0], max_seq_len)
@@ -177,23 +174,17 @@ def measure_cell(spec: CellSpec, opts: RunOptions) -> dict:
     n = plan_layers(spec, free_budget(opts.reserve_bytes))
     if n == 0:
         return {**rec, "status": "skipped", "reason": "not even one layer fits in free device memory"}
-    floor = floor_us(spec.kv_bytes, opts.copy_gbps)
+    floor = floor_us(spec.kv_bytes, opts.floor_gbps)
     rec.update(n_layers=n, replay_bytes=n * spec.kv_bytes, floor_us=floor)
     rec["l2_resident"] = bool(opts.l2_bytes and n * spec.kv_bytes <= opts.l2_bytes)
-    layers = None
-    try:
-        layers = make_layers(spec, n)
+
+    def body(layers: LayerStack) -> None:
         seq_lens = torch.full((spec.batch,), spec.seq_len, dtype=torch.int32, device=DEVICE)
         expected = expected_rows(layers[0], spec.seq_len, seq_lens)
         for name in opts.backends:
             rec["results"][name] = _measure_backend(name, spec, layers, seq_lens, expected, floor, opts)
-        rec["status"] = "ok"
-    except Exception as exc:
-        err = backend_error(exc, skipped=is_oom(exc))
-        rec.update(status=err["status"], reason=err["reason"])
-    finally:
-        del layers
-        torch.cuda.empty_cache()
+
+    on_layers(rec, spec, n, body)
     checks = [r.get("check_ok") for r in rec["results"].values() if r.get("status") == "ok"]
     rec["check_ok"] = bool(checks) and all(checks)
     add_vs_sdpa(rec)
@@ -243,28 +234,27 @@ def _measure_kvdecode(backend, spec, layers, seq_lens, expected, floor, opts) ->
     first_ms = (time.perf_counter() - start) * 1e3
     check = check_output(outs[0], expected)
 
-    def make_step(i: int) -> Callable[[], object]:
-        q, k, v = layers[i]
-        o = outs[i]
-        return lambda: the_plan.run(q, k, v, seq_lens, out=o)
+    def launch(q, k, v, o):
+        return the_plan.run(q, k, v, seq_lens, out=o)
 
-    steady = steady_state_us(make_step, len(layers), replays=opts.replays)
-    iso = isolated_us(make_step(0), warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
+    steady = layers.steady_us(launch, replays=opts.replays)
+    iso = isolated_us(layers.step(0, launch), warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
     extra = {"plan_ms": plan_ms, "first_call_ms": first_ms, "chosen": the_plan.backend}
     extra["choice_reason"] = the_plan.choice.reason
     return backend_ok(steady, iso, spec.kv_bytes, floor, **extra, **check)
 
 
 def _measure_sdpa(spec, layers, expected, floor, opts) -> dict:
-    """torch SDPA on the exact slice ``k[:, :, :L]`` (here the whole buffer), ``enable_gqa=True``."""
+    """torch SDPA on the exact slice ``k[:, :, :L]`` (here the whole buffer), ``enable_gqa=True``; records
+    which SDPA backend served it (:func:`decode_sdpa.sdpa_served_by`)."""
     length = spec.seq_len
 
-    def make_step(i: int) -> Callable[[], object]:
-        q, k, v = layers[i]
-        ks, vs = k[:, :, :length], v[:, :, :length]
-        return lambda: F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+    def launch(q, k, v, _out):
+        return F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
 
-    check = check_output(make_step(0)(), expected)
-    steady = steady_state_us(make_step, len(layers), replays=opts.replays)
-    iso = isolated_us(make_step(0), warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
-    return backend_ok(steady, iso, spec.kv_bytes, floor, **check)
+    call = layers.step(0, launch)
+    check = check_output(call(), expected)
+    served = sdpa_served_by(call)
+    steady = layers.steady_us(launch, replays=opts.replays)
+    iso = isolated_us(call, warmup_ms=opts.bench_warmup_ms, rep_ms=opts.bench_rep_ms)
+    return backend_ok(steady, iso, spec.kv_bytes, floor, **check, **served)

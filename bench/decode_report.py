@@ -30,9 +30,10 @@ __all__ = [
     "write_result",
 ]
 
-SCHEMA = "kvdecode.bench_decode/1"
+SCHEMA = "kvdecode.bench_decode/2"  # 2: the floor is the best streaming read of the run, not the copy
 STATUSES = ("ok", "n/a", "skipped", "error")
-_REQUIRED_TOP = ("schema", "meta", "config", "copy_bandwidth_gbps", "cells", "static_cache", "host_overhead")
+_REQUIRED_TOP = ("schema", "meta", "config", "copy_bandwidth_gbps", "floor_bandwidth_gbps", "bandwidth")
+_REQUIRED_TOP += ("cells", "static_cache", "host_overhead", "over_ceiling")
 _REQUIRED_CELL = ("name", "case", "batch", "num_q_heads", "num_kv_heads", "head_dim", "seq_len", "capacity")
 _REQUIRED_CELL += ("dtype", "kv_bytes", "status", "results")
 
@@ -73,6 +74,14 @@ def new_result(meta: dict, config: dict) -> dict:
         "meta": meta,
         "config": config,
         "copy_bandwidth_gbps": None,
+        "floor_bandwidth_gbps": None,
+        "bandwidth": {},
+        "floor_rule": (
+            "floor = KV bytes / floor_bandwidth_gbps, the best read-only bandwidth measured in this run "
+            "(decode_bandwidth.read_bandwidths); copy and datasheet figures beside it under 'bandwidth'; "
+            "'over_ceiling' lists every result above 100% of its floor"
+        ),
+        "over_ceiling": [],
         "steady_state_rule": (
             "N layers with distinct caches captured in one CUDA graph; median of 20 replays / N. "
             "N = max(8, ceil(1 GB / KV bytes of one layer)), capped by free device memory; "

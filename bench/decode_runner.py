@@ -9,12 +9,11 @@ import traceback
 from pathlib import Path
 
 import torch
+from decode_bandwidth import measure_ceiling, over_ceiling
 from decode_markdown import short_table
 from decode_measure import RunOptions, measure_cell
 from decode_report import environment, new_result, result_stem, validate_result, write_result
 from decode_scenarios import captured_step, cudnn_builds, host_overhead, static_cache
-
-from kvdecode.timing import copy_bandwidth
 
 __all__ = ["Runner"]
 
@@ -48,7 +47,7 @@ class Runner:
         quick = args.quick
         self.opts = RunOptions(
             backends=args.backends,
-            copy_gbps=0.0,
+            floor_gbps=0.0,
             replays=args.replays,
             bench_warmup_ms=5 if quick else 25,
             bench_rep_ms=20 if quick else 100,
@@ -69,9 +68,16 @@ class Runner:
             f"bench_decode on {gpu}; sections {','.join(a.sections)}; budget {a.time_budget:.0f} s",
             flush=True,
         )
-        self.opts.copy_gbps = copy_bandwidth()
-        self.doc["copy_bandwidth_gbps"] = self.opts.copy_gbps
-        print(f"copy bandwidth {self.opts.copy_gbps:.0f} GB/s", flush=True)
+        ceil = measure_ceiling(gpu)
+        self.opts.floor_gbps = ceil["floor_gbps"]
+        self.doc.update(bandwidth=ceil, floor_bandwidth_gbps=ceil["floor_gbps"])
+        self.doc["copy_bandwidth_gbps"] = ceil["copy_gbps"]
+        sheet = ceil["datasheet_gbps"]
+        print(
+            f"floor bandwidth {ceil['floor_gbps']:.0f} GB/s ({ceil['floor_source']}); copy "
+            f"{ceil['copy_gbps']:.0f} GB/s (read + written); datasheet {sheet or 'unknown'} GB/s",
+            flush=True,
+        )
         self.save()
         if "cudnn" in a.sections:  # first: "first graph build in a process" must really be the first
             self._section(
@@ -128,6 +134,7 @@ class Runner:
             self.dead = f"CUDA context unusable after an earlier error: {exc}"
 
     def _finish(self) -> int:
+        self.doc["over_ceiling"] = over_ceiling(self.doc)
         problems = validate_result(self.doc)
         self.doc["errors"] += [f"schema: {p}" for p in problems]
         json_path, md_path = self.save()
@@ -154,7 +161,10 @@ class Runner:
         print(f"\nwrote {json_path} and {md_path} in {self.elapsed():.0f} s; {errors} errors recorded")
         if failed:
             print(f"CORRECTNESS CHECK FAILED in {len(failed)} cells: {', '.join(failed)}")
-        return 1 if failed else 0
+        above = self.doc["over_ceiling"]
+        if above:
+            print(f"ABOVE THE FLOOR (the floor is not a ceiling) in {len(above)} results: {'; '.join(above)}")
+        return 1 if failed else 3 if above else 0
 
 
 def _stub(spec) -> dict:
@@ -173,6 +183,8 @@ def _progress(rec: dict, seconds: float) -> str:
         short = name.removeprefix("kvdecode-")
         parts.append(f"{short} {r['steady_us']:.1f}" if r.get("status") == "ok" else f"{short} {r['status']}")
     flag = "" if rec.get("check_ok") else " CHECK FAILED"
+    above = [n for n, r in rec["results"].items() if (r.get("pct_floor") or 0) > 100]
+    flag += f" ABOVE THE FLOOR: {', '.join(above)}" if above else ""
     return (
         f"{rec['name']}: floor {rec['floor_us']:.1f} | " + ", ".join(parts) + f" µs{flag} [{seconds:.1f} s]"
     )

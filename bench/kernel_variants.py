@@ -2,7 +2,9 @@
 
 For each shape and each config: correctness against the float64 reference on one layer, then N layers
 with distinct caches captured in one CUDA graph (N = max(8, ceil(1 GB / KV bytes per layer))), median of
-20 replays / N, µs per layer. torch SDPA on the exact slice is timed the same way in the same run.
+20 replays / N, µs per layer: :class:`kvdecode.timing.LayerStack`, the benchmark's and the tuner's harness.
+torch SDPA on the exact slice is timed the same way in the same run. The floor uses the best read-only
+bandwidth measured in the run (``decode_bandwidth``), as ``bench_decode.py`` does.
 Usage: python3 bench/kernel_variants.py --out DIR [--shapes 1x1024,8x4096] [--variants base,nopdl,...]
 """
 
@@ -14,10 +16,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from decode_bandwidth import measure_ceiling
 
 from kvdecode.problem import DecodeProblem
 from kvdecode.reference import reference_decode_attention, relative_l2_error
-from kvdecode.timing import steady_state_layers, steady_state_us
+from kvdecode.timing import LayerStack, floor_us, kv_bytes, steady_state_layers
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
 
 HQ, HKV, D, DT = 32, 8, 128, torch.bfloat16
@@ -40,27 +43,20 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
     }
 
 
-def graph_us(step, n_layers: int) -> float:
-    """The steady-state measure of :mod:`kvdecode.timing` for ``step(layer)``."""
-    return steady_state_us(lambda i: lambda: step(i), n_layers)
-
-
-def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
-    nbytes = 2 * batch * HKV * length * D * 2
+def run_shape(batch: int, length: int, names: list[str], floor_gbps: float) -> list[dict]:
+    nbytes = kv_bytes(batch, HKV, length, D, DT)
     n_layers = steady_state_layers(nbytes)
     dev = torch.device("cuda")
-    ks = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]
-    vs = [torch.randn(batch, HKV, length, D, device=dev, dtype=DT) for _ in range(n_layers)]
-    qs = [torch.randn(batch, HQ, 1, D, device=dev, dtype=DT) for _ in range(n_layers)]
-    outs = [torch.empty_like(q) for q in qs]
+    layers = LayerStack.random(n_layers, (batch, HQ, 1, D), (batch, HKV, length, D), DT, dev)
+    (q0, k0, v0) = layers[0]
     lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
-    problem = DecodeProblem.from_tensors(qs[0], ks[0], vs[0], lens)
+    problem = DecodeProblem.from_tensors(q0, k0, v0, lens)
     rows = []
 
-    def sdpa(i: int) -> None:
-        F.scaled_dot_product_attention(qs[i], ks[i], vs[i], enable_gqa=True)
+    def sdpa(q, k, v, _out) -> None:
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    rows.append(dict(B=batch, L=length, variant="sdpa", us=graph_us(sdpa, n_layers), layers=n_layers))
+    rows.append(dict(B=batch, L=length, variant="sdpa", us=layers.steady_us(sdpa), layers=n_layers))
     for name, cfg in variants(default_config(problem)).items():
         if names and name not in names:
             continue
@@ -68,25 +64,24 @@ def run_shape(batch: int, length: int, names: list[str]) -> list[dict]:
             launcher = TritonBackend().make_launcher(problem, config=cfg)
             ragged = torch.randint(1, length + 1, (batch,), dtype=torch.int32, device=dev)
             ragged[0] = length
-            out = torch.full_like(qs[0], float("nan"))
-            launcher(qs[0], ks[0], vs[0], ragged, None, None, out, None)
-            ref, _ = reference_decode_attention(qs[0], ks[0], vs[0], ragged)
+            out = torch.full_like(q0, float("nan"))
+            launcher(q0, k0, v0, ragged, None, None, out, None)
+            ref, _ = reference_decode_attention(q0, k0, v0, ragged)
             err = relative_l2_error(out, ref)
 
-            def step(i: int, launcher=launcher) -> None:
-                launcher(qs[i], ks[i], vs[i], lens, None, None, outs[i], None)
+            def step(q, k, v, o, launcher=launcher) -> None:
+                launcher(q, k, v, lens, None, None, o, None)
 
-            us = graph_us(step, n_layers)
+            us = layers.steady_us(step)
             rows.append(dict(B=batch, L=length, variant=name, config=cfg.name, us=us, err=err,
                              pdl=launcher.use_pdl, layers=n_layers))  # fmt: skip
         except Exception as exc:  # record and go on: one bad variant must not lose the others
             rows.append(dict(B=batch, L=length, variant=name, error=repr(exc)[:300]))
         print(rows[-1], flush=True)
-    floor = nbytes / 3.0e12 * 1e6
+    floor = floor_us(nbytes, floor_gbps)
     for r in rows:
         r["floor_us"] = floor
-    ks.clear(), vs.clear(), qs.clear(), outs.clear()
-    torch.cuda.empty_cache()
+    layers.close()
     return rows
 
 
@@ -97,11 +92,13 @@ def main() -> int:
     ap.add_argument("--variants", default="")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
+    ceiling = measure_ceiling(torch.cuda.get_device_name())
+    print(f"floor bandwidth {ceiling['floor_gbps']:.0f} GB/s ({ceiling['floor_source']})", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
-        rows += run_shape(b, n, names)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+        rows += run_shape(b, n, names, ceiling["floor_gbps"])
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, bandwidth=ceiling)
     with open(f"{args.out}/kernel_variants.json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"{'B':>3} {'L':>6} {'variant':>9} {'us':>7} {'floor':>6} {'err':>8}")

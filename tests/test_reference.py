@@ -1,9 +1,9 @@
 """The float64 reference against an independent computation: torch SDPA on the exact slice.
 
 For each row ``b`` and query ``t`` the visible keys are the slice ``kv_start[b] .. seq_lens[b] - T_q + t``
-(DESIGN.md). SDPA sees only that slice, one query at a time (so bottom-right causality is checked by
-construction, not by a mask), with GQA expanded by ``repeat_interleave``; its LSE is ``logsumexp`` of the
-same float64 scores.
+(README.md, "The call"). SDPA sees only that slice, one query at a time (so bottom-right causality is
+checked by construction, not by a mask), with GQA expanded by ``repeat_interleave``; its LSE is
+``logsumexp`` of the same float64 scores.
 """
 
 from __future__ import annotations

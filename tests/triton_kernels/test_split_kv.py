@@ -159,7 +159,7 @@ def test_split_count_invariance(device, data):
 @st.composite
 def empty_row_cases(draw, device: str) -> Case:
     """Rows (or single queries) that see nothing: seq_lens < T_q (0 and negative included), kv_start
-    past the query position, kv_start < 0; the contract defines each (DESIGN.md positions)."""
+    past the query position, kv_start < 0; the contract defines each (README.md, "The call")."""
     case = draw(cases(device, masks=False, kv_start=False))
     lens, starts = [], []
     for n in case.seq_lens:
