@@ -1,0 +1,399 @@
+"""Decode ms/step and tokens/s in a Hugging Face generation loop: sdpa vs flex_attention vs kvdecode.
+
+A Llama-3-8B-shaped model (hidden 4096, 32 query heads, 8 KV heads, head dim 128, MLP 14336, vocab
+128256) with ``--layers`` decoder layers (default 8) and random bf16 weights decodes one token per step
+against a transformers ``StaticCache`` of a given capacity filled to length L. The cache is filled
+without a prefill: random K/V are written into every layer's buffers and each layer's length state
+(``StaticLayer.cumulative_length``, one 0-d device tensor) is set directly; each timed step resets it to
+``L - 1`` first, so every step attends exactly L keys. The 4-D masks are made once per row outside the
+timed step, as ``generate`` does for static caches.
+
+Modes, all in the same run and process:
+
+* ``eager``: the model's forward, no graph;
+* ``captured``: one decode step captured in a CUDA graph (``torch.cuda.graph``) and replayed;
+* ``compiled``: ``torch.compile(mode="reduce-overhead")`` of the step (what ``generate`` does), only on
+  the headline row by default (``--compile``) and only while the time budget allows.
+
+A backend that fails in a row is recorded with its error and the run goes on. Results: JSON and
+markdown under ``--out`` (default ``bench/results/``) and a PNG plot of ms/step vs L when matplotlib is
+importable. ``--quick`` runs two rows without compilation (about a minute on an H200).
+
+    python3 bench/bench_generate.py [--layers 8] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kvdecode
+import kvdecode.hf  # registers attn_implementation="kvdecode"
+
+ROWS = (
+    (1, 2048, 1024),
+    (1, 32768, 1024),
+    (1, 32768, 16384),
+    (8, 2048, 1024),
+    (8, 32768, 1024),
+    (8, 32768, 16384),
+)
+QUICK_ROWS = ((1, 32768, 1024), (8, 32768, 16384))
+HEADLINE = (8, 32768, 16384)
+BACKENDS = ("sdpa", "flex_attention", "kvdecode")
+MODES = ("eager", "captured", "compiled")
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+)
+TINY = dict(  # --tiny: a CPU smoke run of this script
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=96,
+    max_position_embeddings=512,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    p.add_argument("--quick", action="store_true", help="two rows, no torch.compile (about a minute)")
+    p.add_argument("--out", default="bench/results", help="directory for JSON, markdown and PNG")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated attn_implementations")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (replays) per repeat (default 20)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default 3)")
+    p.add_argument(
+        "--compile",
+        choices=("none", "headline", "all"),
+        default="headline",
+        help="rows to run torch.compile(mode='reduce-overhead') on (default: B 8 / 32k / 16k only)",
+    )
+    p.add_argument("--budget-s", type=float, default=225.0, help="skip compiled runs past this (s)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and cache (CPU smoke run)")
+    return p.parse_args(argv)
+
+
+def environment() -> dict:
+    """GPU, versions and date, printed and stored with the results."""
+    import transformers
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
+    return dict(
+        gpu=gpu,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        kvdecode=kvdecode.__version__,
+        python=platform.python_version(),
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def build_model(layers: int, tiny: bool, device: torch.device):
+    """Random-weights Llama built directly on the device in bf16 (fp32 on CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=layers, **(TINY if tiny else LLAMA3_8B))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def _set_length(cache, length: int) -> None:
+    for layer in cache.layers:
+        if not hasattr(layer, "cumulative_length"):
+            raise RuntimeError(
+                f"{type(layer).__name__} has no cumulative_length; this transformers version tracks the "
+                "static cache length differently"
+            )
+        layer.cumulative_length.fill_(length)
+
+
+def make_cache(model, batch: int, capacity: int, filled: int):
+    """A StaticCache with random K/V in slots ``0..filled-1`` of every layer."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=capacity)
+    cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    for layer in cache.layers:
+        layer.keys[:, :, :filled].normal_(generator=gen)
+        layer.values[:, :, :filled].normal_(generator=gen)
+    _set_length(cache, filled - 1)
+    return cache
+
+
+def _cache_kw(model) -> str:
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name warns until 5.40)
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def make_step(model, cache, batch: int, filled: int, backend: str):
+    """The decode step for one backend: resets the lengths to ``filled - 1``, then one forward."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    model.set_attn_implementation(backend)
+    dev = model.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    pos = torch.full((batch, 1), filled - 1, device=dev, dtype=torch.long)
+    mask_2d = torch.ones(batch, filled, device=dev, dtype=torch.long)
+    _set_length(cache, filled - 1)
+    embeds = torch.empty((batch, 1, 0), dtype=model.dtype, device=dev)
+    mask = create_masks_for_generate(model.config, embeds, mask_2d, cache, pos)
+    kwargs = {_cache_kw(model): cache, "use_cache": True}
+
+    def step():
+        _set_length(cache, filled - 1)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs).logits
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, steps: int, repeats: int, device: torch.device) -> float:
+    """Median over repeats of the mean ms per call of ``fn`` (CUDA events on a GPU)."""
+    results = []
+    for _ in range(repeats):
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            results.append(start.elapsed_time(end) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            results.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(results)
+
+
+def time_eager(step, args, device) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        return _time(step, args.steps, args.repeats, device)
+
+
+def time_captured(step, args, device) -> float:
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad():
+        with torch.cuda.stream(side):  # warm up where the capture runs: kernels compiled, plans made
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+        graph.replay()
+        try:
+            return _time(graph.replay, args.steps, args.repeats, device)
+        finally:
+            del graph
+
+
+def time_compiled(step, args, device) -> float:
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled()
+        return _time(compiled, args.steps, args.repeats, device)
+
+
+def _error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def run_row(model, row, backends, modes, args, device) -> list[dict]:
+    """Every backend and mode of one (B, capacity, L) row; failures are recorded, not raised."""
+    batch, capacity, filled = row
+    records = []
+    try:
+        cache = make_cache(model, batch, capacity, filled)
+    except Exception as exc:  # e.g. out of memory: the row is recorded as failed
+        return [
+            dict(backend=b, batch=batch, capacity=capacity, filled=filled, error=_error(exc))
+            for b in backends
+        ]
+    for backend in backends:
+        for mode in modes:
+            rec = dict(backend=backend, batch=batch, capacity=capacity, filled=filled, mode=mode)
+            t0 = time.perf_counter()
+            try:
+                step = make_step(model, cache, batch, filled, backend)
+                timer = {"eager": time_eager, "captured": time_captured, "compiled": time_compiled}[mode]
+                ms = timer(step, args, device)
+                rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
+            except Exception as exc:  # a backend's failure is a result, never the end of the run
+                rec["error"] = _error(exc)
+            rec["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(_line(rec), flush=True)
+            records.append(rec)
+    del cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def _line(rec: dict) -> str:
+    head = f"B {rec['batch']:>2} cap {rec['capacity']:>6} L {rec['filled']:>6} {rec['backend']:>14}"
+    head += f" {rec.get('mode', '-'):>8}"
+    if "error" in rec:
+        return f"{head}  FAILED {rec['error']}"
+    return f"{head}  {rec['ms_per_step']:8.3f} ms/step  {rec['tokens_per_s']:9.1f} tok/s  ({rec['wall_s']} s)"
+
+
+def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
+    """One table per mode: rows (B, capacity, L) by backend, ms/step (tokens/s)."""
+    lines = [
+        f"# HF decode step: {env['gpu']}, {layers} layers, Llama-3-8B-shaped, bf16, StaticCache",
+        "",
+        ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+    ]
+    for mode in MODES:
+        cells = {
+            (r["batch"], r["capacity"], r["filled"], r["backend"]): r
+            for r in records
+            if r.get("mode") == mode
+        }
+        if not cells:
+            continue
+        lines += [
+            f"## {mode}: ms per step (tokens/s)",
+            "",
+            "| B | capacity | L | " + " | ".join(backends) + " |",
+        ]
+        lines.append("|---|---|---|" + "---|" * len(backends))
+        for b, cap, n in sorted({k[:3] for k in cells}):
+            row = []
+            for be in backends:
+                r = cells.get((b, cap, n, be))
+                row.append(
+                    "–"
+                    if r is None
+                    else "failed"
+                    if "error" in r
+                    else f"{r['ms_per_step']:.2f} ({r['tokens_per_s']:.0f})"
+                )
+            lines.append(f"| {b} | {cap} | {n} | " + " | ".join(row) + " |")
+        lines.append("")
+    failed = [r for r in records if "error" in r]
+    if failed:
+        lines += ["## failures", ""] + [f"- {_line(r)}" for r in failed] + [""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> bool:
+    """ms/step vs filled length, one line per backend and (B, capacity), one panel per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    modes = [m for m in MODES if any(r.get("mode") == m and "error" not in r for r in records)]
+    if not modes:
+        return False
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        series: dict[tuple, list] = {}
+        for r in records:
+            if r.get("mode") == mode and "error" not in r:
+                series.setdefault((r["backend"], r["batch"], r["capacity"]), []).append(
+                    (r["filled"], r["ms_per_step"])
+                )
+        for (backend, b, cap), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} B{b} cap{cap}")
+        ax.set(xscale="log", yscale="log", xlabel="filled length L", ylabel="ms / decode step", title=mode)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _modes_for(row, args, started: float) -> list[str]:
+    modes = ["eager", "captured"]
+    want = args.compile == "all" or (args.compile == "headline" and tuple(row) == HEADLINE)
+    if want and not args.quick and time.perf_counter() - started < args.budget_s - 60:
+        modes.append("compiled")
+    return modes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    rows = ((2, 64, 32), (2, 64, 60)) if args.tiny else QUICK_ROWS if args.quick else ROWS
+    started = time.perf_counter()
+    model = build_model(args.layers, args.tiny, device)
+    print(
+        f"model: {args.layers} layers, {model.dtype}, built in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+    records = []
+    for row in rows:
+        records += run_row(model, row, backends, _modes_for(row, args, started), args, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = (
+        f"hf-generate-{env['gpu'].lower().replace(' ', '-').replace('(', '').replace(')', '')}-{env['date']}"
+    )
+    stem += "-quick" if args.quick else "-tiny" if args.tiny else ""
+    meta = dict(
+        env=env, layers=args.layers, rows=[list(r) for r in rows], backends=backends, argv=sys.argv[1:]
+    )
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+    (out / f"{stem}.md").write_text(markdown(records, env, args.layers, backends))
+    plotted = plot(records, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json, .md{', .png' if plotted else ' (no matplotlib: no plot)'}")
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
