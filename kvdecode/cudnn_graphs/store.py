@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -31,15 +32,28 @@ def load_or_build(
     load: Callable[[bytes, int], BuiltGraph],
     serialize_fn: Callable[[BuiltGraph], bytes],
 ) -> BuiltGraph:
-    """A plan from ``disk`` when one matching ``meta`` is there, else ``build()`` it and save it."""
+    """A plan from ``disk`` when one matching ``meta`` is there, else ``build()`` it and save it.
+
+    The disk never fails the call: a file that cannot be used (refused by :meth:`DiskCache.load`, which
+    verifies its length and checksum before the blob is handed to ``load``), a blob cuDNN rejects, or a
+    disk cache that raises, warns or logs and rebuilds; a failed save is logged (:meth:`DiskCache.save`).
+    """
     if disk is not None:
-        found = disk.load(key, meta)
+        try:
+            found = disk.load(key, meta)
+        except Exception as exc:  # whatever the disk does, the call goes on with a build
+            warnings.warn(
+                f"the cuDNN plan disk cache failed for {key.name} ({type(exc).__name__}: {exc}); rebuilding",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            found = None
         if found is not None:
             blob, record = found
             try:
-                return load(blob, int(record.get("workspace_size", 0)))
+                return load(blob, record["workspace_size"])
             except Exception as exc:  # a blob the library rejects: rebuild, never fail the call
-                log.info("cached cuDNN plan for %s did not load (%s); rebuilding", key.name, exc)
+                log.warning("cached cuDNN plan for %s did not load (%s); rebuilding", key.name, exc)
     built = build()
     if disk is not None:
         try:

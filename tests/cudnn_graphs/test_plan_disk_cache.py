@@ -57,7 +57,8 @@ def test_corrupt_files_are_refused(tmp_path, content):
     key = make_key(make_problem())
     disk.folder.mkdir(parents=True)
     disk.path_for(key).write_bytes(content)
-    assert disk.load(key, _meta(key)) is None
+    with pytest.warns(RuntimeWarning, match="refusing cached cuDNN plan"):
+        assert disk.load(key, _meta(key)) is None
 
 
 def _fake(key, source, ws=0):
@@ -127,3 +128,148 @@ def test_clear_removes_plans(tmp_path):
         disk.save(key, _meta(key), b"x", workspace_size=0)
     assert disk.clear() == 2
     assert not list(disk.folder.glob("*.plan"))
+
+
+# ---- failed saves, blob integrity, files that are not plain files (issue 12, defect 9) ----
+
+
+def _saved(tmp_path, blob=b"plan-bytes" * 100):
+    disk = DiskCache(tmp_path)
+    key = make_key(make_problem())
+    path = disk.save(key, _meta(key), blob, workspace_size=64)
+    assert path is not None
+    return disk, key, path
+
+
+class _Unserializable:
+    def __bytes__(self):
+        raise RuntimeError("no bytes here")
+
+
+class _FullDisk:
+    """``os.fdopen`` whose file refuses every write, as on a full disk."""
+
+    def __init__(self, fd, mode):
+        self.f = open(fd, mode)  # noqa: SIM115 (closed in __exit__)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["replace", "write", "blob"])
+def test_a_failed_save_leaves_no_temp_file(tmp_path, monkeypatch, failure):
+    from kvdecode.cudnn_graphs import disk_cache
+
+    disk = DiskCache(tmp_path)
+    key = make_key(make_problem())
+    blob = b"x" * 100
+    if failure == "replace":
+        monkeypatch.setattr(disk_cache.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(28, "full")))
+    elif failure == "write":
+        monkeypatch.setattr(disk_cache.os, "fdopen", _FullDisk)
+    else:
+        blob = _Unserializable()
+    assert disk.save(key, _meta(key), blob, workspace_size=0) is None  # logged, never raised
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
+def test_files_carry_a_length_and_checksum_verified_on_load(tmp_path):
+    disk, key, path = _saved(tmp_path)
+    data = path.read_bytes()
+    assert data.startswith(MAGIC) and b'"blob_sha256"' in data and b'"blob_size": 1000' in data
+    for name, bad in (("flipped", data[:-1] + bytes([data[-1] ^ 1])), ("truncated", data[:-1])):
+        path.write_bytes(bad)
+        with pytest.warns(RuntimeWarning, match=f"refusing cached cuDNN plan {path}.*(checksum|length)"):
+            assert disk.load(key, _meta(key)) is None, name
+
+
+def test_a_corrupt_blob_is_rebuilt_and_overwritten(tmp_path):
+    disk, key, path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3] + b"zzz")
+    calls = []
+    build = lambda: calls.append("build") or _fake(key, "build", ws=64)
+    load = lambda blob, ws: calls.append("load") or _fake(key, "disk", ws)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        got = load_or_build(
+            key, disk=disk, meta=_meta(key), build=build, load=load, serialize_fn=lambda b: b"new"
+        )
+    assert got.source == "build" and calls == ["build"]  # the corrupt blob never reached cuDNN
+    assert disk.load(key, _meta(key))[0] == b"new"
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "symlink to a plan", "fifo", "folder"])
+def test_a_plan_path_that_is_not_a_regular_file_is_not_read(tmp_path, kind):
+    import os
+
+    disk, key, path = _saved(tmp_path)
+    good = path.with_name("elsewhere.bin")
+    path.rename(good)
+    if kind == "symlink to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "symlink to a plan":
+        path.symlink_to(good)
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it to read would block until a writer came
+    else:
+        path.mkdir()
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        assert disk.load(key, _meta(key)) is None
+
+
+def test_an_oversized_plan_file_is_not_read(tmp_path):
+    from kvdecode.cudnn_graphs.disk_cache import MAX_PLAN_BYTES
+
+    disk, key, path = _saved(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(MAX_PLAN_BYTES + 1)  # sparse: no disk used
+    with pytest.warns(RuntimeWarning, match=f"more than {MAX_PLAN_BYTES} bytes"):
+        assert disk.load(key, _meta(key)) is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("workspace_size", "4096"), ("workspace_size", -1), ("blob_size", None), ("blob_sha256", 7)],
+)
+def test_a_header_field_of_a_wrong_type_is_refused(tmp_path, field, value):
+    import json
+    import struct
+
+    disk, key, path = _saved(tmp_path)
+    data = path.read_bytes()
+    (size,) = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])
+    header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + size])
+    header[field] = value
+    text = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack(">I", len(text)) + text + data[len(MAGIC) + 4 + size :])
+    with pytest.warns(RuntimeWarning, match=field):
+        assert disk.load(key, _meta(key)) is None
+
+
+def test_a_file_of_the_previous_format_is_refused_quietly_and_rebuilt(tmp_path, recwarn):
+    disk = DiskCache(tmp_path)
+    key = make_key(make_problem())
+    disk.folder.mkdir(parents=True)
+    disk.path_for(key).write_bytes(b"KVDECODE-CUDNN-PLAN v1\n\x00\x00\x00\x02{}blob")
+    assert disk.load(key, _meta(key)) is None and disk.refused == 1
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # an upgrade is not corruption
+
+
+def test_load_or_build_survives_a_failing_disk_cache(tmp_path):
+    class Broken(DiskCache):
+        def load(self, key, meta):
+            raise MemoryError("no room to read")
+
+    key = make_key(make_problem())
+    with pytest.warns(RuntimeWarning, match="no room to read"):
+        got = load_or_build(
+            key, disk=Broken(tmp_path), meta=_meta(key), build=lambda: _fake(key, "build"),
+            load=lambda blob, ws: _fake(key, "disk"), serialize_fn=lambda b: b"ok",
+        )  # fmt: skip
+    assert got.source == "build"
