@@ -58,6 +58,7 @@ def _register_info(subparsers: argparse._SubParsersAction) -> None:
 
 
 # Later subcommands (plan, bench, tune) add their _register_<name> here.
+from .generate_cmd import add_generate_parser  # noqa: E402
 from .tuning.info_cmd import extend_info_parser  # noqa: E402  (info's tuning table / graph-cache rows)
 from .tuning.plan_cmd import add_plan_parser  # noqa: E402
 from .tuning.tune_cmd import add_tune_parser  # noqa: E402
@@ -68,6 +69,7 @@ _REGISTRARS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     extend_info_parser,
     add_tune_parser,
     add_plan_parser,
+    add_generate_parser,
 )
 
 

@@ -307,6 +307,26 @@ def test_import_kvdecode_does_not_import_transformers():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+# ---- kvdecode generate ----
+
+
+def test_generate_command_prints_tokens_per_second_side_by_side(capsys):
+    from kvdecode.cli import main
+
+    assert main(["generate", "--tokens", "3", "--prompt", "18", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "kvdecode / sdpa tokens/s" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.endswith("%")}
+    assert set(lines) >= {"sdpa", "kvdecode"} and lines["kvdecode"].endswith("100.0%")
+
+
+def test_generate_command_rejects_bad_counts(capsys):
+    from kvdecode.cli import main
+
+    assert main(["generate", "--tokens", "0", "--device", "cpu"]) == 2
+    assert "tokens must be a positive int, got 0" in capsys.readouterr().err
+
+
 # ---- GPU ----
 
 
