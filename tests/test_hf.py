@@ -281,6 +281,19 @@ def test_lengths_from_mask():
     assert seq_lens.tolist() == [7, 7, 7] and kv_start.tolist() == [2, 0, 4]
 
 
+def test_attention_traces_as_one_graph_on_cpu():
+    q, k, v, mask = _step_tensors()
+
+    def step(q, k, v, mask):
+        return kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25)[0]
+
+    explained = torch._dynamo.explain(step)(q, k, v, mask)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # functionalized: out is a view
+    torch.testing.assert_close(compiled(q, k, v, mask), step(q, k, v, mask), atol=0, rtol=0)
+
+
 # ---- registration and imports ----
 
 
