@@ -122,7 +122,7 @@ def captured_step_row(layers: int = 8, cap: int = 1024, length: int = 1000) -> d
         for i in range(layers):
             cache.append(i, ks[i], ks[i])
             cache.attend(i, qs[i], out=outs[i])
-        cache.advance(-1)  # replays keep the length at `length`
+        cache.seq_lens.sub_(1)  # replays keep the length at `length`
 
     step()
     graph = capture_graph([step])

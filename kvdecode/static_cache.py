@@ -24,7 +24,6 @@ with the new tokens) for the whole step, so ``attend`` needs no extra per-layer 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -40,11 +39,10 @@ from ._cache_checks import (
     is_host,
     resolve_device,
 )
-from .api import check_lengths
+from .api import check_lengths, problem_for_tensors
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
 from .planner import check_backend_name
-from .problem import DecodeProblem
 
 __all__ = ["StaticKVCache"]
 
@@ -140,7 +138,6 @@ class StaticKVCache:
         self._values = [view(self.v_buffer[i]) for i in range(num_layers)]
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.kv_start = torch.zeros(batch, dtype=torch.int32, device=self.device) if left_padded else None
-        self._plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
         from ._append import append_kv  # imports Triton: deferred so `import kvdecode` stays light
 
         self._append_kv = append_kv
@@ -279,28 +276,18 @@ class StaticKVCache:
     def plan_for(
         self, q: torch.Tensor, *, mask: torch.Tensor | None = None, out: torch.Tensor | None = None
     ) -> DecodePlan:
-        """The plan :meth:`attend` runs for this query (and mask / ``out`` kind); made on first use.
+        """The plan :meth:`attend` runs for this query (and mask); from the shared plan cache.
 
         Every layer shares it (their views have the same strides). Made with ``max_seq_len=capacity``.
+        ``out`` is checked by the plan's ``run``, not part of the plan.
         """
         if not isinstance(q, torch.Tensor):
-            raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        key = (tuple(q.shape), q.stride(), q.dtype, q.device, _tensor_key(mask), _tensor_key(out))
-        found = self._plans.get(key)
-        if found is not None:
-            self._plans.move_to_end(key)
-            return found
-        problem = DecodeProblem.from_tensors(
-            q, self._keys[0], self._values[0], self.seq_lens, scale=self.scale, kv_start=self.kv_start,
-            mask=mask, out=out,
-        )  # fmt: skip
-        made = plan(
-            problem, backend=self.backend, deterministic=self.deterministic, max_seq_len=self.capacity
+            raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}; pass [B, H_q, T_q, D]")
+        problem = problem_for_tensors(
+            q, self._keys[0], self._values[0], self.seq_lens, self.scale, self.kv_start, mask
         )
-        self._plans[key] = made
-        if len(self._plans) > _PLANS_PER_CACHE:
-            self._plans.popitem(last=False)
-        return made
+        backend, deterministic = self.backend, self.deterministic
+        return plan(problem, backend=backend, deterministic=deterministic, max_seq_len=self.capacity)
 
     # ---- helpers -----------------------------------------------------------------------------------
 
@@ -369,7 +356,3 @@ class StaticKVCache:
             raise KVDecodeError(f"{name}.dtype must be the cache's dtype ({self.dtype}), got {t.dtype}")
         if t.device != self.device:
             raise KVDecodeError(f"{name} must be on the cache's device ({self.device}), got {t.device}")
-
-
-def _tensor_key(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.dtype, tuple(t.shape), t.stride())

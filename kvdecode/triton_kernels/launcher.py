@@ -23,7 +23,7 @@ def _pdl_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-MERGE_BUCKETS = (16, 64, 128)  # compile-time split capacities of the merge kernel (one variant each)
+MERGE_BUCKETS = (4, 16, 64, 128)  # compile-time split capacities of the merge kernel (one variant each)
 GRID_Y_MAX = 65535  # CUDA's limit on grid dimensions y and z
 
 
@@ -67,8 +67,8 @@ class SplitKVLauncher:
         )  # Triton 3.9 interpreter: bf16 tl.dot reads raw bits and fp32->bf16 truncates
         common = [p.num_kv_heads, p.group_size, p.q_len, p.head_dim]  # H_KV, GROUP, T_Q, HEAD_DIM
         self._split_tail = [
-            *(p.mask_strides or (0, 0, 0, 0)), p.scale * LOG2E_CONST, p.capacity, splits, *common,
-            block_m, cfg.block_n, block_d, p.has_kv_start, _MASK_KIND[p.mask_kind],
+            *(p.mask_strides or (0, 0, 0, 0)), p.scale * LOG2E_CONST, p.capacity, splits, splits == 1,
+            *common, block_m, cfg.block_n, block_d, p.has_kv_start, _MASK_KIND[p.mask_kind],
         ]  # fmt: skip
         self._split_end = [interp_bf16, "ieee", self.use_pdl]  # INTERP_BF16, DOT_PRECISION, USE_PDL
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]

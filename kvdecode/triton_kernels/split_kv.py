@@ -133,6 +133,7 @@ def split_kv_kernel(
     qk_scale,  # scale * log2(e)
     capacity,
     num_splits,  # programs per (row, KV head) on grid axis 0; run time, so it never recompiles
+    SINGLE: tl.constexpr,  # num_splits == 1: write the output directly (a variant of its own: no merge)
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
     T_Q: tl.constexpr,
@@ -200,7 +201,8 @@ def split_kv_kernel(
         acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
         qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
-    for t in range(tile + num_splits, tl.cdiv(seq_len, BLOCK_N), num_splits):
+    step = 1 if SINGLE else num_splits
+    for t in range(tile + step, tl.cdiv(seq_len, BLOCK_N), step):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
@@ -213,7 +215,7 @@ def split_kv_kernel(
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
-    if num_splits == 1:
+    if SINGLE:
         out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
         tl.store(
             out_ptrs + offs_d[None, :],
