@@ -53,6 +53,17 @@ class DecodePlan:
         self._len_sig = (torch.int32, torch.Size((p.batch,)))
         self._device_index = p.device.index if p.device.type == "cuda" else -1
         self._plain = not p.has_kv_start and p.mask_kind == "none"
+        elem = torch.empty((), dtype=p.dtype).element_size()
+        q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
+        self._out_sig = (p.dtype, torch.Size(q_shape), _contiguous_strides(q_shape))
+        self._lse_sig = (torch.float32, torch.Size(q_shape[:3]), _contiguous_strides(q_shape[:3]))
+        self._extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
+            _extent(shape, strides, size)
+            for shape, strides, size in (
+                (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, elem), (kv_shape, p.v_strides, elem),
+                (q_shape, self._out_sig[2], elem), (q_shape[:3], self._lse_sig[2], 4),
+            )
+        )  # fmt: skip
 
     @property
     def backend(self) -> str:
@@ -94,9 +105,10 @@ class DecodePlan:
         if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
         if out is not None or lse is not None:
-            check_buffers(self.problem, out, lse)
-            outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
-            check_outputs_disjoint(outputs, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+            if not self._outputs_ok(q, k_cache, v_cache, out, lse):
+                check_buffers(self.problem, out, lse)
+                outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
+                check_outputs_disjoint(outputs, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
             return_lse = return_lse or lse is not None
         return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse)
 
@@ -118,6 +130,29 @@ class DecodePlan:
         except (AttributeError, TypeError):
             return False
 
+    def _outputs_ok(self, q, k_cache, v_cache, out, lse) -> bool:
+        """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs and each
+        other, in a few integer comparisons; False sends ``run`` to the checks that name the fault."""
+        try:
+            ranges = []
+            for t, sig, ext in (
+                (out, self._out_sig, self._extents[3]),
+                (lse, self._lse_sig, self._extents[4]),
+            ):
+                if t is None:
+                    continue
+                if (t.dtype, t.shape, t.stride()) != sig or t.get_device() != self._device_index:
+                    return False
+                ranges.append((t.data_ptr(), ext))
+            inputs = zip((q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()), self._extents[:3])
+            for i, (a, a_ext) in enumerate(ranges):
+                for b, b_ext in [*ranges[i + 1 :], *inputs]:
+                    if a < b + b_ext and b < a + a_ext:
+                        return False
+            return True
+        except (AttributeError, TypeError):
+            return False
+
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse):
         """Allocate what is missing and launch, without checks: for callers whose tensors made the problem
         (``decode_attention`` validates them in ``DecodeProblem.from_tensors``)."""
@@ -128,6 +163,18 @@ class DecodePlan:
             lse = torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=p.device)
         self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
         return (out, lse) if return_lse else out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    return tuple(reversed(strides))
+
+
+def _extent(shape: tuple[int, ...], strides: tuple[int, ...], elem: int) -> int:
+    return (sum((n - 1) * s for n, s in zip(shape, strides) if n > 1) + 1) * elem
 
 
 class PlanCache:

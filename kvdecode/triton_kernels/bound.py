@@ -54,15 +54,21 @@ def _note_variant(name: str, kernel: object) -> None:
             _COUNTS[name] += 1
 
 
+try:
+    from triton import knobs as _knobs
+
+    _HOOKS_OWNER = _knobs.runtime
+except (ImportError, AttributeError):  # older Triton: hooks live on CompiledKernel
+    from triton.compiler import CompiledKernel as _HOOKS_OWNER
+
+
 def _hooks():
-    try:
-        from triton import knobs
-
-        return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    except (ImportError, AttributeError):  # older Triton: hooks live on CompiledKernel
-        from triton.compiler import CompiledKernel
-
-        return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+    """The launch hooks, or ``(None, None)`` when none is registered (then no launch metadata is built:
+    Triton's launcher only hands it to the hooks)."""
+    enter, leave = _HOOKS_OWNER.launch_enter_hook, _HOOKS_OWNER.launch_exit_hook
+    if not getattr(enter, "calls", enter) and not getattr(leave, "calls", leave):
+        return None, None
+    return enter, leave
 
 
 class BoundKernel:
@@ -99,7 +105,9 @@ class BoundKernel:
             try:
                 stream = self._stream(self.device_index)
                 enter, leave = _hooks()
-                meta = kernel.launch_metadata(grid, stream, *args)
+                meta = (
+                    None if enter is None and leave is None else kernel.launch_metadata(grid, stream, *args)
+                )
                 kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
                            meta, enter, leave, *args)  # fmt: skip
                 return
