@@ -30,7 +30,7 @@ __all__ = ["BACKEND_NAMES", "Choice", "Route", "auto_threshold", "choose", "expl
 
 log = logging.getLogger("kvdecode.planner")
 
-BACKEND_NAMES = ("auto", "triton", "cudnn", "reference")
+BACKEND_NAMES = ("auto", "triton", "cudnn", "reference")  # the built-in ones (CLI choices)
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Choice:
 
 
 def check_backend_name(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise KVDecodeError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {backend!r}")
+    names = ("auto", *dict.fromkeys((*BACKEND_NAMES[1:], *backend_names())))
+    if not isinstance(backend, str) or backend not in names:
+        raise KVDecodeError(f"backend must be one of {', '.join(map(repr, names))}, got {backend!r}")
     return backend
 
 
@@ -130,22 +131,25 @@ def route(problem: DecodeProblem, backend: str = "auto") -> Route:
         if reason is not None:
             raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
         return Route(Choice(backend, "asked for explicitly"))
-    triton_reason = _reason("triton", problem)
-    cudnn_reason = _reason("cudnn", problem) or _auto_cudnn_reason(problem)
-    if cudnn_reason is not None:
-        if triton_reason is not None:
-            log.debug(
-                "neither triton (%s) nor cudnn (%s) serves %s", triton_reason, cudnn_reason, problem.name
-            )
-            return Route(Choice(
-                "reference", f"auto: triton cannot serve it ({triton_reason}) nor cuDNN ({cudnn_reason})"
-            ))  # fmt: skip
-        log.debug("auto: cuDNN cannot serve %s: %s; using triton", problem.name, cudnn_reason)
-        return Route(Choice("triton", f"auto: cuDNN cannot serve it ({cudnn_reason})"))
-    threshold = auto_threshold(problem)
-    if triton_reason is not None:
-        return Route(Choice("cudnn", f"auto: triton cannot serve it ({triton_reason})", threshold.value))
-    return Route(None, threshold)
+    # every registered backend but the float64 reference is a candidate, in registration order
+    reasons = {name: _auto_reason(name, problem) for name in backend_names() if name != "reference"}
+    usable = [name for name, reason in reasons.items() if reason is None]
+    if {"triton", "cudnn"} <= set(usable):  # the measured crossover decides, per call
+        return Route(None, auto_threshold(problem))
+    refused = "; ".join(f"{name} cannot serve it ({reason})" for name, reason in reasons.items() if reason)
+    if not usable:
+        log.debug("auto: no backend serves %s: %s", problem.name, refused)
+        return Route(Choice("reference", f"auto: {refused}"))
+    log.debug("auto: %s serves %s; %s", usable[0], problem.name, refused)
+    threshold = auto_threshold(problem).value if usable[0] == "cudnn" else None
+    return Route(Choice(usable[0], f"auto: {refused}", threshold))
+
+
+def _auto_reason(name: str, problem: DecodeProblem) -> str | None:
+    reason = _reason(name, problem)
+    if reason is None and name == "cudnn":
+        reason = _auto_cudnn_reason(problem)
+    return reason
 
 
 def choose(

@@ -52,7 +52,7 @@ import logging
 import torch
 
 from .api import problem_for_tensors
-from .errors import UnsupportedError
+from .errors import KVDecodeError, UnsupportedError
 from .plan import PLANS, DecodePlan
 from .planner import check_backend_name
 from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
@@ -135,6 +135,9 @@ def sdpa(
     torch.Size([1, 4, 1, 16])
     """
     check_backend_name(backend)
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        kinds = ", ".join(type(t).__name__ for t in (query, key, value))
+        raise KVDecodeError(f"query, key and value must be tensors, got {kinds}; pass torch.Tensor inputs")
     reason = sdpa_fast_path_reason(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend
     )

@@ -37,7 +37,10 @@ def _problem(batch, hq, hkv, d, q_len, capacity, dtype, device, kv_start) -> Dec
 
 
 def _check_sizes(name: str, values: Iterable[int]) -> list[int]:
-    values = list(values)
+    try:
+        values = list(values)
+    except TypeError:
+        raise KVDecodeError(f"{name} must be a sequence of positive ints, got {values!r}") from None
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
         raise KVDecodeError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
     return values
@@ -87,8 +90,11 @@ def warmup(
     from .triton_kernels.config import default_config
     from .triton_kernels.launcher import SplitKVLauncher, merge_bucket
 
-    if dtype not in SUPPORTED_DTYPES:
-        raise KVDecodeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES:
+        raise KVDecodeError(f"dtype must be one of torch.float16, bfloat16, float32, got {dtype!r}")
+    for flag, value in (("kv_start", kv_start), ("return_lse", return_lse)):
+        if not isinstance(value, bool):
+            raise KVDecodeError(f"{flag} must be True or False, got {value!r}")
     for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         _check_sizes(name, [value])
     if num_q_heads % num_kv_heads:
@@ -97,7 +103,12 @@ def warmup(
         )
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KVDecodeError(
+            f"device must be a torch.device or a string like 'cuda:0', got {device!r}"
+        ) from None
     start, before = time.perf_counter(), sum(compile_counts().values())
     variants = {}
     for q_len in _check_sizes("q_lens", q_lens):

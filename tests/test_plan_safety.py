@@ -164,3 +164,92 @@ def test_cudnn_launcher_builds_both_graphs_at_plan_time(monkeypatch):
     with pytest.raises(UnsupportedError, match="no engine for Stats"):
         cudnn_backend.CudnnLauncher(gpu_problem(), deterministic=False, cache=Cache())
     assert asked == [False, True]
+
+
+def test_auto_iterates_the_registered_backends(monkeypatch):
+    """The planner's candidates are the registry's, not a hard-coded pair: a registered backend that can
+    serve a problem neither Triton nor cuDNN serves is chosen by ``auto`` and can be asked for by name."""
+    backends.backend_names()
+
+    class Refuses(ReferenceBackend):
+        def __init__(self, name):
+            self.name = name
+
+        def supports(self, problem):
+            return "not today"
+
+    class Extra(ReferenceBackend):
+        name = "extra"
+
+    for name in ("triton", "cudnn"):
+        monkeypatch.setitem(backends._REGISTRY, name, Refuses(name))
+    monkeypatch.setitem(backends._REGISTRY, "extra", Extra())
+    q, k, v, lens = _cpu_inputs()
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+    choice = kvdecode.planner.choose(problem)
+    assert choice.backend == "extra" and "triton cannot serve it (not today)" in choice.reason
+    assert kvdecode.plan(problem, backend="extra").backend == "extra"
+
+
+def _good():
+    q, k, v, lens = _cpu_inputs()
+    return dict(q=q, k_cache=k, v_cache=v, seq_lens=lens)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"q": None},
+        {"q": [[1.0]]},
+        {"k_cache": "k"},
+        {"v_cache": 3},
+        {"seq_lens": [5, 32]},
+        {"scale": "big"},
+        {"scale": [1.0]},
+        {"kv_start": [0, 0]},
+        {"mask": 1},
+        {"backend": 3},
+        {"backend": ["triton"]},
+        {"out": []},
+        {"max_seq_len": "7"},
+        {"max_seq_len": 7.5},
+        {"return_lse": "yes"},
+        {"deterministic": None},
+    ],
+    ids=lambda over: "-".join(f"{k}={type(v).__name__}" for k, v in over.items()),
+)
+def test_public_calls_raise_kvdecode_error_for_wrong_types(over):
+    """Every wrong type is a KVDecodeError naming the argument, never a raw AttributeError, TypeError or
+    IndexError: decode_attention, explain (positional and keyword arguments alike)."""
+    args = {**_good(), "backend": "reference"}
+    args.update(over)
+    name = next(iter(over))
+    with pytest.raises(KVDecodeError, match=name):
+        kvdecode.decode_attention(**args)
+    explain_args = {k: v for k, v in args.items() if k not in ("out", "return_lse", "deterministic")}
+    if name not in ("out", "return_lse", "deterministic"):
+        with pytest.raises(KVDecodeError, match=name):
+            kvdecode.explain(**explain_args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"dtype": [torch.float32]}, "dtype"),
+        ({"dtype": "bf16"}, "dtype"),
+        ({"device": "no-such"}, "device"),
+        ({"q_lens": 1}, "q_lens"),
+        ({"capacities": ["1k"]}, "capacities"),
+        ({"kv_start": "yes"}, "kv_start"),
+    ],
+)
+def test_warmup_raises_kvdecode_error_for_wrong_types(kwargs, name):
+    with pytest.raises(KVDecodeError, match=name):
+        kvdecode.warmup(4, 2, 16, **{"batch_sizes": [1], "capacities": [64], "device": "cpu", **kwargs})
+
+
+@pytest.mark.parametrize("bad", [None, [1.0], "q"])
+def test_sdpa_with_non_tensors_is_a_kvdecode_error(bad):
+    _, k, v, _ = _cpu_inputs()
+    with pytest.raises(KVDecodeError, match="query, key and value must be tensors"):
+        kvdecode.sdpa(bad, k[:, :, :5], v[:, :, :5], enable_gqa=True)
