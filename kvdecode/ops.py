@@ -36,7 +36,7 @@ import torch
 from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
 
-__all__ = ["OP_NAME", "decode_attention_op"]
+__all__ = ["OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
 
 OP_NAME = "kvdecode::decode_attention"
 
@@ -152,3 +152,30 @@ def decode_attention_op(
     op = torch.ops.kvdecode.decode_attention
     op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound)
     return out
+
+
+# ---- kvdecode::sdpa: kvdecode.sdpa as one op, so torch.compile traces a call through it ----------------
+
+SDPA_OP_NAME = "kvdecode::sdpa"
+_SDPA_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, bool is_causal, float? scale, bool enable_gqa, str backend) "
+    "-> Tensor"
+)
+
+
+def _sdpa_impl(query, key, value, is_causal, scale, enable_gqa, backend) -> torch.Tensor:
+    # Runs eagerly on real tensors, so kvdecode.sdpa can look at the storage behind ``key``/``value``
+    # (what dynamo cannot trace): a leading slice of a bigger buffer takes the fast path, anything else
+    # (a copy made by the compiler included) torch SDPA. The result never aliases an input.
+    from .sdpa import sdpa
+
+    out = sdpa(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend)
+    return out.clone() if any(out.data_ptr() == t.data_ptr() for t in (query, key, value)) else out
+
+
+_sdpa_op = torch.library.custom_op(SDPA_OP_NAME, _sdpa_impl, mutates_args=(), schema=_SDPA_SCHEMA)
+
+
+@_sdpa_op.register_fake
+def _sdpa_fake(query, key, value, is_causal, scale, enable_gqa, backend) -> torch.Tensor:
+    return torch.empty_like(query, memory_format=torch.contiguous_format)

@@ -44,6 +44,8 @@ class Choice:
 
 
 def check_backend_name(backend: object) -> str:
+    if isinstance(backend, str) and backend in BACKEND_NAMES:  # no registry lookup: traceable by dynamo
+        return backend
     names = ("auto", *dict.fromkeys((*BACKEND_NAMES[1:], *backend_names())))
     if not isinstance(backend, str) or backend not in names:
         raise KVDecodeError(f"backend must be one of {', '.join(map(repr, names))}, got {backend!r}")

@@ -36,8 +36,12 @@ The fast path is taken only when ``C > L`` for both ``key`` and ``value`` (using
 tensor exactly ``L`` long (a fresh tensor, or a full cache) falls through: a plan per ``L`` would be
 rebuilt every step, and torch SDPA on an exact tensor already reads only ``L`` keys.
 
-The fast path also needs: no ``attn_mask``, ``dropout_p == 0``, no autograd, not inside
-``torch.compile``, 4-D inputs of one float16/bfloat16/float32 dtype on one device with unit stride on D,
+Inside ``torch.compile`` a qualifying call becomes one op, ``torch.ops.kvdecode.sdpa`` (no graph
+break): dynamo cannot inspect storage, so the op does the slice detection when the graph runs (a copy
+the compiler made of a slice then falls through to torch SDPA: correct, not faster).
+
+The fast path also needs: no ``attn_mask``, ``dropout_p == 0``, no autograd, 4-D inputs of one
+float16/bfloat16/float32 dtype on one device with unit stride on D,
 ``key.shape == value.shape``, matching batch and head dim, ``H_q == H_kv`` (or ``enable_gqa`` and
 ``H_q % H_kv == 0``), and causality that means the same in both: ``is_causal=False`` with ``T_q == 1``,
 or ``is_causal=True`` with ``T_q == L`` (torch's ``is_causal`` is top-left aligned, the decode kernel is
@@ -141,6 +145,12 @@ def sdpa(
     reason = sdpa_fast_path_reason(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend
     )
+    if reason is None and torch.compiler.is_compiling():
+        # dynamo cannot look at the storage behind key/value: one op does it when the graph runs
+        from . import ops  # noqa: F401  (registers torch.ops.kvdecode.sdpa)
+
+        the_scale = None if scale is None else float(scale)
+        return torch.ops.kvdecode.sdpa(query, key, value, is_causal, the_scale, enable_gqa, backend)
     if reason is None:
         found = _fast_path(query, key, value, scale, backend)
         if not isinstance(found, str):
@@ -185,8 +195,6 @@ def sdpa_fast_path_reason(
         return "attn_mask is given (its last dimension spans L, not the capacity)"
     if dropout_p != 0.0:
         return f"dropout_p is {dropout_p}"
-    if torch.compiler.is_compiling():
-        return "called inside torch.compile"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "an input requires grad (the fast path has no backward)"
     if any(t.dim() != 4 for t in tensors):

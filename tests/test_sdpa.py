@@ -306,3 +306,30 @@ def test_capacity_view_of_a_sequence_outermost_buffer_is_none():
     # buffer ends ([layers, cap, B, H, D] would continue into the next layer): torch SDPA serves it.
     sbhd = torch.randn(2, 40, 2, 3, 16)
     assert capacity_view(sbhd[0, :10].permute(1, 2, 0, 3)) is None
+
+
+def test_sdpa_compiles_without_a_graph_break_and_takes_the_fast_path():
+    """Inside torch.compile a qualifying call is one op (torch.ops.kvdecode.sdpa): fullgraph=True
+    would raise on a graph break; the plan cache shows the fast path ran when the graph did."""
+    from kvdecode.plan import PLANS
+    from kvdecode.reference import assert_close_to_reference
+
+    torch.manual_seed(0)
+    kb, vb, q = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 4, 1, 16)
+
+    def step(q, kb, vb, length: int):
+        return kvdecode.sdpa(q, kb[:, :, :length], vb[:, :, :length], enable_gqa=True, backend="triton") * 2
+
+    PLANS.clear()
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, kb, vb, 10)
+    ref, _ = kvdecode.reference_decode_attention(q, kb, vb, torch.tensor([10], dtype=torch.int32))
+    assert_close_to_reference(out / 2, ref, torch.float32, "compiled kvdecode.sdpa")
+    assert PLANS.cache_info()["misses"] == 1
+
+
+def test_sdpa_op_passes_opcheck():
+    import kvdecode.ops  # noqa: F401  (registers the ops)
+
+    kb, vb, q = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 4, 1, 16)
+    args = (q, kb[:, :, :10], vb[:, :, :10], False, None, True, "triton")
+    torch.library.opcheck(torch.ops.kvdecode.sdpa.default, args)
