@@ -1,7 +1,9 @@
 """Backends as data: each answers ``supports(problem) -> reason or None`` and makes launchers.
 
-A launcher is made once per plan (it owns its scratch and, for cuDNN, its graph) and is then called
-with the tensors of each step; it only launches work and never syncs the host.
+A launcher is made once per plan (its configuration, compiled kernels and, for cuDNN, its graphs) and is
+then called with the tensors of each step; it only launches work and never syncs the host. It holds no
+per-call state: scratch is allocated per call from torch's caching allocator, so one launcher may run
+on several threads and streams at once.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Backend(Protocol):
         """``None`` when this backend can serve ``problem``, else a one-line reason why not."""
 
     def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> Launcher:
-        """Host work done once: configuration, graph, scratch."""
+        """Host work done once: configuration, compiled kernels or graphs."""
 
 
 class _ReferenceLauncher:

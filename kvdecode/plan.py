@@ -287,7 +287,8 @@ def plan(
     deterministic: bool = False,
     max_seq_len: int | None = None,
 ) -> DecodePlan:
-    """Choose a backend for ``problem`` and do its host work once (configuration, graph, scratch).
+    """Choose a backend for ``problem`` and do its host work once (configuration, kernels, graphs); plans
+    come from the shared plan cache, so planning the same problem twice returns the same plan.
 
     Parameters
     ----------
@@ -306,7 +307,8 @@ def plan(
     -------
     DecodePlan
         ``plan.run(q, k_cache, v_cache, seq_lens, out=..., lse=...)`` launches with no host sync; with
-        ``out`` (and ``lse``) given it allocates nothing, so a step can be captured in a CUDA graph.
+        ``out`` (and ``lse``) given it allocates no output (scratch comes from torch's caching allocator,
+        the graph's pool under capture), so a step can be captured in a CUDA graph.
 
     Raises
     ------
