@@ -38,6 +38,7 @@ import torch
 
 import kvdecode
 import kvdecode.hf  # registers attn_implementation="kvdecode"
+from kvdecode.generate_cmd import random_llama
 
 ROWS = (
     (1, 2048, 1024),
@@ -51,24 +52,7 @@ QUICK_ROWS = ((1, 32768, 1024), (8, 32768, 16384))
 HEADLINE = (8, 32768, 16384)
 BACKENDS = ("sdpa", "flex_attention", "kvdecode")
 MODES = ("eager", "captured", "compiled")
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-)
-TINY = dict(  # --tiny: a CPU smoke run of this script
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=96,
-    max_position_embeddings=512,
-)
+TINY_POSITIONS = 512  # --tiny: a CPU smoke run of this script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,18 +94,7 @@ def environment() -> dict:
 
 def build_model(layers: int, tiny: bool, device: torch.device):
     """Random-weights Llama built directly on the device in bf16 (fp32 on CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(num_hidden_layers=layers, **(TINY if tiny else LLAMA3_8B))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
+    return random_llama(layers, device, tiny=tiny, max_positions=TINY_POSITIONS if tiny else 131072)
 
 
 def _set_length(cache, length: int) -> None:

@@ -17,9 +17,9 @@ import time
 
 from .errors import KVDecodeError
 
-__all__ = ["add_generate_parser", "run_generate"]
+__all__ = ["LLAMA3_8B_SHAPE", "TINY_SHAPE", "add_generate_parser", "random_llama", "run_generate"]
 
-_GPU_MODEL = dict(
+LLAMA3_8B_SHAPE = dict(
     hidden_size=4096,
     intermediate_size=14336,
     num_attention_heads=32,
@@ -27,7 +27,7 @@ _GPU_MODEL = dict(
     head_dim=128,
     vocab_size=128256,
 )
-_CPU_MODEL = dict(
+TINY_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
     num_attention_heads=4,
@@ -108,18 +108,17 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _build(layers: int, device, seed: int):
+def random_llama(layers: int, device, *, tiny: bool, seed: int | None = None, max_positions: int = 131072):
+    """A ``LlamaForCausalLM`` with random weights built on ``device``: the Llama-3-8B shape
+    (:data:`LLAMA3_8B_SHAPE`) or a tiny one, bf16 on CUDA and fp32 elsewhere, in eval mode, no grads."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import kvdecode.hf  # noqa: F401  (registers "kvdecode")
-
-    cuda = device.type == "cuda"
-    cfg = LlamaConfig(
-        num_hidden_layers=layers, max_position_embeddings=131072, **(_GPU_MODEL if cuda else _CPU_MODEL)
-    )
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.manual_seed(seed)
+    shape = TINY_SHAPE if tiny else LLAMA3_8B_SHAPE
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max_positions, **shape)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if seed is not None:
+        torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -128,6 +127,12 @@ def _build(layers: int, device, seed: int):
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)
+
+
+def _build(layers: int, device, seed: int):
+    import kvdecode.hf  # noqa: F401  (registers "kvdecode")
+
+    return random_llama(layers, device, tiny=device.type != "cuda", seed=seed)
 
 
 def _generate(model, backend: str, ids, tokens: int, compile: bool, progress=None):

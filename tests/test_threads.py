@@ -44,14 +44,22 @@ def _hammer(call, private_streams: bool):
                 outs[i].append(call(*cases[i][:4]))
             stream.synchronize()
 
+    _run_threads(work)
+    _assert_all_right(outs, [case[4] for case in cases])
+
+
+def _run_threads(work) -> None:
     threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     torch.cuda.synchronize()
+
+
+def _assert_all_right(outs, refs) -> None:
     tol = tolerance_for(torch.bfloat16).rel_l2
-    wrong = [sum(relative_l2_error(o, cases[i][4]) > tol for o in outs[i]) for i in range(THREADS)]
+    wrong = [sum(relative_l2_error(o, refs[i]) > tol for o in outs[i]) for i in range(THREADS)]
     assert wrong == [0] * THREADS, f"wrong outputs per thread: {wrong}"
 
 
@@ -93,12 +101,5 @@ def test_static_cache_from_threads_on_the_default_stream():
         for _ in range(CALLS):
             outs[i].append(cache.attend(0, q))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    torch.cuda.synchronize()
-    tol = tolerance_for(torch.bfloat16).rel_l2
-    wrong = [sum(relative_l2_error(o, refs[i]) > tol for o in outs[i]) for i in range(THREADS)]
-    assert wrong == [0] * THREADS, f"wrong outputs per thread: {wrong}"
+    _run_threads(work)
+    _assert_all_right(outs, refs)
