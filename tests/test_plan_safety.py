@@ -253,3 +253,22 @@ def test_sdpa_with_non_tensors_is_a_kvdecode_error(bad):
     _, k, v, _ = _cpu_inputs()
     with pytest.raises(KVDecodeError, match="query, key and value must be tensors"):
         kvdecode.sdpa(bad, k[:, :, :5], v[:, :, :5], enable_gqa=True)
+
+
+def test_cudnn_refuses_batches_past_the_grid_limit():
+    from kvdecode.cudnn_graphs.backend import problem_reason
+
+    assert "65535" in problem_reason(gpu_problem(batch=65536))
+    assert problem_reason(gpu_problem(batch=4)) is None
+
+
+def test_alignment_is_part_of_the_plan_key():
+    """A problem records whether q and the caches start on 16-byte boundaries (cuDNN needs it); the plan
+    cache is keyed by the problem, so an unaligned view of the same shape never reuses an aligned plan."""
+    buf = torch.randn(2 * 2 * 32 * 16 + 1)
+    aligned = buf[: 2 * 2 * 32 * 16].view(2, 2, 32, 16)
+    shifted = buf[1:].view(2, 2, 32, 16)  # 4 bytes off
+    q, _, _, lens = _cpu_inputs()
+    kvdecode.decode_attention(q, aligned, aligned, lens, backend="reference")
+    kvdecode.decode_attention(q, shifted, shifted, lens, backend="reference")
+    assert PLANS.cache_info()["size"] == 2

@@ -28,6 +28,7 @@ log = logging.getLogger("kvdecode.cudnn_graphs")
 MAX_HEAD_DIM = 256
 MIN_SM = 80  # cuDNN's fused flash attention starts at Ampere
 ALIGN_ELEMS = 8  # 16-byte rows for fp16/bf16
+MAX_BATCH = 65535  # conservative: a grid's y/z dimensions hold at most 65535 blocks
 
 
 def problem_reason(problem: DecodeProblem) -> str | None:
@@ -43,6 +44,8 @@ def problem_reason(problem: DecodeProblem) -> str | None:
         return "kv_start (left padding) is given; cuDNN's padding mask covers right padding only"
     if problem.device.type != "cuda":
         return f"the tensors are on {problem.device}; cuDNN needs a CUDA device"
+    if problem.batch > MAX_BATCH:
+        return f"batch {problem.batch} exceeds {MAX_BATCH} (a CUDA grid dimension); split the batch"
     if not problem.aligned_16:
         return "q, k_cache or v_cache does not start on a 16-byte boundary; cuDNN needs aligned tensors"
     for name, strides in (
