@@ -389,3 +389,26 @@ def test_gpu_generate_static_cache_compiled_matches_sdpa():
     torch._dynamo.reset()
     got = _model("kvdecode", device="cuda").generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(got, ref)
+
+
+def test_lengths_are_derived_once_per_forward_and_again_when_the_mask_changes(monkeypatch):
+    """Every layer of a forward gets the same mask: its lengths are computed at layer 0 and reused by the
+    others; a new forward (layer 0 again) or a mask written in place recomputes them."""
+    from types import SimpleNamespace
+
+    from kvdecode.hf import attention
+
+    calls = []
+    real = attention.lengths_from_mask
+    monkeypatch.setattr(attention, "lengths_from_mask", lambda m, q: calls.append(1) or real(m, q))
+    memo = attention._LengthsMemo()
+    mask = torch.ones(2, 1, 1, 33, dtype=torch.bool)
+    layers = [SimpleNamespace(layer_idx=i) for i in range(3)]
+    first = [memo.get(layer, mask, 32, 1) for layer in layers]
+    assert len(calls) == 1 and all(f is first[0] for f in first)
+    mask[0, 0, 0, :5] = False  # in place: the version counter moves
+    seq_lens, kv_start = memo.get(layers[1], mask, 32, 1)
+    assert seq_lens.tolist() == [32, 32]
+    assert len(calls) == 2 and kv_start.tolist() == [5, 0]
+    memo.get(layers[0], mask, 32, 1)  # the next forward starts over
+    assert len(calls) == 3

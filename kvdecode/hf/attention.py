@@ -21,6 +21,7 @@ stay exact). Everything else is handed on, each reason warned once (:class:`KVDe
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,11 +168,37 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
     return seq_lens, kv_start
 
 
-def _decode_step(query, key, value, attention_mask, scaling) -> torch.Tensor:
+class _LengthsMemo:
+    """The lengths of the last mask seen: every layer of a forward gets the same mask object, so in eager
+    mode they are derived once per step instead of once per layer (~10 small kernels each). Recomputed at
+    the first layer of every forward (``module.layer_idx == 0``, so a mask updated in place by a replayed
+    CUDA graph is never read stale across steps) and whenever the mask object or its version counter
+    differ; a thread sees only its own memo. Not used while compiling: the compiler traces the ops."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, module, attention_mask: torch.Tensor, capacity: int, q_len: int):
+        if torch.compiler.is_compiling():
+            return lengths_from_mask(attention_mask[..., :capacity], q_len)
+        key = (attention_mask._version, capacity, q_len)
+        memo = getattr(self._local, "memo", None)
+        first_layer = getattr(module, "layer_idx", 0) == 0
+        if not first_layer and memo is not None and memo[0] is attention_mask and memo[1] == key:
+            return memo[2]
+        found = lengths_from_mask(attention_mask[..., :capacity], q_len)
+        self._local.memo = (attention_mask, key, found)
+        return found
+
+
+_LENGTHS = _LengthsMemo()
+
+
+def _decode_step(module, query, key, value, attention_mask, scaling) -> torch.Tensor:
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
     mask = attention_mask[..., :capacity]
-    seq_lens, kv_start = lengths_from_mask(mask, q_len)
+    seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
     decode_attention_op(
         query,
@@ -243,7 +270,7 @@ def kvdecode_attention_forward(
     if reason is None:
         if kwargs.get("output_attentions"):
             warn_once("output-attentions", "output_attentions is not supported; attention weights are None")
-        return _decode_step(query, key, value, attention_mask, scaling), None
+        return _decode_step(module, query, key, value, attention_mask, scaling), None
     if reason.message is not None:
         warn_once(reason.key, reason.message)
     mask = strip_marker(attention_mask, key)
