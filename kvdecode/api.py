@@ -120,11 +120,14 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
 def problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask) -> DecodeProblem:
     """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
     metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
-    validated before."""
+    validated before. Only a scale that is None, an int or a float is part of an alias (by value); any
+    other (a 0-d tensor, whose repr rounds to 4 digits, a numpy scalar...) is validated every call."""
     try:
+        if scale is not None and type(scale) is not float and type(scale) is not int:
+            raise TypeError("no alias for this scale type")
         alias = (
             "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
-            _meta(mask), scale if scale is None or type(scale) is float else repr(scale),
+            _meta(mask), scale,
             q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
         )  # fmt: skip
         found = PLANS.problem_for(alias)

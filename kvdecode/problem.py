@@ -344,7 +344,7 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     try:
         value = float(scale)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise KVDecodeError(
             f"scale must be a positive finite float, got {scale!r}; leave it None for 1/sqrt(D)"
         ) from None

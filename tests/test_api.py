@@ -218,3 +218,21 @@ def test_plan_run_writes_into_given_out_and_lse():
     assert got_out is out and got_lse is lse
     ref, ref_lse = kvdecode.reference_decode_attention(q, k, k, lens)
     assert torch.allclose(out.double(), ref, atol=1e-6) and torch.allclose(lse.double(), ref_lse, atol=1e-6)
+
+
+def test_tensor_scales_that_print_alike_get_their_own_problem():
+    """The problem alias must not key a scale by its repr: 0-d tensors print 4 digits, so
+    ``tensor(0.12341)`` and ``tensor(0.12344)`` once shared one problem (and the first one's scale)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 1, 16) * 4, torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+    lens = torch.tensor([20], dtype=torch.int32)
+    for value in (0.12341, 0.12344):
+        got = decode_attention(q, k, v, lens, scale=torch.tensor(value), backend="reference")
+        want = decode_attention(q, k, v, lens, scale=value, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
+def test_scale_too_large_for_a_float_raises_kvdecode_error():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 32, 16)
+    with pytest.raises(KVDecodeError, match="scale"):
+        decode_attention(q, k, k, torch.tensor([5], dtype=torch.int32), scale=10**400, backend="reference")
