@@ -8,6 +8,7 @@ on several threads and streams at once.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -69,9 +70,11 @@ class ReferenceBackend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 
 def register_backend(backend: Backend) -> None:
+    _ensure_registered()  # the built-ins first, or a registry filled before the first lookup lacks them
     _REGISTRY[backend.name] = backend
 
 
@@ -87,14 +90,20 @@ def backend_names() -> tuple[str, ...]:
 
 
 def _ensure_registered() -> None:
-    if _REGISTRY:
+    """Register the built-in backends once (a name registered before keeps its backend). "reference"
+    goes in last: its presence tells, without the lock, that every built-in is in."""
+    if "reference" in _REGISTRY:
         return
-    from .triton_kernels import TritonBackend
+    with _REGISTRY_LOCK:
+        if "reference" in _REGISTRY:
+            return
+        from .triton_kernels import TritonBackend
 
-    register_backend(TritonBackend())
-    register_backend(ReferenceBackend())
-    try:  # importing it does not import the cuDNN frontend; supports() says when cuDNN is unusable
-        from .cudnn_graphs import CudnnBackend
-    except ImportError:
-        return
-    register_backend(CudnnBackend())
+        _REGISTRY.setdefault("triton", TritonBackend())
+        try:  # importing it does not import the cuDNN frontend; supports() says when cuDNN is unusable
+            from .cudnn_graphs import CudnnBackend
+        except ImportError:
+            pass
+        else:
+            _REGISTRY.setdefault("cudnn", CudnnBackend())
+        _REGISTRY.setdefault("reference", ReferenceBackend())

@@ -272,3 +272,16 @@ def test_alignment_is_part_of_the_plan_key():
     kvdecode.decode_attention(q, aligned, aligned, lens, backend="reference")
     kvdecode.decode_attention(q, shifted, shifted, lens, backend="reference")
     assert PLANS.cache_info()["size"] == 2
+
+
+def test_registering_a_backend_first_keeps_the_built_in_ones(monkeypatch):
+    """``register_backend`` before any lookup used to leave the registry holding only that backend
+    (the built-ins are registered lazily, only while the registry is empty)."""
+
+    class Extra(ReferenceBackend):
+        name = "extra"
+
+    monkeypatch.setattr(backends, "_REGISTRY", {})
+    backends.register_backend(Extra())
+    names = backends.backend_names()
+    assert {"triton", "reference", "extra"} <= set(names)
