@@ -229,6 +229,9 @@ def use_table(path: str | Path | None) -> None:
         load_table(path)
     _explicit = None if path is None else Path(path)
     table_for_gpu.cache_clear()
+    from .plan import PLANS  # routes (thresholds) and plans (Triton configs) came from the old table
+
+    PLANS.clear()
 
 
 @dataclass(frozen=True)

@@ -274,3 +274,17 @@ def test_unaligned_tensors_keep_cudnn_away():
     on_gpu = dataclasses.replace(unaligned, device=torch.device("cuda", 0))
     assert "16-byte" in problem_reason(on_gpu)
     assert problem_reason(dataclasses.replace(aligned, device=torch.device("cuda", 0))) is None
+
+
+def test_use_table_drops_memoized_routes_and_plans(fake_cudnn, monkeypatch):
+    """Routes (thresholds) and plans (Triton configs) come from the table in use: switching tables
+    must not leave the old table's choices memoized in the shared plan cache."""
+    p = gpu_problem()
+    monkeypatch.setattr(planner, "auto_threshold", lambda problem: Threshold(111, "old", False))
+    assert PLANS.route(p, "auto").threshold.value == 111
+    monkeypatch.setattr(planner, "auto_threshold", lambda problem: Threshold(222, "new", False))
+    try:
+        thresholds.use_table(thresholds.NO_TABLE)
+        assert PLANS.route(p, "auto").threshold.value == 222
+    finally:
+        thresholds.use_table(None)
