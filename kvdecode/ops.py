@@ -169,7 +169,11 @@ def _sdpa_impl(query, key, value, is_causal, scale, enable_gqa, backend) -> torc
     # (a copy made by the compiler included) torch SDPA. The result never aliases an input.
     from .sdpa import sdpa
 
+    # The fake promises a contiguous result: torch SDPA's (the fall-through) may not be one (CUDA's
+    # flash/efficient kernels return a BTHD-strided [B, H, T, D]), and inductor checks the strides.
     out = sdpa(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend)
+    # (inductor's assert_size_stride skips size-1 dims, as is_contiguous does)
+    out = out.contiguous()
     return out.clone() if any(out.data_ptr() == t.data_ptr() for t in (query, key, value)) else out
 
 

@@ -333,3 +333,21 @@ def test_sdpa_op_passes_opcheck():
     kb, vb, q = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 4, 1, 16)
     args = (q, kb[:, :, :10], vb[:, :, :10], False, None, True, "triton")
     torch.library.opcheck(torch.ops.kvdecode.sdpa.default, args)
+
+
+def test_sdpa_op_output_strides_match_its_fake(monkeypatch):
+    """The op's fake says contiguous, so its real output must be too, fall-through included: CUDA's
+    flash/efficient SDPA returns a BTHD-strided [B, H, T, D] (inductor's assert_size_stride fails on it).
+    Here torch SDPA is replaced by one returning that layout, on a call that falls through inside the op."""
+    import kvdecode.ops  # noqa: F401  (registers the ops)
+
+    real = F.scaled_dot_product_attention
+
+    def bthd(*args, **kwargs):
+        return real(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", bthd)
+    q, k, v = (torch.randn(1, 2, 4, 16) for _ in range(3))  # exact-length K/V: not a slice, falls through
+    out = torch.ops.kvdecode.sdpa(q, k, v, True, None, False, "triton")
+    assert out.stride() == torch.empty_like(q, memory_format=torch.contiguous_format).stride()
+    torch.testing.assert_close(out, real(q, k, v, is_causal=True))
