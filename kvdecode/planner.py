@@ -82,7 +82,8 @@ def _auto_cudnn_reason(problem: DecodeProblem) -> str | None:
 
 
 def auto_threshold(problem: DecodeProblem) -> Threshold:
-    """The cuDNN crossover length for ``problem`` on its GPU (from the tuning table)."""
+    """The cuDNN crossover length for ``problem`` on its GPU (from the tuning table, else the
+    no-table rule of :mod:`kvdecode.no_table_rule`, which needs the SM count)."""
     return threshold_for(
         problem.head_dim,
         problem.dtype_name,
@@ -91,7 +92,24 @@ def auto_threshold(problem: DecodeProblem) -> Threshold:
         num_q_heads=problem.num_q_heads,
         num_kv_heads=problem.num_kv_heads,
         q_len=problem.q_len,
+        sm_count=device_sm_count(problem.device),
     )
+
+
+def device_sm_count(device: torch.device) -> int | None:
+    """The SM count of a CUDA ``device``; None elsewhere or when it cannot be read."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        from .cudnn_graphs.cuda_env import device_props
+
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return int(device_props(index).sm_count)
+    except Exception:  # cuda-python missing or failing: torch knows it too
+        try:
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        except Exception:
+            return None
 
 
 @dataclass(frozen=True)
@@ -113,7 +131,7 @@ class Route:
         threshold = self.threshold
         assert threshold is not None
         length, how = _length(problem, threshold.value, max_seq_len, seq_lens)
-        tag = " (provisional)" if threshold.provisional else ""
+        tag = f" (provisional: {threshold.source})" if threshold.provisional else ""
         if length < threshold.value:
             reason = f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"
             choice = Choice("triton", reason, threshold.value, length)

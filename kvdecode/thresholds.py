@@ -36,7 +36,9 @@ cannot be used at all (not a regular file, too large, not UTF-8, too deep, or an
 naming the file and the reason. An explicit one (:func:`use_table`, ``kvdecode plan --table``) raises
 :class:`~kvdecode.KVDecodeError`; the others (``$KVDECODE_TUNING_TABLE``, the user's cache, the packaged
 ones) warn once (``RuntimeWarning``) and the next in line is tried, so a corrupt table never fails a call.
-Without a table the provisional :data:`FALLBACK_THRESHOLD` applies.
+Without a table the crossover comes from :mod:`kvdecode.no_table_rule` (K/V bytes and how the heuristic
+Triton grid loads the SMs; provisional) when the heads and the SM count are given, else from the flat
+provisional :data:`FALLBACK_THRESHOLD`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KVDecodeError
+from .no_table_rule import ITEMSIZE, no_table_threshold
 from .tuning.environment import check_versions_enabled, current_environment, gpu_slug, mismatch_reasons
 from .tuning.table_schema import CONFIG_RULES, MAX_TABLE_BYTES, check_table, read_table_json
 
@@ -75,7 +78,8 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 KIND = "kvdecode.tuning_table"
-FALLBACK_THRESHOLD = 8192  # provisional: used when no table matches the GPU
+FALLBACK_THRESHOLD = 8192  # provisional: no table matches the GPU and the no-table rule lacks an input
+MAKE_A_TABLE = "make one with 'kvdecode tune' on this GPU"
 NEVER = 2**31 - 1  # threshold when cuDNN never won: auto keeps Triton at every length
 TUNING_DIR = Path(__file__).with_name("tuning")
 ENV_TABLE = "KVDECODE_TUNING_TABLE"
@@ -310,18 +314,44 @@ def threshold_for(
     num_q_heads: int | None = None,
     num_kv_heads: int | None = None,
     q_len: int = 1,
+    sm_count: int | None = None,
 ) -> Threshold:
-    """The crossover length for this shape on ``gpu_name``.
+    """The crossover length for this shape on ``gpu_name`` (with ``sm_count`` SMs, when known).
 
     With the heads given, a family measured by ``kvdecode tune`` is used when the table has it; else
-    the table's per head dim / dtype / batch bucket value, else its default.
+    the table's per head dim / dtype / batch bucket value, else its default. Without a table for
+    the GPU, :func:`kvdecode.no_table_rule.no_table_threshold` when the heads and ``sm_count`` are
+    given, else :data:`FALLBACK_THRESHOLD`; both provisional.
     """
+    if sm_count is not None and (isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count < 1):
+        raise KVDecodeError(
+            f"sm_count must be a positive int or None, got {sm_count!r}; pass the device's SM count"
+        )
     table = table_for_gpu(gpu_name)
     if table is None:
-        return Threshold(FALLBACK_THRESHOLD, "fallback (no table for this GPU)", provisional=True)
+        return _without_table(
+            head_dim, dtype_name, batch, gpu_name, num_q_heads, num_kv_heads, q_len, sm_count
+        )
     if num_q_heads is not None and num_kv_heads is not None:
         family = family_key(num_q_heads, num_kv_heads, head_dim, q_len, dtype_name)
         value = table.family_threshold(family, batch)
         if value is not None:
             return Threshold(value, f"{table.path} [{family}]", table.provisional)
     return Threshold(table.lookup(head_dim, dtype_name, batch), table.path, table.provisional)
+
+
+def _without_table(
+    head_dim: int,
+    dtype_name: str,
+    batch: int,
+    gpu_name: str,
+    num_q_heads: int | None,
+    num_kv_heads: int | None,
+    q_len: int,
+    sm_count: int | None,
+) -> Threshold:
+    missing = f"no tuning table for {gpu_name}: {MAKE_A_TABLE}"
+    if num_q_heads is None or num_kv_heads is None or sm_count is None or dtype_name not in ITEMSIZE:
+        return Threshold(FALLBACK_THRESHOLD, f"flat fallback; {missing}", provisional=True)
+    rule = no_table_threshold(head_dim, dtype_name, batch, num_q_heads, num_kv_heads, q_len, sm_count)
+    return Threshold(min(rule.value, NEVER), f"{rule.text}; {missing}", provisional=True)

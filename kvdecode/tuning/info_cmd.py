@@ -30,7 +30,7 @@ def _gpu_name() -> str | None:
 
 
 def _table_rows() -> list[tuple[str, str]]:
-    from ..thresholds import ENV_TABLE, FALLBACK_THRESHOLD, TUNING_DIR, load_table, resolve_table
+    from ..thresholds import ENV_TABLE, MAKE_A_TABLE, TUNING_DIR, load_table, resolve_table
 
     rows = []
     gpu = _gpu_name()
@@ -41,10 +41,12 @@ def _table_rows() -> list[tuple[str, str]]:
     else:
         res = resolve_table(gpu)
         if res.table is None:
-            text = f"none for {gpu}: threshold {FALLBACK_THRESHOLD} (provisional), heuristic Triton configs"
+            text = f"none for {gpu}: the no-table rule applies (provisional); {MAKE_A_TABLE}"
+            rows.append(("tuning table", text))
+            rows.append(("no-table rule", _probe(_rule_text)))
+            rows.append(("triton configs", "heuristic (no tuned entries without a table)"))
         else:
-            text = f"{res.table.path} ({res.source}; {_describe(res.table)})"
-        rows.append(("tuning table", text))
+            rows.append(("tuning table", f"{res.table.path} ({res.source}; {_describe(res.table)})"))
         rows += [("  refused", r) for r in res.refused]
     from .. import thresholds
 
@@ -54,6 +56,23 @@ def _table_rows() -> list[tuple[str, str]]:
     for path in sorted(TUNING_DIR.glob("*.json")):
         rows.append(("packaged table", f"{path.name}: {_probe(lambda p=path: _describe(load_table(p)))}"))
     return rows
+
+
+def _sm_count() -> int | None:
+    import torch
+
+    from ..planner import device_sm_count
+
+    return device_sm_count(torch.device("cuda"))
+
+
+def _rule_text() -> str:
+    from ..no_table_rule import describe_rule
+
+    sms = _sm_count()
+    if sms is None:
+        return "not usable (SM count unreadable): flat provisional threshold"
+    return describe_rule(sms) + " (kvdecode.no_table_rule; kvdecode.explain names the regime)"
 
 
 def _describe(table) -> str:
