@@ -103,7 +103,9 @@ def decode_attention(
     problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask)
     if out is not None:
         check_out(out, q)
-        check_outputs_disjoint({"out": out}, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+        inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
+        inputs.update({n: t for n, t in (("kv_start", kv_start), ("mask", mask)) if t is not None})
+        check_outputs_disjoint({"out": out}, inputs)
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
     max_seq_len = check_max_seq_len(max_seq_len, problem)

@@ -13,7 +13,7 @@ from ._checks import check_buffers, check_inputs, check_outputs_disjoint
 from .backends import Launcher, get_backend
 from .errors import KVDecodeError, UnsupportedError
 from .planner import Choice, Route, check_backend_name, check_max_seq_len, route
-from .problem import DecodeProblem
+from .problem import DecodeProblem, capturing
 
 __all__ = [
     "PLANS",
@@ -105,10 +105,12 @@ class DecodePlan:
         if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
         if out is not None or lse is not None:
-            if not self._outputs_ok(q, k_cache, v_cache, out, lse):
+            if not self._outputs_ok(q, k_cache, v_cache, seq_lens, out, lse):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
-                check_outputs_disjoint(outputs, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+                inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
+                inputs.update({n: t for n, t in (("kv_start", kv_start), ("mask", mask)) if t is not None})
+                check_outputs_disjoint(outputs, inputs)
             return_lse = return_lse or lse is not None
         return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse)
 
@@ -126,11 +128,12 @@ class DecodePlan:
                 and k_cache.get_device() == index
                 and v_cache.get_device() == index
                 and seq_lens.get_device() == index
-            )
+                and (index >= 0 or (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and seq_lens.is_cpu))
+            )  # get_device() is -1 for CPU and meta tensors alike: a CPU plan also asks is_cpu
         except (AttributeError, TypeError):
             return False
 
-    def _outputs_ok(self, q, k_cache, v_cache, out, lse) -> bool:
+    def _outputs_ok(self, q, k_cache, v_cache, seq_lens, out, lse) -> bool:
         """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs and each
         other, in a few integer comparisons; False sends ``run`` to the checks that name the fault."""
         try:
@@ -143,8 +146,11 @@ class DecodePlan:
                     continue
                 if (t.dtype, t.shape, t.stride()) != sig or t.get_device() != self._device_index:
                     return False
+                if self._device_index < 0 and not t.is_cpu:
+                    return False
                 ranges.append((t.data_ptr(), ext))
-            inputs = zip((q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()), self._extents[:3])
+            pointers = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr())
+            inputs = list(zip(pointers, (*self._extents[:3], 4 * self.problem.batch)))
             for i, (a, a_ext) in enumerate(ranges):
                 for b, b_ext in [*ranges[i + 1 :], *inputs]:
                     if a < b + b_ext and b < a + a_ext:
@@ -232,6 +238,8 @@ class PlanCache:
                 self._plans.move_to_end(key)
                 return found
         made = plan_for_choice(problem, choice, deterministic=deterministic, auto=asked == "auto")
+        if made.backend != choice.backend and capturing(problem.device):
+            return made  # a fallback forced by the capture (cuDNN builds outside it): not for later calls
         with self._lock:
             self._stats["misses"] += 1
             made = self._plans.setdefault(key, made)

@@ -22,7 +22,7 @@ import torch
 
 from .backends import backend_names, get_backend
 from .errors import KVDecodeError, UnsupportedError
-from .problem import DecodeProblem
+from .problem import DecodeProblem, capturing
 from .thresholds import Threshold, threshold_for
 from .tuning.environment import device_gpu_name
 
@@ -207,11 +207,7 @@ def _length(
 
 def _capturing(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a CUDA graph (not the current device's)."""
-    index = device.index
-    if index is None or not torch.cuda.is_available() or torch.cuda.current_device() == index:
-        return torch.cuda.is_current_stream_capturing()
-    with torch.cuda.device(index):
-        return torch.cuda.is_current_stream_capturing()
+    return capturing(device)
 
 
 def explain(

@@ -22,7 +22,7 @@ import torch
 
 from .errors import KVDecodeError
 
-__all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind"]
+__all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind", "capturing"]
 
 MaskKind = Literal["none", "bool", "additive"]
 
@@ -353,3 +353,14 @@ def _check_scale(scale: float | None, head_dim: int) -> float:
             f"scale must be a positive finite float, got {scale!r}; leave it None for 1/sqrt(D)"
         )
     return value
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    index = device.index
+    if index is None or not torch.cuda.is_available() or torch.cuda.current_device() == index:
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(index):
+        return torch.cuda.is_current_stream_capturing()

@@ -4,6 +4,8 @@ argument types raise ``KVDecodeError``, cuDNN graphs are built at plan time, and
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from test_planner import FakeCudnn, gpu_problem
@@ -285,3 +287,65 @@ def test_registering_a_backend_first_keeps_the_built_in_ones(monkeypatch):
     backends.register_backend(Extra())
     names = backends.backend_names()
     assert {"triton", "reference", "extra"} <= set(names)
+
+
+def test_lse_inside_k_cache_is_refused_when_out_is_given_too():
+    """The fast overlap check once compared only the first output against the inputs (an exhausted
+    iterator): an ``lse`` view of ``k_cache`` beside a fresh ``out`` slipped through and overwrote it."""
+    q, k, v, lens = _cpu_inputs()
+    lse = k.view(-1)[:8].view(2, 4, 1)
+    before = k.clone()
+    with pytest.raises(KVDecodeError, match="lse must not share memory with k_cache"):
+        _plan(q, k, v, lens).run(q, k, v, lens, out=torch.empty_like(q), lse=lse)
+    assert torch.equal(k, before)
+
+
+def test_out_sharing_memory_with_the_lengths_is_refused():
+    q, k, v, _ = _cpu_inputs()
+    buf = torch.empty(2 * 4 * 1 * 16)
+    lens = buf.view(torch.int32)[:2]
+    lens.copy_(torch.tensor([5, 32], dtype=torch.int32))
+    out = buf.view(2, 4, 1, 16)
+    for call in (
+        lambda: _plan(q, k, v, lens).run(q, k, v, lens, out=out),
+        lambda: kvdecode.decode_attention(q, k, v, lens, backend="reference", out=out),
+    ):
+        with pytest.raises(KVDecodeError, match="out must not share memory with seq_lens"):
+            call()
+
+
+def test_meta_tensors_on_a_cpu_plan_are_a_clear_error():
+    q, k, v, lens = _cpu_inputs()
+    the_plan = _plan(q, k, v, lens)
+    with pytest.raises(KVDecodeError, match="q is on meta"):
+        the_plan.run(q.to("meta"), k, v, lens)
+    with pytest.raises(KVDecodeError, match="out"):
+        the_plan.run(q, k, v, lens, out=torch.empty_like(q, device="meta"))
+
+
+def test_cudnn_is_not_built_inside_a_capture_and_the_fallback_is_not_kept(monkeypatch):
+    """Warm-up read the lengths and planned Triton; the capture then chose cuDNN from the capacity and
+    built its graph inside the capture, where the launcher's constant tensors exist only as graph nodes.
+    cuDNN now refuses to build while capturing (not remembered as declined), and the plan cache keeps no
+    fallback made because of a capture."""
+    from kvdecode.cudnn_graphs import backend as cudnn_backend
+    from kvdecode.planner import Choice
+
+    backend = cudnn_backend.CudnnBackend()
+    monkeypatch.setattr(cudnn_backend.CudnnBackend, "supports", lambda self, p: None)
+    monkeypatch.setattr(cudnn_backend, "capturing", lambda device: True)
+    p = gpu_problem()
+    with pytest.raises(UnsupportedError, match="while a CUDA graph is being captured"):
+        backend.make_launcher(p)
+    assert backend._declined == {}
+
+    backends.backend_names()
+    monkeypatch.setitem(backends._REGISTRY, "cudnn", FakeCudnn(fail_build=True))
+    monkeypatch.setitem(backends._REGISTRY, "triton", FakeTriton())
+    plan_module = sys.modules["kvdecode.plan"]  # kvdecode.plan is also the function
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True)
+    made = PLANS.get(p, Choice("cudnn", "test"), asked="auto")
+    assert made.backend == "triton" and PLANS.peek(p, asked="auto", backend="cudnn") is None
+    monkeypatch.setattr(plan_module, "capturing", lambda device: False)
+    PLANS.get(p, Choice("cudnn", "test"), asked="auto")
+    assert PLANS.peek(p, asked="auto", backend="cudnn") is not None

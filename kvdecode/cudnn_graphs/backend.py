@@ -14,7 +14,7 @@ import threading
 import torch
 
 from ..errors import KVDecodeError, UnsupportedError
-from ..problem import DecodeProblem
+from ..problem import DecodeProblem, capturing
 from .builder import UID_K, UID_O, UID_Q, UID_SEQ_KV, UID_SEQ_Q, UID_STATS, UID_V, BuiltGraph
 from .cache import GraphCache
 from .cuda_env import current_stream, device_props, handle_for, load_cudnn
@@ -90,6 +90,12 @@ class CudnnBackend:
         reason = self.supports(problem) or self._declined.get((problem, deterministic))
         if reason is not None:
             raise UnsupportedError(f"backend 'cudnn' cannot serve {problem.name}: {reason}")
+        if capturing(problem.device):  # not remembered as declined: it can be built after the capture
+            raise UnsupportedError(
+                f"backend 'cudnn' cannot build the graph of {problem.name} while a CUDA graph is being "
+                "captured (its constant tensors would exist only in the capture); run the call once "
+                "before capturing"
+            )
         try:
             return CudnnLauncher(problem, deterministic=deterministic, cache=self.cache)
         except UnsupportedError as exc:
