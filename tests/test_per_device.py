@@ -390,3 +390,31 @@ def test_two_gpus_two_threads_interleaved(monkeypatch, tmp_path):
     assert dataclasses.replace(same0, device_index=1) == same1
     assert cache.peek(same0).graph is not cache.peek(same1).graph
     assert cache.cache_info().builds == len(keys)
+
+
+def test_cudnn_writes_a_misaligned_out_through_scratch(fake_devices, monkeypatch):
+    """cuDNN needs 16-byte-aligned outputs; a misaligned ``out`` (a valid call) used to raise. It now gets
+    the result through an aligned scratch buffer and a copy, like an ``out`` of another layout."""
+    p = problem_on(0, batch=1, capacity=64, head_dim=64)
+    key = GraphKey.from_problem(p, deterministic=False, with_lse=False, cudnn_version=91900)
+    written = []
+
+    def execute(pack, ws, handle):
+        pack[cudnn_backend.UID_O].fill_(3.0)
+        written.append(pack[cudnn_backend.UID_O].data_ptr())
+
+    launcher = cudnn_backend.CudnnLauncher.__new__(cudnn_backend.CudnnLauncher)
+    launcher.problem, launcher.device_index = p, 0
+    launcher._graphs = {False: BuiltGraph(key, SimpleNamespace(execute=execute), 0, "build", 0.0)}
+    launcher.device, launcher.workspace_size = torch.device("cpu"), 0
+    launcher._seq_len_q = torch.ones(1, 1, 1, 1, dtype=torch.int32)
+    monkeypatch.setattr(cudnn_backend, "handle_for", lambda index, stream: 7)
+    monkeypatch.setattr(cudnn_backend, "current_stream", lambda index: 1000)
+    q = torch.randn(1, 16, 1, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 64, 64, dtype=torch.bfloat16)
+    lens = torch.tensor([5], dtype=torch.int32)
+    out = torch.empty(q.numel() + 1, dtype=torch.bfloat16)[1:].view(q.shape)  # 2 bytes off
+    assert out.data_ptr() % 16
+    launcher(q, k, k, lens, None, None, out, None)
+    assert written[0] != out.data_ptr() and written[0] % 16 == 0
+    assert torch.equal(out, torch.full_like(out, 3.0))

@@ -166,7 +166,7 @@ class CudnnLauncher:
             raise UnsupportedError(
                 "backend 'cudnn' takes neither kv_start nor mask; plan with another backend"
             )
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if t.data_ptr() % 16:
                 raise KVDecodeError(
                     f"{name}.data_ptr() must be 16-byte aligned for cuDNN, got {t.data_ptr():#x}; "
@@ -182,11 +182,9 @@ class CudnnLauncher:
         p = self.problem
         built = self._graphs[lse is not None]
         key = built.key
-        o = (
-            out
-            if tuple(out.stride()) == key.o_strides
-            else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        )
+        # outputs cuDNN cannot write in place (another layout, or not 16-byte aligned) go through scratch
+        direct = tuple(out.stride()) == key.o_strides and out.data_ptr() % 16 == 0
+        o = out if direct else torch.empty(q.shape, dtype=q.dtype, device=q.device)
         # lengths clamped into 0..capacity on the device (one tiny capturable kernel) so that, as with the
         # Triton kernel, no length ever points cuDNN past the cache; a fresh tensor per call
         seq_len_kv = torch.clamp(seq_lens.view(p.batch, 1, 1, 1), 0, p.capacity)
@@ -195,7 +193,7 @@ class CudnnLauncher:
         stats = None
         if lse is not None:
             shape = (p.batch, p.num_q_heads, p.q_len, 1)
-            contiguous = tuple(lse.stride()) == key.stats_strides[:3]
+            contiguous = tuple(lse.stride()) == key.stats_strides[:3] and lse.data_ptr() % 16 == 0
             stats = (
                 lse.view(shape) if contiguous else torch.empty(shape, dtype=torch.float32, device=q.device)
             )
