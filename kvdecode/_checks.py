@@ -18,7 +18,7 @@ import torch
 from .errors import KVDecodeError
 from .problem import DecodeProblem
 
-__all__ = ["check_buffers", "check_inputs", "extent", "overlapping"]
+__all__ = ["check_buffers", "check_inputs", "check_scales", "extent", "overlapping"]
 
 
 def extent(t: torch.Tensor) -> int:
@@ -78,6 +78,26 @@ def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask
     _mask(mask, p)
 
 
+def check_scales(p: DecodeProblem, k_scale, v_scale) -> None:
+    """``k_scale``/``v_scale`` given exactly when the plan was made with them, of the planned kind."""
+    given = k_scale is not None or v_scale is not None
+    if given != (p.kv_scale_kind != "none"):
+        raise KVDecodeError(
+            f"k_scale/v_scale are {'given' if given else 'None'} but the plan was made "
+            f"{'with' if p.kv_scale_kind != 'none' else 'without'} them; make a new plan"
+        )
+    if given:
+        shape = () if p.kv_scale_kind == "scalar" else (p.num_kv_heads,)
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            t = _tensor(name, t)
+            kind_ok = t.numel() == 1 and t.dim() <= 1 if not shape else tuple(t.shape) == shape
+            if t.dtype != torch.float32 or t.device != p.device or not kind_ok or not t.is_contiguous():
+                raise KVDecodeError(
+                    f"{name} must be a contiguous float32 {p.kv_scale_kind} scale on {p.device}, got "
+                    f"{t.dtype} {tuple(t.shape)} on {t.device}; pass it as planned"
+                )
+
+
 def check_buffers(p: DecodeProblem, out, lse) -> None:
     q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
     if out is not None:
@@ -135,10 +155,9 @@ def _buffer(name: str, t: object, shape: tuple, dtype: torch.dtype, p: DecodePro
 
 def _same(name: str, t: object, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
     t = _tensor(name, t)
-    if t.dtype != p.dtype:
-        raise KVDecodeError(
-            f"{name} has dtype {t.dtype} but the plan was made for {p.dtype}; make a new plan"
-        )
+    want = p.dtype if name == "q" else p.cache_dtype
+    if t.dtype != want:
+        raise KVDecodeError(f"{name} has dtype {t.dtype} but the plan was made for {want}; make a new plan")
     if tuple(t.shape) != shape:
         raise KVDecodeError(
             f"{name} has shape {tuple(t.shape)} but the plan was made for {shape}; make a new plan"

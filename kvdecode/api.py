@@ -28,6 +28,8 @@ def decode_attention(
     validate: bool = False,
     deterministic: bool = False,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention of a few new query tokens against a fixed-capacity KV cache.
 
@@ -44,7 +46,9 @@ def decode_attention(
     q : Tensor ``[B, H_q, T_q, D]``
         Queries; float16, bfloat16 or float32; any strides with ``q.stride(-1) == 1``.
     k_cache, v_cache : Tensor ``[B, H_kv, capacity, D]``
-        The caches in logical BHSD; a BSHD buffer is passed as ``buf.transpose(1, 2)``.
+        The caches in logical BHSD; a BSHD buffer is passed as ``buf.transpose(1, 2)``. q's dtype, or
+        ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` (with fp16/bf16 q): K/V read as fp8, half the
+        bytes, dequantized in the kernel by ``k_scale`` / ``v_scale``.
     seq_lens : int32 Tensor ``[B]`` on q's device
         Filled length of each row, the ``T_q`` new tokens included (``T_q <= seq_lens <= capacity``).
     scale : float, optional
@@ -75,6 +79,11 @@ def decode_attention(
         captured, and otherwise reads ``seq_lens.max()``: **one host sync per call**. To avoid it pass
         ``max_seq_len``, or use :func:`kvdecode.plan` once and ``DecodePlan.run`` per step.
         :func:`kvdecode.explain` tells which backend a call gets and why.
+    k_scale, v_scale : float32 Tensor ``[]``, ``[1]`` or ``[H_kv]``, optional
+        fp8 caches only, both or neither (neither means 1.0): the real keys and values are
+        ``k_cache * k_scale`` and ``v_cache * v_scale`` (one scale, or one per KV head), on q's device.
+        ``k_scale`` is folded into the score scale and ``v_scale`` into the output. Triton serves fp8
+        caches; cuDNN does not (``explain`` says so).
 
     Returns
     -------
@@ -100,11 +109,12 @@ def decode_attention(
     check_backend_name(backend)
     for flag, value in (("return_lse", return_lse), ("validate", validate), ("deterministic", deterministic)):
         check_flag(flag, value)
-    problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask)
+    problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale)
     if out is not None:
         check_out(out, q)
         inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
-        inputs.update({n: t for n, t in (("kv_start", kv_start), ("mask", mask)) if t is not None})
+        extra = (("kv_start", kv_start), ("mask", mask), ("k_scale", k_scale), ("v_scale", v_scale))
+        inputs.update({n: t for n, t in extra if isinstance(t, torch.Tensor)})
         check_outputs_disjoint({"out": out}, inputs)
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
@@ -112,14 +122,17 @@ def decode_attention(
     choice = PLANS.route(problem, backend).choose(problem, max_seq_len, seq_lens)
     the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
-    return the_plan._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse)
+    scales = None if problem.kv_scale_kind == "none" else (k_scale, v_scale)
+    return the_plan._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse, scales)
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.dtype, t.shape, t.stride(), t.get_device())
 
 
-def problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask) -> DecodeProblem:
+def problem_for_tensors(
+    q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale=None, v_scale=None
+) -> DecodeProblem:
     """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
     metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
     validated before. Only a scale that is None, an int or a float is part of an alias (by value); any
@@ -129,7 +142,7 @@ def problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask) ->
             raise TypeError("no alias for this scale type")
         alias = (
             "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
-            _meta(mask), scale,
+            _meta(mask), scale, _meta(k_scale), _meta(v_scale),
             q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
         )  # fmt: skip
         found = PLANS.problem_for(alias)
@@ -138,8 +151,9 @@ def problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask) ->
     if found is not None:
         return found
     problem = DecodeProblem.from_tensors(
-        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask
-    )
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
     if alias is not None:
         PLANS.remember(alias, problem)
     return problem

@@ -29,6 +29,7 @@ class Launcher(Protocol):
         mask: torch.Tensor | None,
         out: torch.Tensor,
         lse: torch.Tensor | None,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # fp8 caches: (k_scale, v_scale)
     ) -> None: ...
 
 
@@ -46,12 +47,14 @@ class _ReferenceLauncher:
     def __init__(self, problem: DecodeProblem) -> None:
         self.problem = problem
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
         from .reference import reference_decode_attention
 
+        k_scale, v_scale = scales if scales is not None else (None, None)
         ref_out, ref_lse = reference_decode_attention(
-            q, k_cache, v_cache, seq_lens, scale=self.problem.scale, kv_start=kv_start, mask=mask
-        )
+            q, k_cache, v_cache, seq_lens, scale=self.problem.scale, kv_start=kv_start, mask=mask,
+            k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
         out.copy_(ref_out.to(out.device, out.dtype))
         if lse is not None:
             lse.copy_(ref_lse.to(lse.device, lse.dtype))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_buffers, check_inputs, check_outputs_disjoint
+from ._checks import check_buffers, check_inputs, check_outputs_disjoint, check_scales
 from .backends import Launcher, get_backend
 from .errors import KVDecodeError, UnsupportedError
 from .planner import Choice, Route, check_backend_name, check_max_seq_len, route
@@ -49,19 +49,22 @@ class DecodePlan:
         p = self.problem
         self._q_sig = (p.dtype, torch.Size((p.batch, p.num_q_heads, p.q_len, p.head_dim)), p.q_strides)
         kv_shape = torch.Size((p.batch, p.num_kv_heads, p.capacity, p.head_dim))
-        self._k_sig, self._v_sig = (p.dtype, kv_shape, p.k_strides), (p.dtype, kv_shape, p.v_strides)
+        kv_dt = p.cache_dtype
+        self._k_sig, self._v_sig = (kv_dt, kv_shape, p.k_strides), (kv_dt, kv_shape, p.v_strides)
         self._len_sig = (torch.int32, torch.Size((p.batch,)))
         self._device_index = p.device.index if p.device.type == "cuda" else -1
-        self._plain = not p.has_kv_start and p.mask_kind == "none"
+        self._plain = not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none"
         elem = torch.empty((), dtype=p.dtype).element_size()
+        kv_elem = torch.empty((), dtype=kv_dt).element_size()
         q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
         self._out_sig = (p.dtype, torch.Size(q_shape), _contiguous_strides(q_shape))
         self._lse_sig = (torch.float32, torch.Size(q_shape[:3]), _contiguous_strides(q_shape[:3]))
         self._extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
             _extent(shape, strides, size)
             for shape, strides, size in (
-                (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, elem), (kv_shape, p.v_strides, elem),
-                (q_shape, self._out_sig[2], elem), (q_shape[:3], self._lse_sig[2], 4),
+                (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, kv_elem),
+                (kv_shape, p.v_strides, kv_elem), (q_shape, self._out_sig[2], elem),
+                (q_shape[:3], self._lse_sig[2], 4),
             )
         )  # fmt: skip
 
@@ -81,6 +84,8 @@ class DecodePlan:
         out: torch.Tensor | None = None,
         return_lse: bool = False,
         lse: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``).
 
@@ -101,9 +106,10 @@ class DecodePlan:
             Written in place; implies ``return_lse``. With ``out`` and ``lse`` given no output is
             allocated (scratch still comes from torch's caching allocator, the graph's pool under capture).
         """
-        plain = self._plain and kv_start is None and mask is None
+        plain = self._plain and kv_start is None and mask is None and k_scale is None and v_scale is None
         if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
+            check_scales(self.problem, k_scale, v_scale)
         if out is not None or lse is not None:
             if not self._outputs_ok(q, k_cache, v_cache, seq_lens, out, lse):
                 check_buffers(self.problem, out, lse)
@@ -112,7 +118,8 @@ class DecodePlan:
                 inputs.update({n: t for n, t in (("kv_start", kv_start), ("mask", mask)) if t is not None})
                 check_outputs_disjoint(outputs, inputs)
             return_lse = return_lse or lse is not None
-        return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse)
+        scales = None if k_scale is None else (k_scale, v_scale)
+        return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales)
 
     def _inputs_match(self, q, k_cache, v_cache, seq_lens) -> bool:
         """The common case in a few comparisons; False sends ``run`` to the checks that name the fault."""
@@ -159,7 +166,7 @@ class DecodePlan:
         except (AttributeError, TypeError):
             return False
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse):
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales=None):
         """Allocate what is missing and launch, without checks: for callers whose tensors made the problem
         (``decode_attention`` validates them in ``DecodeProblem.from_tensors``)."""
         p = self.problem
@@ -167,7 +174,10 @@ class DecodePlan:
             out = torch.empty((p.batch, p.num_q_heads, p.q_len, p.head_dim), dtype=p.dtype, device=p.device)
         if lse is None and return_lse:
             lse = torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=p.device)
-        self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+        if scales is None:
+            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+        else:
+            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales)
         return (out, lse) if return_lse else out
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from .errors import KVDecodeError
+from .quant import FP8_DTYPES, ScaleKind, check_kv_scales
 
 __all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind", "capturing"]
 
@@ -69,6 +70,13 @@ class DecodeProblem:
     mask_dtype: torch.dtype | None = None
     mask_strides: Strides | None = None
     aligned_16: bool = True  # q, k_cache and v_cache start on 16-byte boundaries (cuDNN needs it)
+    kv_dtype: torch.dtype | None = None  # the caches' dtype when it is not q's (fp8 K/V)
+    kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of ``k_cache`` and ``v_cache`` (q's unless the caches are fp8)."""
+        return self.kv_dtype if self.kv_dtype is not None else self.dtype
 
     @property
     def group_size(self) -> int:
@@ -90,11 +98,15 @@ class DecodeProblem:
             parts.append("kvstart")
         if self.mask_kind != "none":
             parts.append(f"mask{self.mask_kind}")
+        if self.kv_dtype is not None:
+            parts.append(f"kv{FP8_DTYPES.get(self.kv_dtype, str(self.kv_dtype))}")
+        if self.kv_scale_kind != "none":
+            parts.append(f"scale{self.kv_scale_kind.replace('_', '')}")
         return "_".join(parts)
 
     def kv_bytes(self, seq_len: int) -> int:
         """Bytes of K and V a decode of ``seq_len`` filled tokens per row must read."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.cache_dtype).element_size()
         return 2 * self.batch * self.num_kv_heads * seq_len * self.head_dim * elem
 
     @classmethod
@@ -109,6 +121,8 @@ class DecodeProblem:
         kv_start: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> DecodeProblem:
         """Validate the tensors of one call and describe them.
 
@@ -170,6 +184,7 @@ class DecodeProblem:
         if kv_start is not None:
             _check_lengths("kv_start", kv_start, batch, device)
         mask_kind, mask_dtype, mask_strides = _check_mask(mask, (batch, num_q_heads, q_len, capacity), device)
+        scale_kind = check_kv_scales(k_scale, v_scale, k_cache.dtype, num_kv_heads, device)
         if out is not None:
             check_out(out, q)
         return cls(
@@ -190,6 +205,8 @@ class DecodeProblem:
             mask_dtype=mask_dtype,
             mask_strides=mask_strides,
             aligned_16=all(t.data_ptr() % 16 == 0 for t in (q, k_cache, v_cache)),
+            kv_dtype=None if k_cache.dtype == q.dtype else k_cache.dtype,
+            kv_scale_kind=scale_kind,
         )
 
 
@@ -221,10 +238,19 @@ def _check_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise KVDecodeError(
             f"q.dtype must be one of float16, bfloat16, float32, got {q.dtype}; cast the inputs"
         )
+    if k.dtype in FP8_DTYPES:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise KVDecodeError(f"q.dtype must be float16 or bfloat16 with fp8 caches, got {q.dtype}; cast q")
+        if v.dtype != k.dtype:
+            raise KVDecodeError(
+                f"v_cache.dtype must equal k_cache.dtype ({k.dtype}), got {v.dtype}; store K and V alike"
+            )
+        return
     for name, t in (("k_cache", k), ("v_cache", v)):
         if t.dtype != q.dtype:
             raise KVDecodeError(
-                f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}; cast q or the cache"
+                f"{name}.dtype must equal q.dtype ({q.dtype}) or be float8_e4m3fn / float8_e5m2, got "
+                f"{t.dtype}; cast q or the cache"
             )
 
 

@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 
+def _dequantized(cache: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor:
+    """``cache`` in float64 on the CPU, times ``scale`` (one value, or one per KV head) when given."""
+    x = cache.detach().to("cpu", torch.float64)
+    if scale is None:
+        return x
+    s = torch.as_tensor(scale, dtype=torch.float64).detach().cpu().reshape(-1)
+    return x * (s.view(1, -1, 1, 1) if s.numel() > 1 else s.reshape(()))
+
+
 def reference_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -40,8 +49,13 @@ def reference_decode_attention(
     scale: float | None = None,
     kv_start: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Decode attention in float64 on the CPU.
+
+    Quantized (fp8) caches are dequantized first: ``k = k_cache * k_scale``, ``v = v_cache * v_scale``,
+    each scale one value or one per KV head (``[H_kv]``).
 
     For row ``b``, query head ``h`` (KV head ``h // (H_q // H_kv)``) and query ``t`` at position
     ``p = seq_lens[b] - T_q + t``, the visible keys are ``j`` in ``[kv_start[b], p]`` (and where a bool
@@ -59,8 +73,8 @@ def reference_decode_attention(
     group = num_q_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     qd = q.detach().to("cpu", torch.float64)
-    kd = k_cache.detach().to("cpu", torch.float64).repeat_interleave(group, dim=1)
-    vd = v_cache.detach().to("cpu", torch.float64).repeat_interleave(group, dim=1)
+    kd = _dequantized(k_cache, k_scale).repeat_interleave(group, dim=1)
+    vd = _dequantized(v_cache, v_scale).repeat_interleave(group, dim=1)
     lens = seq_lens.detach().cpu().tolist()
     starts = kv_start.detach().cpu().tolist() if kv_start is not None else [0] * batch
     full_mask = None

@@ -33,6 +33,11 @@ MAX_BATCH = 65535  # conservative: a grid's y/z dimensions hold at most 65535 bl
 
 def problem_reason(problem: DecodeProblem) -> str | None:
     """Why cuDNN cannot serve ``problem`` judging from the problem alone (no library, no device query)."""
+    if problem.kv_dtype is not None:
+        return (
+            f"the caches are {problem.kv_dtype} (fp8): served by the Triton kernel; cuDNN's fp8 SDPA has "
+            "not been measured correct and faster here"
+        )
     if problem.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {problem.dtype} is not supported by cuDNN SDPA (float16 and bfloat16 are)"
     d = problem.head_dim
@@ -161,10 +166,10 @@ class CudnnLauncher:
         self._graphs[lse] = built
         return built
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
-        if kv_start is not None or mask is not None:
+    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
+        if kv_start is not None or mask is not None or scales is not None:
             raise UnsupportedError(
-                "backend 'cudnn' takes neither kv_start nor mask; plan with another backend"
+                "backend 'cudnn' takes no kv_start, mask or k/v scales; plan with another backend"
             )
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if t.data_ptr() % 16:

@@ -15,6 +15,7 @@ from .split_kv import merge_kernel, split_kv_kernel
 __all__ = ["SplitKVLauncher", "TritonBackend"]
 
 _MASK_KIND = {"none": 0, "bool": 1, "additive": 2}
+_SCALE_KIND = {"none": 0, "scalar": 1, "per_head": 2}
 
 
 def _pdl_available(device: torch.device) -> bool:
@@ -66,11 +67,19 @@ class SplitKVLauncher:
             interpreter_active() and p.dtype == torch.bfloat16
         )  # Triton 3.9 interpreter: bf16 tl.dot reads raw bits and fp32->bf16 truncates
         common = [p.num_kv_heads, p.group_size, p.q_len, p.head_dim]  # H_KV, GROUP, T_Q, HEAD_DIM
+        self._mask_strides = list(p.mask_strides or (0, 0, 0, 0))
         self._split_tail = [
-            *(p.mask_strides or (0, 0, 0, 0)), p.scale * LOG2E_CONST, p.capacity, splits, splits == 1,
+            p.scale * LOG2E_CONST, p.capacity, splits, splits == 1,
             *common, block_m, cfg.block_n, block_d, p.has_kv_start, _MASK_KIND[p.mask_kind],
         ]  # fmt: skip
-        self._split_end = [interp_bf16, "ieee", self.use_pdl]  # INTERP_BF16, DOT_PRECISION, USE_PDL
+        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND
+        self._split_end = [
+            interp_bf16,
+            "ieee",
+            self.use_pdl,
+            p.kv_dtype is not None,
+            _SCALE_KIND[p.kv_scale_kind],
+        ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
         self._part_elems = self.n_part * (p.head_dim + 1)
@@ -87,15 +96,15 @@ class SplitKVLauncher:
             merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
         )
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
-                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales)
             return
-        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales)
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse) -> None:
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales) -> None:
         write_lse = lse is not None
         if self.n_part:  # owned by this call: concurrent calls never share partials
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
@@ -107,15 +116,16 @@ class SplitKVLauncher:
         o_strides = [out.stride(0), out.stride(1), out.stride(2)]
         kv_start = kv_start if kv_start is not None else seq_lens
         mask = mask if mask is not None else seq_lens
+        k_scale, v_scale = scales if scales is not None else (seq_lens, seq_lens)
         # the partials come from the caching allocator (512-byte aligned) at a fixed offset: their alignment
         # never changes, so only the callers' pointers and strides decide the specialization
-        ptrs = (out, lse_t, q, k_cache, v_cache, seq_lens, kv_start, mask)
+        ptrs = (out, lse_t, q, k_cache, v_cache, seq_lens, kv_start, mask, k_scale, v_scale)
         spec = (write_lse, *o_strides, *lse_strides, *[t.data_ptr() % 16 == 0 for t in ptrs])
         self._split(
             self.split_grid,
             [out, *o_strides, lse_t, *lse_strides, part, part_lse, q, *self._q_strides, k_cache,
-             *self._k_strides, v_cache, *self._v_strides, seq_lens, kv_start, mask, *self._split_tail,
-             write_lse, *self._split_end],
+             *self._k_strides, v_cache, *self._v_strides, seq_lens, kv_start, mask, *self._mask_strides,
+             k_scale, v_scale, *self._split_tail, write_lse, *self._split_end],
             spec,
         )  # fmt: skip
         if self.n_part:

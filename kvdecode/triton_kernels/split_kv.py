@@ -130,6 +130,8 @@ def split_kv_kernel(
     stride_mh,
     stride_mt,
     stride_mn,  # broadcast view [B, H_q, T_q, capacity]
+    KScale,  # float32 [1] or [H_kv]: dequantizes fp8 K (used when SCALE_KIND > 0)
+    VScale,  # float32 [1] or [H_kv]: dequantizes fp8 V
     qk_scale,  # scale * log2(e)
     capacity,
     num_splits,  # programs per (row, KV head) on grid axis 0; run time, so it never recompiles
@@ -147,6 +149,8 @@ def split_kv_kernel(
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    KV_FP8: tl.constexpr,  # K/V stored in fp8: tiles are converted to q's dtype (exactly) after loading
+    SCALE_KIND: tl.constexpr,  # 0 none, 1 one k/v scale, 2 one per KV head
 ):
     """One program: the tiles ``split, split + num_splits, ...`` of one (row, KV head), for one block of
     packed query rows.
@@ -175,6 +179,15 @@ def split_kv_kernel(
         tl.extra.cuda.gdc_wait()  # everything below may read what the previous kernel wrote
         tl.extra.cuda.gdc_launch_dependents()
 
+    # fp8 caches: s = scale * <q, k_scale * k8> folds k_scale into the logit scale; out = v_scale * sum p v8
+    v_scale = 1.0
+    if SCALE_KIND == 1:
+        qk_scale = qk_scale * tl.load(KScale)
+        v_scale = tl.load(VScale)
+    if SCALE_KIND == 2:
+        qk_scale = qk_scale * tl.load(KScale + h_kv)
+        v_scale = tl.load(VScale + h_kv)
+
     # lengths are clamped so that nothing outside the cache is ever read
     seq_len = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
     lo = 0
@@ -188,6 +201,9 @@ def split_kv_kernel(
     v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=in_cache & d_ok, other=0.0)
     q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
     q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+    if KV_FP8:  # every fp8 value is exact in fp16/bf16
+        k_tile = k_tile.to(q.dtype)
+        v_tile = v_tile.to(q.dtype)
     mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
     # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
@@ -207,6 +223,9 @@ def split_kv_kernel(
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
+        if KV_FP8:
+            k_tile = k_tile.to(q.dtype)
+            v_tile = v_tile.to(q.dtype)
         acc, m_i, l_i = _tile_update(
             acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
             qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
@@ -214,6 +233,8 @@ def split_kv_kernel(
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
+    if SCALE_KIND > 0:
+        o = o * v_scale  # the merge is linear in the partials: scaling them scales the output
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
     if SINGLE:
         out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot

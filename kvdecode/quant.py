@@ -1,0 +1,64 @@
+"""fp8 K/V caches: the dtypes, their ranges, the scale checks and the quantizing cast.
+
+A quantized cache stores ``k8 = saturate(k / k_scale)`` in ``float8_e4m3fn`` or ``float8_e5m2``; the real
+keys are ``k8 * k_scale`` (``k_scale`` one float32 value or one per KV head), likewise for values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .errors import KVDecodeError
+
+__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "check_kv_scales"]
+
+FP8_DTYPES: dict[torch.dtype, str] = {
+    torch.float8_e4m3fn: "fp8e4m3",
+    torch.float8_e5m2: "fp8e5m2",
+}
+FP8_MAX: dict[torch.dtype, float] = {  # the largest finite magnitudes: saturation bounds
+    torch.float8_e4m3fn: 448.0,
+    torch.float8_e5m2: 57344.0,
+}
+ScaleKind = Literal["none", "scalar", "per_head"]
+
+
+def check_kv_scales(
+    k_scale: object, v_scale: object, cache_dtype: torch.dtype, num_kv_heads: int, device: torch.device
+) -> ScaleKind:
+    """``k_scale`` / ``v_scale``: both or neither, fp8 caches only, float32 on q's device, one value
+    (shape ``()`` or ``(1,)``) or one per KV head (``(H_kv,)``), contiguous; returns their kind."""
+    if k_scale is None and v_scale is None:
+        return "none"
+    if cache_dtype not in FP8_DTYPES:
+        raise KVDecodeError(
+            f"k_scale and v_scale must be None for {cache_dtype} caches, got a scale; they dequantize "
+            "fp8 caches (float8_e4m3fn / float8_e5m2)"
+        )
+    kinds = []
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None:
+            raise KVDecodeError(f"{name} must be given with the other scale, got None; pass both or neither")
+        if not isinstance(t, torch.Tensor):
+            raise KVDecodeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a tensor")
+        if t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise KVDecodeError(
+                f"{name} must be a contiguous float32 tensor on {device}, got {t.dtype} on {t.device}; "
+                f"pass {name}.to({str(device)!r}, torch.float32).contiguous()"
+            )
+        if t.numel() == 1 and t.dim() <= 1:
+            kinds.append("scalar")
+        elif tuple(t.shape) == (num_kv_heads,):
+            kinds.append("per_head")
+        else:
+            raise KVDecodeError(
+                f"{name}.shape must be () or (1,) (one scale) or ({num_kv_heads},) (one per KV head), got "
+                f"{tuple(t.shape)}"
+            )
+    if kinds[0] != kinds[1]:
+        raise KVDecodeError(
+            f"k_scale and v_scale must be of one kind, got {kinds[0]} and {kinds[1]}; reshape one of them"
+        )
+    return kinds[0]
