@@ -281,6 +281,75 @@ def test_lengths_from_mask():
     assert seq_lens.tolist() == [7, 7, 7] and kv_start.tolist() == [2, 0, 4]
 
 
+def test_a_right_padded_multi_token_step_keeps_every_querys_position(monkeypatch):
+    """A 4-token step (chunked prefill / speculation) whose newest tokens are padding in every row: the
+    last query attends nothing at its own position, yet each query's causal range must stay where
+    transformers' mask puts it (the length was read from the last query row alone: 6 for 8)."""
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(11))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    logits = {}
+    for impl in ("sdpa", "kvdecode"):
+        model = _model(impl)
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], attention_mask=mask[:, :4], **{CACHE_KW: cache})
+            logits[impl] = model(input_ids=ids[:, 4:], attention_mask=mask, **{CACHE_KW: cache}).logits
+    assert ops.q_lens == [4] * (2 * TINY["num_hidden_layers"])  # both chunks ran kvdecode
+    torch.testing.assert_close(logits["kvdecode"], logits["sdpa"], atol=1e-4, rtol=0)
+    step = kvdecode_mask(
+        batch_size=2, q_length=4, kv_length=16, q_offset=torch.tensor(4), attention_mask=mask.bool()
+    )
+    seq_lens, kv_start = kvdecode.hf.lengths_from_mask(step[..., :16], 4)
+    assert seq_lens.tolist() == [8, 8] and kv_start.tolist() == [0, 0]
+
+
+def test_softcap_prefill_without_a_mask_stays_causal_in_eager():
+    """No padding, no cache: the sdpa mask function returns None (SDPA's is_causal would mask); the
+    model's eager attention adds only the mask it is given, so kvdecode must spell the causal mask out
+    (Gemma 2 prefill attended future tokens)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(**TINY, sliding_window=64, attn_logit_softcapping=50.0)
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(12))
+    logits = {}
+    for impl in ("eager", "kvdecode"):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(cfg).eval()
+        model.set_attn_implementation(impl)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", kvdecode.hf.KVDecodeFallbackWarning)
+            logits[impl] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits["kvdecode"], logits["eager"], atol=1e-5, rtol=0)
+
+
+def test_generate_under_inference_mode():
+    """Tensors made under torch.inference_mode() (pipelines use it) have no version counter."""
+    ids, mask = _prompt(length=18, pad=(2, 0), seed=13)
+    kwargs = dict(max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0)
+    ref = _model("sdpa").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with torch.inference_mode():
+        got = _model("kvdecode").generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got, ref)
+
+
+def test_a_fallback_warned_already_does_not_break_the_compiled_graph():
+    """A fallback layer (every sliding-window layer of a mixed model) must not split a compiled decode
+    step: the one-time warning is given eagerly, and skipped while tracing."""
+    q, k, v, mask = _step_tensors()
+
+    def step(q, k, v, mask):
+        out = kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25, sliding_window=8)
+        return out[0] + 1
+
+    with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning):
+        step(q, k, v, mask)  # eager (prefill): warns
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(q, k, v, mask)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_attention_traces_as_one_graph_on_cpu():
     q, k, v, mask = _step_tensors()
 

@@ -144,27 +144,38 @@ def fallback_reason(
 def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Device-side ``(seq_lens, kv_start)`` from a static-cache decode mask; no host sync.
 
+    The mask goes to the kernel too, so the lengths need only make kvdecode's range (query ``t`` sees
+    keys ``kv_start[b] .. seq_lens - q_len + t``) cover every key the mask lets that query see: the
+    mask then decides exactly. Every query row is read, not only the last one: where all rows' newest
+    tokens are padding (a right-padded chunk of ``q_len > 1``), the last query attends no key at its
+    own position, and a length read from it alone would shift every query's causal range left.
+
     Parameters
     ----------
     mask : bool Tensor ``[B, 1, q_len, capacity]``
-        The causal + padding mask (True = attend); the last query row sees every key any row sees.
+        The causal + padding mask (True = attend).
     q_len : int
         New tokens per row.
 
     Returns
     -------
     seq_lens : int32 Tensor ``[B]``
-        One past the last attended key of any row (a static cache fills every row alike), at least
-        ``q_len``.
+        One value for the batch (a static cache fills every row alike): the smallest length whose
+        bottom-right causal range covers every attended key of every query row, within
+        ``q_len .. capacity``.
     kv_start : int32 Tensor ``[B]``
-        Each row's first attended key (left padding); ``capacity`` for a row that sees nothing.
+        Each row's first key attended by any of its queries (left padding); ``capacity`` for a row
+        that sees nothing.
     """
-    last_row = mask[:, 0, -1, :]
-    capacity = last_row.shape[-1]
+    rows = mask[:, 0]  # [B, q_len, capacity]
+    capacity = rows.shape[-1]
     ends = torch.arange(1, capacity + 1, device=mask.device, dtype=torch.int32)
-    filled = torch.where(last_row, ends, 0).amax().clamp(min=q_len)
-    seq_lens = filled.to(torch.int32).expand(last_row.shape[0]).contiguous()
-    kv_start = torch.where(last_row, ends - 1, capacity).amin(dim=-1).to(torch.int32)
+    last = torch.where(rows, ends, 0).amax(dim=-1)  # [B, q_len]: one past each query's last key, or 0
+    # query t sits q_len - 1 - t before the newest token
+    behind = torch.arange(rows.shape[-2] - 1, -1, -1, device=mask.device, dtype=torch.int32)
+    filled = (last + behind).amax().clamp(min=q_len, max=capacity)
+    seq_lens = filled.to(torch.int32).expand(rows.shape[0]).contiguous()
+    kv_start = torch.where(rows, ends - 1, capacity).amin(dim=-1).amin(dim=-1).to(torch.int32)
     return seq_lens, kv_start
 
 
@@ -181,7 +192,10 @@ class _LengthsMemo:
     def get(self, module, attention_mask: torch.Tensor, capacity: int, q_len: int):
         if torch.compiler.is_compiling():
             return lengths_from_mask(attention_mask[..., :capacity], q_len)
-        key = (attention_mask._version, capacity, q_len)
+        # Tensors made under torch.inference_mode() have no version counter (reading it raises); the
+        # identity check and the recompute at layer 0 still hold for them.
+        version = None if attention_mask.is_inference() else attention_mask._version
+        key = (version, capacity, q_len)
         memo = getattr(self._local, "memo", None)
         first_layer = getattr(module, "layer_idx", 0) == 0
         if not first_layer and memo is not None and memo[0] is attention_mask and memo[1] == key:
@@ -228,6 +242,21 @@ def _additive(mask: object, dtype: torch.dtype) -> object:
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
     return mask
+
+
+def _sdpa_implied_mask(module, query: torch.Tensor, key: torch.Tensor, mask: object, is_causal) -> object:
+    """The mask a ``None`` stands for. The sdpa mask function returns None where torch SDPA's
+    ``is_causal`` does the masking (no padding); SDPA then applies a top-left causal mask when
+    ``q_len > 1`` (a fresh cache: query t sees keys 0..t) and none for one query. An eager attention
+    function adds the mask it gets and nothing else, so it needs that mask spelled out."""
+    if mask is not None:
+        return mask
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not causal or q_len == 1:
+        return None
+    seen = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    return seen.view(1, 1, q_len, kv_len)
 
 
 def kvdecode_attention_forward(
@@ -277,7 +306,7 @@ def kvdecode_attention_forward(
     if reason.target == "eager":
         eager = _model_eager(module, reason)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        mask = _additive(mask, query.dtype)
+        mask = _additive(_sdpa_implied_mask(module, query, key, mask, is_causal), query.dtype)
         return eager(module, query, key, value, mask, dropout=dropout, scaling=scale, **kwargs)
     return sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

@@ -20,9 +20,20 @@ class KVDecodeFallbackWarning(UserWarning):
     """A call that ``attn_implementation="kvdecode"`` hands to torch SDPA or the model's eager attention."""
 
 
-@torch.compiler.disable
 def warn_once(key: str, message: str) -> None:
-    """Warn ``message`` the first time ``key`` is seen in this process; log it at DEBUG every time."""
+    """Warn ``message`` the first time ``key`` is seen in this process; log it at DEBUG every time.
+
+    While torch.compile traces, a key already warned about is skipped without calling anything the
+    compiler cannot trace: a fallback layer (e.g. every sliding-window layer of a mixed model) would
+    otherwise break the compiled decode step's graph at each such layer. (The DEBUG line is then
+    logged only by eager calls.)"""
+    if torch.compiler.is_compiling() and key in _WARNED:
+        return
+    _warn_and_log(key, message)
+
+
+@torch.compiler.disable
+def _warn_and_log(key: str, message: str) -> None:
     log.debug("fallback (%s): %s", key, message)
     with _LOCK:
         if key in _WARNED:
