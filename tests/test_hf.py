@@ -271,6 +271,19 @@ def test_other_mask_patterns_are_not_marked_and_warn():
     assert got is None or got.shape[-1] == 10  # what sdpa builds
 
 
+def test_cross_attention_masks_are_not_warned_as_another_pattern():
+    """An encoder-decoder's cross-attention mask for one decode query (q_offset 0, more keys than
+    queries) is not a causal pattern kvdecode missed: the attention function says 'non-causal'."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = kvdecode_mask(
+            batch_size=2, q_length=1, kv_length=12, mask_function=bidirectional_mask_function, device="cpu"
+        )
+    assert _fallbacks(record) == [] and (got is None or got.shape[-1] == 12)
+
+
 def test_lengths_from_mask():
     mask = torch.zeros(3, 1, 2, 10, dtype=torch.bool)
     mask[0, 0, 0, 2:6], mask[0, 0, 1, 2:7] = True, True  # left padding 2, filled 7

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.masking_utils import causal_mask_function, sdpa_mask
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from .warn import warn_once
 
@@ -97,7 +97,9 @@ def kvdecode_mask(
     if not _is_static_decode(q_length, q_offset, kv_offset, kv_length):
         return sdpa_mask(allow_is_causal_skip=allow_is_causal_skip, **common)
     if mask_function is not causal_mask_function or local_size is not None:
-        if local_size is None:  # sliding-window layers are warned about by the attention function
+        # sliding-window layers and bidirectional (encoder, cross) attention are warned about by the
+        # attention function (a cross-attention mask of one decode query looks like a decode step here)
+        if local_size is None and mask_function is not bidirectional_mask_function:
             warn_once(
                 "mask-pattern",
                 "the model's attention mask is not plain causal (chunked attention, packed sequences or "
