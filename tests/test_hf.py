@@ -212,7 +212,9 @@ def test_unsupported_features_run_sdpa_and_warn_once(monkeypatch, case, key):
     assert len(_fallbacks(record)) == 1 and key in kvdecode.hf.warned()
 
 
-@pytest.mark.parametrize("feature", [dict(softcap=30.0), dict(s_aux=torch.zeros(4))])
+@pytest.mark.parametrize(
+    "feature", [dict(softcap=30.0), dict(s_aux=torch.zeros(4)), dict(sinks=torch.zeros(4))]
+)
 def test_softcap_and_sinks_run_the_models_eager_attention(feature):
     q, k, v, mask = _step_tensors()
     EAGER_CALLS.clear()

@@ -64,7 +64,7 @@ class _Call:
 def _needs_eager(c: _Call) -> Fallback | None:
     if c.kwargs.get("softcap") is not None:
         return Fallback("softcap", "logit softcapping: the model's eager attention serves it", "eager")
-    if c.kwargs.get("s_aux") is not None:
+    if c.kwargs.get("s_aux") is not None or c.kwargs.get("sinks") is not None:  # gpt-oss / inkling2 names
         return Fallback("sinks", "attention sinks (s_aux): the model's eager attention serves them", "eager")
     return None
 
