@@ -28,6 +28,8 @@ from ._interpret import interpreter_active
 
 # isort: on
 
+from .quant import FP8_MAX
+
 __all__ = ["append_kv"]
 
 _MAX_TILE = 2048  # elements of one [BLOCK_T, BLOCK_D] tile: small, the copy is memory bound
@@ -54,13 +56,22 @@ def _append_kv_kernel(
     stride_vnt,
     stride_vnd,
     Seq_lens,
+    KScale,  # float32 [1] or [H_kv]; used when QUANT
+    VScale,
     q_len,
     capacity,
     head_dim,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,  # fp8 cache: store saturate(new / scale) in the cache's dtype
+    PER_HEAD: tl.constexpr,  # one scale per KV head (else one for all)
+    QMAX: tl.constexpr,  # the fp8 dtype's largest finite magnitude
+    INTERP_FP8: tl.constexpr,  # Triton's interpreter: round to the fp8 grid in fp32 before the cast
+    MANT_BITS: tl.constexpr,  # fp8 mantissa bits (3 for e4m3, 2 for e5m2)
+    MIN_NORMAL_LOG2: tl.constexpr,  # log2 of the smallest normal fp8 value (-6 for e4m3, -14 for e5m2)
 ):
-    """cache[b, h, seq_lens[b] - T_q + t, :] = new[b, h, t, :] for every t whose position is in range."""
+    """cache[b, h, seq_lens[b] - T_q + t, :] = new[b, h, t, :] for every t whose position is in range
+    (quantized to fp8 as ``clamp(new / scale, -QMAX, QMAX)`` with ``QUANT``)."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -75,9 +86,45 @@ def _append_kv_kernel(
     d64 = d.to(tl.int64)[None, :]
 
     k = tl.load(K_new + b * stride_knb + h * stride_knh + t64 * stride_knt + d64 * stride_knd, mask=m)
-    tl.store(K_cache + b * stride_kcb + h * stride_kch + pos64 * stride_kcs + d64, k, mask=m)
     v = tl.load(V_new + b * stride_vnb + h * stride_vnh + t64 * stride_vnt + d64 * stride_vnd, mask=m)
+    if QUANT:
+        head = h if PER_HEAD else 0
+        k = _saturate(k.to(tl.float32) / tl.load(KScale + head), QMAX)
+        v = _saturate(v.to(tl.float32) / tl.load(VScale + head), QMAX)
+        if INTERP_FP8:  # the interpreter's fp32 -> fp8 cast is wrong near powers of two: cast exact values
+            k = _round_to_fp8(k, MANT_BITS, MIN_NORMAL_LOG2)
+            v = _round_to_fp8(v, MANT_BITS, MIN_NORMAL_LOG2)
+        k = k.to(K_cache.dtype.element_ty)
+        v = v.to(V_cache.dtype.element_ty)
+    tl.store(K_cache + b * stride_kcb + h * stride_kch + pos64 * stride_kcs + d64, k, mask=m)
     tl.store(V_cache + b * stride_vcb + h * stride_vch + pos64 * stride_vcs + d64, v, mask=m)
+
+
+@triton.jit
+def _saturate(x, QMAX: tl.constexpr):
+    return tl.minimum(tl.maximum(x, -QMAX), QMAX)
+
+
+@triton.jit
+def _round_to_fp8(x, MANT_BITS: tl.constexpr, MIN_NORMAL_LOG2: tl.constexpr):
+    """``x`` (fp32, within the fp8 range) rounded to the nearest fp8 value, ties to even, still in fp32.
+
+    Seen 2026-12-01: Triton 3.9's interpreter casts fp32 -> fp8 without carrying a rounded-up mantissa
+    into the exponent (31.5 -> 16 instead of 32). Normal values round on their bits (the integer add
+    carries into the exponent); subnormal ones, whose spacing is ``2^(MIN_NORMAL_LOG2 - MANT_BITS)``,
+    round with the float32 magic-number trick. The cast that follows is then exact.
+    """
+    drop: tl.constexpr = 23 - MANT_BITS
+    bits = x.to(tl.uint32, bitcast=True)
+    half: tl.constexpr = (1 << (drop - 1)) - 1
+    keep: tl.constexpr = 0xFFFFFFFF - ((1 << drop) - 1)  # clears the dropped mantissa bits
+    bits = (bits + half + ((bits >> drop) & 1)) & keep
+    normal = bits.to(tl.float32, bitcast=True)
+    step = tl.exp2((MIN_NORMAL_LOG2 - MANT_BITS) * 1.0)
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds to an integer, ties to even
+    tiny = ((tl.abs(x) / step + magic) - magic) * step
+    subnormal = tl.where(x < 0, -tiny, tiny)  # keeps the sign of a value that rounds to zero
+    return tl.where(tl.abs(x) < tl.exp2(MIN_NORMAL_LOG2 * 1.0), subnormal, normal)
 
 
 def append_kv(
@@ -86,8 +133,12 @@ def append_kv(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     seq_lens: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Launch the append kernel; shapes, dtypes and devices must already be checked by the caller.
+
+    ``scales`` = ``(k_scale, v_scale)`` (float32, one value or one per KV head) for an fp8 cache: the new
+    K/V (fp16/bf16/fp32) are divided by them, saturated to the fp8 range and stored as fp8.
 
     Never syncs the host and never allocates, so it can be captured in a CUDA graph.
     """
@@ -107,11 +158,18 @@ def append_kv(
             v_new,
             *v_new.stride(),
             seq_lens,
+            *(scales if scales is not None else (seq_lens, seq_lens)),
             q_len,
             capacity,
             head_dim,
             BLOCK_T=block_t,
             BLOCK_D=block_d,
+            QUANT=scales is not None,
+            PER_HEAD=scales is not None and scales[0].numel() > 1,
+            QMAX=FP8_MAX.get(k_cache.dtype, 0.0),
+            INTERP_FP8=scales is not None and interpreter_active(),
+            MANT_BITS=3 if k_cache.dtype == torch.float8_e4m3fn else 2,
+            MIN_NORMAL_LOG2=-6 if k_cache.dtype == torch.float8_e4m3fn else -14,
             num_warps=1 if block_t * block_d <= 512 else 4,
         )
 

@@ -16,6 +16,7 @@ import torch
 
 from .errors import KVDecodeError
 from .problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .quant import FP8_DTYPES
 
 __all__ = [
     "INT32_MAX",
@@ -83,8 +84,10 @@ def check_constructor(
         )
     if sizes["head_dim"] > MAX_HEAD_DIM:
         raise KVDecodeError(f"head_dim must be <= {MAX_HEAD_DIM}, got {sizes['head_dim']}")
-    if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES:
-        raise KVDecodeError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or (dtype not in SUPPORTED_DTYPES and dtype not in FP8_DTYPES):
+        raise KVDecodeError(
+            f"dtype must be one of float16, bfloat16, float32, float8_e4m3fn, float8_e5m2, got {dtype!r}"
+        )
     if not isinstance(layout, str) or layout not in ("bhsd", "bshd"):
         raise KVDecodeError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
     ok = scale is None or (

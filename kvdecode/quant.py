@@ -12,7 +12,7 @@ import torch
 
 from .errors import KVDecodeError
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "check_kv_scales"]
+__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "cache_scales", "check_kv_scales"]
 
 FP8_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "fp8e4m3",
@@ -62,3 +62,33 @@ def check_kv_scales(
             f"k_scale and v_scale must be of one kind, got {kinds[0]} and {kinds[1]}; reshape one of them"
         )
     return kinds[0]
+
+
+def cache_scales(
+    dtype: torch.dtype, k_scale: object, v_scale: object, num_kv_heads: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """A ``StaticKVCache``'s scales: ``(None, None)`` for a cache that is not fp8 (scales refused), else
+    float32 device tensors, one value (a float, default 1.0) or one per KV head (a tensor ``[H_kv]``)."""
+    if dtype not in FP8_DTYPES:
+        if k_scale is not None or v_scale is not None:
+            raise KVDecodeError(
+                f"k_scale and v_scale must be None for a {dtype} cache, got a scale; they are for fp8 caches"
+            )
+        return None, None
+    made = []
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        value = 1.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise KVDecodeError(f"{name} must be a float or a float32 tensor, got {type(value).__name__}")
+        t = torch.as_tensor(value, dtype=torch.float32).to(device).reshape(-1).contiguous()
+        if t.numel() not in (1, num_kv_heads):
+            raise KVDecodeError(
+                f"{name} must hold 1 or {num_kv_heads} (one per KV head) values, got {t.numel()}"
+            )
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise KVDecodeError(f"{name} must be positive and finite, got {t.tolist()}")
+        made.append(t if t.numel() == num_kv_heads and num_kv_heads > 1 else t.reshape(()))
+    k, v = made
+    if k.dim() != v.dim():
+        raise KVDecodeError("k_scale and v_scale must be of one kind (both one value or both per KV head)")
+    return k, v

@@ -43,6 +43,8 @@ from .api import check_lengths, problem_for_tensors
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
 from .planner import check_backend_name
+from .problem import SUPPORTED_DTYPES
+from .quant import cache_scales
 
 __all__ = ["StaticKVCache"]
 
@@ -57,7 +59,9 @@ class StaticKVCache:
     num_layers, batch, num_kv_heads, capacity, head_dim : int
         Buffer sizes; each layer holds K and V of ``[B, H_kv, capacity, D]`` (logical).
     dtype : torch.dtype
-        float16, bfloat16 or float32.
+        float16, bfloat16 or float32; or float8_e4m3fn / float8_e5m2 (half the bytes): :meth:`append`
+        then takes fp16/bf16/fp32 K/V and stores ``saturate(new / scale)`` in place, and :meth:`attend`
+        (fp16/bf16 q) dequantizes in the kernel.
     device : torch.device or str, optional
         Defaults to ``"cuda"`` when available, else ``"cpu"`` (Triton then runs through its interpreter).
     layout : {"bhsd", "bshd"}
@@ -75,6 +79,10 @@ class StaticKVCache:
         Eager mode only: sync and check lengths in :meth:`advance`, :meth:`append` and :meth:`attend`,
         raising :class:`~kvdecode.KVDecodeError` naming the first bad row. Skipped while a CUDA graph is
         being captured (nothing can be read back then).
+    k_scale, v_scale : float or float32 Tensor ``[H_kv]``, optional
+        fp8 caches only: fixed dequantization scales (one value, or one per KV head; 1.0 by default).
+        Pick them so that ``max |K| / k_scale`` stays within the fp8 range (448 for e4m3, 57344 for
+        e5m2); larger values saturate.
 
     Notes
     -----
@@ -118,6 +126,8 @@ class StaticKVCache:
         backend: str = "auto",
         deterministic: bool = False,
         validate: bool = False,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
     ) -> None:
         sizes = {"num_layers": num_layers, "batch": batch, "num_kv_heads": num_kv_heads}
         sizes.update(capacity=capacity, head_dim=head_dim)
@@ -138,6 +148,8 @@ class StaticKVCache:
         self._values = [view(self.v_buffer[i]) for i in range(num_layers)]
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.kv_start = torch.zeros(batch, dtype=torch.int32, device=self.device) if left_padded else None
+        # fp8 caches: fixed scales (float32 on the device), used by append (quantize) and attend (dequantize)
+        self.k_scale, self.v_scale = cache_scales(dtype, k_scale, v_scale, num_kv_heads, self.device)
         from ._append import append_kv  # imports Triton: deferred so `import kvdecode` stays light
 
         self._append_kv = append_kv
@@ -249,7 +261,8 @@ class StaticKVCache:
             raise KVDecodeError(f"k_new.shape[2] (T_q) must be <= capacity ({self.capacity}), got {q_len}")
         if self._validating():
             check_lengths(self.seq_lens, None, q_len=q_len, capacity=self.capacity)
-        self._append_kv(k, v, k_new, v_new, self.seq_lens)
+        scales = None if self.k_scale is None else (self.k_scale, self.v_scale)
+        self._append_kv(k, v, k_new, v_new, self.seq_lens, scales)
 
     def attend(
         self,
@@ -270,8 +283,9 @@ class StaticKVCache:
         if self._validating():
             check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
         return the_plan.run(
-            q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse
-        )
+            q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse,
+            k_scale=self.k_scale, v_scale=self.v_scale,
+        )  # fmt: skip
 
     def plan_for(
         self, q: torch.Tensor, *, mask: torch.Tensor | None = None, out: torch.Tensor | None = None
@@ -284,8 +298,9 @@ class StaticKVCache:
         if not isinstance(q, torch.Tensor):
             raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}; pass [B, H_q, T_q, D]")
         problem = problem_for_tensors(
-            q, self._keys[0], self._values[0], self.seq_lens, self.scale, self.kv_start, mask
-        )
+            q, self._keys[0], self._values[0], self.seq_lens, self.scale, self.kv_start, mask,
+            self.k_scale, self.v_scale,
+        )  # fmt: skip
         backend, deterministic = self.backend, self.deterministic
         return plan(problem, backend=backend, deterministic=deterministic, max_seq_len=self.capacity)
 
@@ -352,7 +367,12 @@ class StaticKVCache:
         if t.dim() != 4 or any(e is not None and s != e for s, e in zip(t.shape, expected)) or t.shape[2] < 1:
             want = f"[{self.batch}, {self.num_kv_heads}, T_q >= 1, {self.head_dim}]"
             raise KVDecodeError(f"{name}.shape must be {want}, got {tuple(t.shape)}; pass [B, H_kv, T_q, D]")
-        if t.dtype != self.dtype:
+        if self.k_scale is None and t.dtype != self.dtype:
             raise KVDecodeError(f"{name}.dtype must be the cache's dtype ({self.dtype}), got {t.dtype}")
+        if self.k_scale is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise KVDecodeError(
+                f"{name}.dtype must be float16, bfloat16 or float32 for an fp8 cache (append quantizes), "
+                f"got {t.dtype}"
+            )
         if t.device != self.device:
             raise KVDecodeError(f"{name} must be on the cache's device ({self.device}), got {t.device}")

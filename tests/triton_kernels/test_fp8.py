@@ -134,3 +134,75 @@ def test_auto_keeps_fp8_on_triton_and_says_why():
     problem = kvdecode.DecodeProblem.from_tensors(q, k8, k8, lens)
     assert "fp8" in problem_reason(problem) and problem.name.endswith("kvfp8e4m3")
     assert problem.kv_bytes(20) == 2 * 2 * 20 * 16  # one byte per element
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("per_head", [False, True], ids=["one-scale", "per-head"])
+def test_static_cache_quantizes_on_append_and_decodes_fp8(fp8, per_head):
+    """append stores saturate(new / scale) in fp8, exactly as torch casts it; attend decodes against the
+    dequantized cache; a value past the fp8 range saturates instead of becoming inf/NaN."""
+    gen = torch.Generator().manual_seed(11)
+    k_scale = torch.tensor([0.02, 0.05]) if per_head else 0.03
+    v_scale = torch.tensor([0.04, 0.01]) if per_head else 0.02
+    cache = kvdecode.StaticKVCache(1, batch=2, num_kv_heads=2, capacity=48, head_dim=16, dtype=fp8,
+                                   device="cpu", backend="triton", k_scale=k_scale,
+                                   v_scale=v_scale)  # fmt: skip
+    ks, vs = cache.k_scale, cache.v_scale
+    view = (lambda s: s.view(1, -1, 1, 1)) if per_head else (lambda s: s)
+    steps = []
+    for step in range(3):
+        k_new = torch.randn(2, 2, 2, 16, generator=gen).to(torch.bfloat16)
+        v_new = torch.randn(2, 2, 2, 16, generator=gen).to(torch.bfloat16)
+        if step == 1:
+            k_new[0, 0, 0, 0] = 1e4  # far past 448 * scale: must saturate
+        cache.advance(2)
+        cache.append(0, k_new, v_new)
+        steps.append((k_new, v_new))
+        q = torch.randn(2, 4, 2, 16, generator=gen).to(torch.bfloat16)
+        out = cache.attend(0, q)
+        ref, _ = reference_decode_attention(q, cache.keys(0), cache.values(0), cache.seq_lens,
+                                            k_scale=ks, v_scale=vs)  # fmt: skip
+        check_close(out, ref, torch.bfloat16, f"static fp8 step {step}", 11)
+    for step, (k_new, _) in enumerate(steps):
+        stored = cache.keys(0)[:, :, 2 * step : 2 * step + 2]
+        x = (k_new.float() / view(ks)).clamp(-FP8_MAX[fp8], FP8_MAX[fp8])
+        assert_fp8_cast(stored, x, fp8, f"step {step}")
+    assert cache.keys(0)[0, 0, 2, 0].float() == FP8_MAX[fp8]  # saturated, finite
+
+
+def assert_fp8_cast(stored: torch.Tensor, x: torch.Tensor, fp8: torch.dtype, where: str) -> None:
+    """``stored`` is ``x`` cast to fp8 with round-to-nearest-even (torch's cast, the GPU's ``cvt.rn``) bit
+    for bit. Under the interpreter this holds only thanks to ``_append._round_to_fp8``: Triton 3.9's
+    interpreter casts 31.5 to 16 (seen 2026-12-01)."""
+    differ = stored.view(torch.uint8) != x.to(fp8).view(torch.uint8)
+    assert not differ.any(), f"{where}: {int(differ.sum())} values differ from torch's fp8 cast"
+
+
+def test_static_cache_scales_are_checked():
+    with pytest.raises(kvdecode.KVDecodeError, match=r"must be None for a torch\.bfloat16 cache"):
+        kvdecode.StaticKVCache(1, batch=1, num_kv_heads=2, capacity=16, head_dim=16, device="cpu",
+                               k_scale=0.5)  # fmt: skip
+    with pytest.raises(kvdecode.KVDecodeError, match="must hold 1 or 2"):
+        kvdecode.StaticKVCache(1, batch=1, num_kv_heads=2, capacity=16, head_dim=16, device="cpu",
+                               dtype=torch.float8_e4m3fn, k_scale=torch.ones(3))  # fmt: skip
+    with pytest.raises(kvdecode.KVDecodeError, match="positive and finite"):
+        kvdecode.StaticKVCache(1, batch=1, num_kv_heads=2, capacity=16, head_dim=16, device="cpu",
+                               dtype=torch.float8_e4m3fn, v_scale=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_quantizing_append_rounds_like_torch_over_the_whole_range(fp8):
+    """Magnitudes from fp8 subnormals to past the maximum, values just under powers of two (where the
+    interpreter's own cast goes wrong) and exact ties: stored bit for bit as torch's saturating cast."""
+    gen = torch.Generator().manual_seed(5)
+    top = FP8_MAX[fp8]
+    mags = torch.exp2(torch.empty(2 * 2 * 64 * 16).uniform_(-20, float(torch.log2(torch.tensor(top))) + 1,
+                                                           generator=gen))  # fmt: skip
+    signs = torch.where(torch.rand(mags.shape, generator=gen) < 0.5, -1.0, 1.0)
+    x = (mags * signs).view(2, 2, 64, 16)
+    x[0, 0, 0, :4] = torch.tensor([31.5, 7.9, -15.99, 50.0])  # just under 2^k, and a tie (48 | 52)
+    cache = kvdecode.StaticKVCache(1, batch=2, num_kv_heads=2, capacity=64, head_dim=16, dtype=fp8,
+                                   device="cpu", backend="triton")  # fmt: skip
+    cache.advance(64)
+    cache.append(0, x, x)
+    assert_fp8_cast(cache.keys(0), x.clamp(-top, top), fp8, "append")
