@@ -496,3 +496,14 @@ def test_lengths_are_derived_once_per_forward_and_again_when_the_mask_changes(mo
     assert len(calls) == 2 and kv_start.tolist() == [5, 0]
     memo.get(layers[0], mask, 32, 1)  # the next forward starts over
     assert len(calls) == 3
+
+
+def test_sparse_attention_indices_are_refused_not_ignored():
+    """DeepSeek-V3.2 passes the selected keys as indices=; kvdecode (and an SDPA fallback) would attend
+    to every key instead: a clear error, never a silently wrong result."""
+    from kvdecode.hf.attention import kvdecode_attention_forward
+
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 8, 16)
+    with pytest.raises(kvdecode.KVDecodeError, match="indices"):
+        kvdecode_attention_forward(torch.nn.Module(), q, k, k, None, indices=torch.zeros(1, 1, 4))

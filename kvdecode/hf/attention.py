@@ -62,6 +62,11 @@ class _Call:
 
 
 def _needs_eager(c: _Call) -> Fallback | None:
+    if c.kwargs.get("indices") is not None:  # DeepSeek-V3.2's sparse attention: its indexer reads the mask
+        raise KVDecodeError(
+            "sparse attention with indices= (DeepSeek-V3.2) is not supported by attn_implementation="
+            "'kvdecode', got indices; load the model with attn_implementation='sdpa' or 'eager'"
+        )
     if c.kwargs.get("softcap") is not None:
         return Fallback("softcap", "logit softcapping: the model's eager attention serves it", "eager")
     if c.kwargs.get("s_aux") is not None or c.kwargs.get("sinks") is not None:  # gpt-oss / inkling2 names
