@@ -206,3 +206,52 @@ def test_quantizing_append_rounds_like_torch_over_the_whole_range(fp8):
     cache.advance(64)
     cache.append(0, x, x)
     assert_fp8_cast(cache.keys(0), x.clamp(-top, top), fp8, "append")
+
+
+@pytest.mark.gpu
+@given(case=cases("cuda", dtypes=(torch.float16, torch.bfloat16)), fp8=st.sampled_from(FP8),
+       per_head=st.booleans())  # fmt: skip
+def test_gpu_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, per_head):
+    x = make_inputs(case, "cuda")
+    k8, k_scale = quantize(x.k, fp8, per_head)
+    v8, v_scale = quantize(x.v, fp8, per_head)
+    out, lse = kvdecode.decode_attention(
+        x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
+        k_scale=k_scale, v_scale=v_scale, return_lse=True,
+    )  # fmt: skip
+    ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start,
+                                              mask=x.mask, k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    check_close(out, ref, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
+    check_lse(lse, ref_lse, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_static_cache_step_replays_in_a_cuda_graph():
+    """advance + quantizing append + attend captured once and replayed as the lengths grow."""
+    cache = kvdecode.StaticKVCache(2, batch=2, num_kv_heads=8, capacity=512, head_dim=128,
+                                   dtype=torch.float8_e4m3fn, k_scale=torch.full((8,), 0.01),
+                                   v_scale=torch.full((8,), 0.02))  # fmt: skip
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k_new = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+    outs = [torch.empty_like(q) for _ in range(2)]
+
+    def step():
+        cache.advance(1)
+        for layer in range(2):
+            cache.append(layer, k_new, k_new)
+            cache.attend(layer, q, out=outs[layer])
+
+    cache.set_lengths([100, 7])
+    step()  # eager: compiles and plans
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(5):
+        k_new.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(2):
+            ref, _ = reference_decode_attention(q, cache.keys(layer), cache.values(layer), cache.seq_lens,
+                                                k_scale=cache.k_scale, v_scale=cache.v_scale)  # fmt: skip
+            check_close(outs[layer], ref, torch.bfloat16, f"captured fp8 layer {layer}", 0)
+    assert cache.seq_lens.tolist() == [106, 13]  # eager step +1, capture runs nothing, 5 replays +5
