@@ -17,16 +17,40 @@ import torch
 
 from .errors import KVDecodeError
 from .problem import DecodeProblem
+from .quant import check_kv_scales
 
-__all__ = ["check_buffers", "check_inputs", "check_scales", "extent", "overlapping"]
+__all__ = [
+    "call_inputs",
+    "check_buffers",
+    "check_inputs",
+    "check_outputs_disjoint",
+    "check_scales",
+    "contiguous_strides",
+    "extent",
+    "overlapping",
+    "span",
+]
+
+
+def span(shape: tuple[int, ...], strides: tuple[int, ...], elem_size: int) -> int:
+    """Bytes from the first element of a ``shape``/``strides`` view to one past its last (0 if empty)."""
+    if any(n == 0 for n in shape):
+        return 0
+    return (sum((n - 1) * s for n, s in zip(shape, strides) if n > 1) + 1) * elem_size
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (what ``torch.empty(shape).stride()`` gives)."""
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def extent(t: torch.Tensor) -> int:
     """Bytes from ``t.data_ptr()`` to one past its last element (0 for an empty tensor)."""
-    if t.numel() == 0:
-        return 0
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 1)
-    return (last + 1) * t.element_size()
+    return span(tuple(t.shape), tuple(t.stride()), t.element_size())
 
 
 def overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -40,6 +64,15 @@ def overlapping(a: torch.Tensor, b: torch.Tensor) -> bool:
 def self_overlapping(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` share memory (e.g. an expanded view with a zero stride)."""
     return torch._debug_has_internal_overlap(t) != 0  # 0: none; 1: yes; 2: too hard to tell (refused)
+
+
+def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=None) -> dict:
+    """The tensors a call reads, by argument name: what its outputs must not overlap."""
+    inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
+    k_scale, v_scale = scales if scales is not None else (None, None)
+    extra = (("kv_start", kv_start), ("mask", mask), ("k_scale", k_scale), ("v_scale", v_scale))
+    inputs.update({n: t for n, t in extra if isinstance(t, torch.Tensor)})
+    return inputs
 
 
 def check_outputs_disjoint(outputs: dict, inputs: dict) -> None:
@@ -64,9 +97,9 @@ def check_outputs_disjoint(outputs: dict, inputs: dict) -> None:
 def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask) -> None:
     """Raise :class:`KVDecodeError` for the first argument that does not match the plan."""
     kv_shape = (p.batch, p.num_kv_heads, p.capacity, p.head_dim)
-    _same("q", q, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
-    _same("k_cache", k_cache, p.k_strides, kv_shape, p)
-    _same("v_cache", v_cache, p.v_strides, kv_shape, p)
+    _same("q", q, p.dtype, p.q_strides, (p.batch, p.num_q_heads, p.q_len, p.head_dim), p)
+    _same("k_cache", k_cache, p.cache_dtype, p.k_strides, kv_shape, p)
+    _same("v_cache", v_cache, p.cache_dtype, p.v_strides, kv_shape, p)
     _lengths("seq_lens", seq_lens, p)
     if (kv_start is not None) != p.has_kv_start:
         raise KVDecodeError(
@@ -79,23 +112,19 @@ def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask
 
 
 def check_scales(p: DecodeProblem, k_scale, v_scale) -> None:
-    """``k_scale``/``v_scale`` given exactly when the plan was made with them, of the planned kind."""
-    given = k_scale is not None or v_scale is not None
-    if given != (p.kv_scale_kind != "none"):
+    """``k_scale``/``v_scale`` as ``DecodeProblem.from_tensors`` checks them, and of the planned kind."""
+    given, planned = k_scale is not None or v_scale is not None, p.kv_scale_kind != "none"
+    if given != planned:
         raise KVDecodeError(
             f"k_scale/v_scale are {'given' if given else 'None'} but the plan was made "
-            f"{'with' if p.kv_scale_kind != 'none' else 'without'} them; make a new plan"
+            f"{'with' if planned else 'without'} them; make a new plan"
         )
-    if given:
-        shape = () if p.kv_scale_kind == "scalar" else (p.num_kv_heads,)
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            t = _tensor(name, t)
-            kind_ok = t.numel() == 1 and t.dim() <= 1 if not shape else tuple(t.shape) == shape
-            if t.dtype != torch.float32 or t.device != p.device or not kind_ok or not t.is_contiguous():
-                raise KVDecodeError(
-                    f"{name} must be a contiguous float32 {p.kv_scale_kind} scale on {p.device}, got "
-                    f"{t.dtype} {tuple(t.shape)} on {t.device}; pass it as planned"
-                )
+    kind = check_kv_scales(k_scale, v_scale, p.cache_dtype, p.num_kv_heads, p.device)
+    if kind != p.kv_scale_kind:
+        raise KVDecodeError(
+            f"k_scale/v_scale are of kind {kind!r} but the plan was made for {p.kv_scale_kind!r}; "
+            "pass them as planned or make a new plan"
+        )
 
 
 def check_buffers(p: DecodeProblem, out, lse) -> None:
@@ -153,11 +182,10 @@ def _buffer(name: str, t: object, shape: tuple, dtype: torch.dtype, p: DecodePro
         )
 
 
-def _same(name: str, t: object, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
+def _same(name: str, t: object, dtype: torch.dtype, strides: tuple, shape: tuple, p: DecodeProblem) -> None:
     t = _tensor(name, t)
-    want = p.dtype if name == "q" else p.cache_dtype
-    if t.dtype != want:
-        raise KVDecodeError(f"{name} has dtype {t.dtype} but the plan was made for {want}; make a new plan")
+    if t.dtype != dtype:
+        raise KVDecodeError(f"{name} has dtype {t.dtype} but the plan was made for {dtype}; make a new plan")
     if tuple(t.shape) != shape:
         raise KVDecodeError(
             f"{name} has shape {tuple(t.shape)} but the plan was made for {shape}; make a new plan"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_outputs_disjoint
+from ._checks import call_inputs, check_outputs_disjoint
 from .errors import KVDecodeError
 from .plan import PLANS, check_flag
 from .planner import check_backend_name, check_max_seq_len
@@ -112,9 +112,7 @@ def decode_attention(
     problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale)
     if out is not None:
         check_out(out, q)
-        inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
-        extra = (("kv_start", kv_start), ("mask", mask), ("k_scale", k_scale), ("v_scale", v_scale))
-        inputs.update({n: t for n, t in extra if isinstance(t, torch.Tensor)})
+        inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale))
         check_outputs_disjoint({"out": out}, inputs)
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)

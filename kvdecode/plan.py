@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_buffers, check_inputs, check_outputs_disjoint, check_scales
+from ._checks import (
+    call_inputs,
+    check_buffers,
+    check_inputs,
+    check_outputs_disjoint,
+    check_scales,
+    contiguous_strides,
+    span,
+)
 from .backends import Launcher, get_backend
 from .errors import KVDecodeError, UnsupportedError
 from .planner import Choice, Route, check_backend_name, check_max_seq_len, route
@@ -57,10 +65,10 @@ class DecodePlan:
         elem = torch.empty((), dtype=p.dtype).element_size()
         kv_elem = torch.empty((), dtype=kv_dt).element_size()
         q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
-        self._out_sig = (p.dtype, torch.Size(q_shape), _contiguous_strides(q_shape))
-        self._lse_sig = (torch.float32, torch.Size(q_shape[:3]), _contiguous_strides(q_shape[:3]))
+        self._out_sig = (p.dtype, torch.Size(q_shape), contiguous_strides(q_shape))
+        self._lse_sig = (torch.float32, torch.Size(q_shape[:3]), contiguous_strides(q_shape[:3]))
         self._extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
-            _extent(shape, strides, size)
+            span(shape, strides, size)
             for shape, strides, size in (
                 (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, kv_elem),
                 (kv_shape, p.v_strides, kv_elem), (q_shape, self._out_sig[2], elem),
@@ -110,15 +118,15 @@ class DecodePlan:
         if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
             check_scales(self.problem, k_scale, v_scale)
+        scales = None if k_scale is None else (k_scale, v_scale)
         if out is not None or lse is not None:
-            if not self._outputs_ok(q, k_cache, v_cache, seq_lens, out, lse):
+            # the fast test knows q, the caches and seq_lens only: other inputs take the full check
+            if not (plain and self._outputs_ok(q, k_cache, v_cache, seq_lens, out, lse)):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
-                inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
-                inputs.update({n: t for n, t in (("kv_start", kv_start), ("mask", mask)) if t is not None})
+                inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales)
                 check_outputs_disjoint(outputs, inputs)
             return_lse = return_lse or lse is not None
-        scales = None if k_scale is None else (k_scale, v_scale)
         return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales)
 
     def _inputs_match(self, q, k_cache, v_cache, seq_lens) -> bool:
@@ -179,18 +187,6 @@ class DecodePlan:
         else:
             self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales)
         return (out, lse) if return_lse else out
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= size
-    return tuple(reversed(strides))
-
-
-def _extent(shape: tuple[int, ...], strides: tuple[int, ...], elem: int) -> int:
-    return (sum((n - 1) * s for n, s in zip(shape, strides) if n > 1) + 1) * elem
 
 
 class PlanCache:

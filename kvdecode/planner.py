@@ -200,14 +200,9 @@ def _length(
         return problem.capacity, "the capacity (below the threshold, lengths not read)"
     if seq_lens is None:
         return problem.capacity, "the capacity (no lengths at plan time)"
-    if seq_lens.is_cuda and _capturing(problem.device):
+    if seq_lens.is_cuda and capturing(problem.device):
         return problem.capacity, "the capacity (capturing a CUDA graph)"
     return int(seq_lens.max().item()), "seq_lens.max() (one host sync)"
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether ``device``'s current stream is capturing a CUDA graph (not the current device's)."""
-    return capturing(device)
 
 
 def explain(

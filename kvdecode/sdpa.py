@@ -154,9 +154,9 @@ def sdpa(
     if reason is None:
         found = _fast_path(query, key, value, scale, backend)
         if not isinstance(found, str):
-            the_plan, k_buf, v_buf = found
-            seq_lens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
-            return the_plan.run(query, k_buf, v_buf, seq_lens)
+            the_plan, k_buf, v_buf, seq_lens = found
+            # the plan's problem was made from these very tensors: launch without a second round of checks
+            return the_plan._launch(query, k_buf, v_buf, seq_lens, None, None, None, None, False)
         reason = found
     log.debug("kvdecode.sdpa falls through to torch SDPA: %s", reason)
     return torch.nn.functional.scaled_dot_product_attention(
@@ -230,7 +230,9 @@ def _shape_reason(query, key, value, is_causal, scale, enable_gqa) -> str | None
     return None
 
 
-def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Tensor, torch.Tensor] | str:
+def _fast_path(
+    query, key, value, scale, backend
+) -> tuple[DecodePlan, torch.Tensor, torch.Tensor, torch.Tensor] | str:
     """The plan (from the shared plan cache) and the capacity views for a call that passed the host
     checks, or why not."""
     k_found, v_found = capacity_view(key), capacity_view(value)
@@ -239,7 +241,7 @@ def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Ten
         return f"{which} is not a leading slice of a larger buffer"
     capacity = min(k_found[1], v_found[1])
     k_buf, v_buf = (t[:, :, :capacity] for t in (k_found[0], v_found[0]))
-    lens = torch.empty((query.shape[0],), dtype=torch.int32, device=query.device)  # metadata only
+    lens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
     problem = problem_for_tensors(query, k_buf, v_buf, lens, scale, None, None)
     try:
         choice = PLANS.route(problem, backend).choose(problem, capacity, None)
@@ -250,7 +252,7 @@ def _fast_path(query, key, value, scale, backend) -> tuple[DecodePlan, torch.Ten
         return f"no backend serves {problem.name}: {err}"
     if backend == "auto" and made.backend == "reference":
         return f"the planner chose the float64 reference for {problem.name} ({made.choice.reason})"
-    return made, k_buf, v_buf
+    return made, k_buf, v_buf, lens
 
 
 def plan_cache_info() -> dict[str, int]:

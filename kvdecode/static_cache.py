@@ -43,7 +43,7 @@ from .api import check_lengths, problem_for_tensors
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
 from .planner import check_backend_name
-from .problem import SUPPORTED_DTYPES
+from .problem import SUPPORTED_DTYPES, capturing
 from .quant import cache_scales
 
 __all__ = ["StaticKVCache"]
@@ -307,12 +307,7 @@ class StaticKVCache:
     # ---- helpers -----------------------------------------------------------------------------------
 
     def _validating(self) -> bool:
-        if not self.validate:
-            return False
-        if self.device.type != "cuda":
-            return True
-        with torch.cuda.device(self.device):  # capture is a property of the cache's device's stream
-            return not torch.cuda.is_current_stream_capturing()
+        return self.validate and not capturing(self.device)  # nothing can be read back under capture
 
     def _check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:

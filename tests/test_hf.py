@@ -23,19 +23,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E40
 from transformers.masking_utils import causal_mask_function, sdpa_mask  # noqa: E402
 
 import kvdecode.hf  # noqa: E402  (after kvdecode: the interpreter switch comes first)
+from kvdecode.generate_cmd import TINY_SHAPE  # noqa: E402
 from kvdecode.hf import attention as hf_attention  # noqa: E402
 from kvdecode.hf.mask import MARKER_COLUMNS, kvdecode_mask  # noqa: E402
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-)
+TINY = dict(TINY_SHAPE, num_hidden_layers=2, max_position_embeddings=256)  # the CLI's CPU model
 
 
 def _model(impl: str, *, dtype=torch.float32, device="cpu", seed=0, **config) -> LlamaForCausalLM:

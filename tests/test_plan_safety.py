@@ -349,3 +349,17 @@ def test_cudnn_is_not_built_inside_a_capture_and_the_fallback_is_not_kept(monkey
     monkeypatch.setattr(plan_module, "capturing", lambda device: False)
     PLANS.get(p, Choice("cudnn", "test"), asked="auto")
     assert PLANS.peek(p, asked="auto", backend="cudnn") is not None
+
+
+def test_out_sharing_memory_with_kv_start_is_refused_by_run():
+    """The fast output check knows q, the caches and seq_lens only; a plan with kv_start (or a mask, or
+    fp8 scales) used to take it anyway and let an out that overlaps kv_start through."""
+    q, k, v, lens = _cpu_inputs()
+    buf = torch.empty(2 * 4 * 1 * 16)
+    starts = buf.view(torch.int32)[:2]
+    starts.zero_()
+    out = buf.view(2, 4, 1, 16)
+    the_plan = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, v, lens, kv_start=starts),
+                             backend="reference")  # fmt: skip
+    with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
+        the_plan.run(q, k, v, lens, kv_start=starts, out=out)

@@ -9,7 +9,7 @@ from .._interpret import interpreter_problem
 from ..backends import Launcher
 from ..problem import DecodeProblem
 from .bound import BoundKernel
-from .config import LOG2E_CONST, SplitKVConfig, default_config, interpreter_active, tile_shape
+from .config import LOG2E_CONST, MAX_SPLITS, SplitKVConfig, default_config, interpreter_active, tile_shape
 from .split_kv import merge_kernel, split_kv_kernel
 
 __all__ = ["SplitKVLauncher", "TritonBackend"]
@@ -24,7 +24,7 @@ def _pdl_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-MERGE_BUCKETS = (4, 16, 64, 128)  # compile-time split capacities of the merge kernel (one variant each)
+MERGE_BUCKETS = (4, 16, 64, MAX_SPLITS)  # compile-time split capacities of the merge (one variant each)
 GRID_Y_MAX = 65535  # CUDA's limit on grid dimensions y and z
 
 
@@ -90,7 +90,8 @@ class SplitKVLauncher:
             dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
         )  # fmt: skip
         bucket = merge_bucket(splits)
-        self._merge_tail = [splits, *common, bucket, block_d]
+        self._merge_tail = [splits, *common, bucket, block_d]  # then WRITE_LSE, INTERP_BF16, USE_PDL
+        self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
         self._merge = BoundKernel(
             merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
@@ -132,7 +133,7 @@ class SplitKVLauncher:
             self._merge(
                 self.merge_grid,
                 [out, *o_strides, lse_t, *lse_strides, part, part_lse, *self._merge_tail, write_lse,
-                 self._split_end[0], self.use_pdl],
+                 self._interp_bf16, self.use_pdl],
                 spec,
             )  # fmt: skip
 
