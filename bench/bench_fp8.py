@@ -27,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_bandwidth import measure_ceiling
 
 import kvdecode
+from kvdecode.quant import quantize_fp8
+from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, gbps, steady_state_layers
+from kvdecode.triton_kernels.config import MAX_SPLITS, SplitKVConfig
+from kvdecode.triton_kernels.launcher import SplitKVLauncher
 from kvdecode.tuning.environment import current_environment, device_gpu_name
 
 HQ, HKV, D = 32, 8, 128
@@ -36,30 +40,100 @@ QUICK = [(1, 16384), (4, 65536), (16, 131072)]
 FP8 = torch.float8_e4m3fn
 
 
-def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device) -> tuple[float, int]:
+def _stack(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device) -> tuple[LayerStack, int]:
+    """The layers of one cell in ``kv_dtype`` (fp8 ones quantized layer by layer from bf16 randoms, so
+    that the bf16 and fp8 stacks never coexist) and the bytes one layer's call reads."""
     elem = torch.empty((), dtype=kv_dtype).element_size()
     read = 2 * batch * HKV * length * D * elem
-    free = int(torch.cuda.mem_get_info(device)[0] * 0.8)
+    bf16_layer = 2 * batch * HKV * length * D * 2
+    free = int(torch.cuda.mem_get_info(device)[0] * 0.8) - bf16_layer  # one bf16 layer in flight
     n = steady_state_layers(read, budget_bytes=free)
-    stack = LayerStack.random(n, (batch, HQ, 1, D), (batch, HKV, length, D), torch.bfloat16, device)
-    scales = {}
-    if kv_dtype != torch.bfloat16:  # quantize each layer's caches in place of the bf16 ones
-        stack.layers = [(q, k.to(kv_dtype), v.to(kv_dtype)) for q, k, v in stack.layers]
-        k_scale = torch.full((HKV,), 0.5, device=device)
-        scales = dict(k_scale=k_scale, v_scale=torch.full((HKV,), 0.25, device=device))
+    layers = []
+    for _ in range(n):
+        q, k, v = LayerStack.random(1, (batch, HQ, 1, D), (batch, HKV, length, D), torch.bfloat16, device)[0]
+        layers.append((q, k.to(kv_dtype), v.to(kv_dtype)) if kv_dtype != torch.bfloat16 else (q, k, v))
+        del q, k, v
+    return LayerStack(layers), read
+
+
+def _scales(kv_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    if kv_dtype == torch.bfloat16:
+        return {}
+    return dict(
+        k_scale=torch.full((HKV,), 0.5, device=device), v_scale=torch.full((HKV,), 0.25, device=device)
+    )
+
+
+def _variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
+    s, n, w, st = base.num_splits, base.block_n, base.num_warps, base.num_stages
+    out = {
+        "n*2": SplitKVConfig(s, 2 * n, w, st),
+        "n*2_w8": SplitKVConfig(s, 2 * n, 8, st),
+        "n*2_st3": SplitKVConfig(s, 2 * n, w, 3),
+        "st3": SplitKVConfig(s, n, w, 3),
+        "s*2": SplitKVConfig(min(MAX_SPLITS, 2 * s), n, w, st),
+        "s/2": SplitKVConfig(max(1, s // 2), n, w, st),
+        "n*2_s/2": SplitKVConfig(max(1, s // 2), 2 * n, w, st),
+    }
+    return {k: v for k, v in out.items() if v != base}
+
+
+def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, sweep: bool
+          ) -> tuple[float, int, str, dict[str, float]]:  # fmt: skip
+    """Steady-state µs of the default plan (and, with ``sweep``, of config variants), bytes, config."""
+    stack, read = _stack(batch, length, kv_dtype, device)
+    scales = _scales(kv_dtype, device)
     lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     q, k, v = stack[0]
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens, **scales)
     the_plan = kvdecode.plan(problem, backend="triton")
     us = stack.steady_us(lambda q, k, v, out: the_plan.run(q, k, v, lens, out=out, **scales))
+    base = the_plan.launcher.config
+    swept = {}
+    if sweep:
+        pair = (scales["k_scale"], scales["v_scale"]) if scales else None
+        for name, cfg in _variants(base).items():
+            launch = SplitKVLauncher(problem, cfg)
+
+            def run(q, k, v, out, launch=launch):
+                launch(q, k, v, lens, None, None, out, None, pair)
+
+            swept[f"{name}:{cfg.name}"] = round(stack.steady_us(run), 3)
     stack.close()
-    return us, read
+    return us, read, base.name, swept
+
+
+def accuracy(device: torch.device) -> list[dict]:
+    """The quantization's error beside the kernel's: B 2, L 8k, bf16 K/V quantized with per-KV-head amax
+    scales; relative L2 errors against the float64 reference on the original and on the dequantized K/V."""
+    gen = torch.Generator(device="cpu").manual_seed(13)
+    batch, length = 2, 8192
+    q = torch.randn(batch, HQ, 1, D, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(batch, HKV, length, D, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(batch, HKV, length, D, generator=gen).to(device, torch.bfloat16)
+    lens = torch.tensor([length, length // 3], dtype=torch.int32, device=device)
+    exact, _ = reference_decode_attention(q, k, v, lens)
+    bf16 = kvdecode.decode_attention(q, k, v, lens, backend="triton")
+    rows = [dict(kv="bfloat16", vs_original=relative_l2_error(bf16, exact), vs_dequantized=None)]
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        k8, k_scale = quantize_fp8(k, fp8)
+        v8, v_scale = quantize_fp8(v, fp8)
+        out = kvdecode.decode_attention(q, k8, v8, lens, k_scale=k_scale, v_scale=v_scale)
+        deq, _ = reference_decode_attention(q, k8, v8, lens, k_scale=k_scale, v_scale=v_scale)
+        kv = str(fp8).removeprefix("torch.")
+        rows.append(
+            dict(kv=kv, vs_original=relative_l2_error(out, exact), vs_dequantized=relative_l2_error(out, deq))
+        )
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time fp8 and bf16 config variants (development)"
+    )
     args = ap.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = device_gpu_name(device)
@@ -70,23 +144,36 @@ def main() -> int:
     print(f"{'B':>3} {'L':>7} {'bf16 us':>9} {'%ceil':>6} {'fp8 us':>9} {'%ceil':>6} {'fp8/bf16':>9}  target")
     rows = []
     for batch, length in QUICK if args.quick else CELLS:
-        bf16_us, bf16_bytes = _time(batch, length, torch.bfloat16, device)
-        fp8_us, fp8_bytes = _time(batch, length, FP8, device)
+        bf16_us, bf16_bytes, bf16_cfg, bf16_swept = _time(batch, length, torch.bfloat16, device, args.sweep)
+        fp8_us, fp8_bytes, fp8_cfg, fp8_swept = _time(batch, length, FP8, device, args.sweep)
         row = dict(batch=batch, length=length, bf16_us=round(bf16_us, 3), fp8_us=round(fp8_us, 3),
                    bf16_bytes=bf16_bytes, fp8_bytes=fp8_bytes,
                    bf16_pct=round(100 * gbps(bf16_bytes, bf16_us) / top, 1),
                    fp8_pct=round(100 * gbps(fp8_bytes, fp8_us) / top, 1),
-                   ratio=round(fp8_us / bf16_us, 3))  # fmt: skip
+                   ratio=round(fp8_us / bf16_us, 3), bf16_config=bf16_cfg, fp8_config=fp8_cfg,
+                   bf16_swept=bf16_swept, fp8_swept=fp8_swept)  # fmt: skip
         target = "<= 0.55x" if bf16_bytes >= 128e6 else "no slower"
         met = row["ratio"] <= 0.55 if bf16_bytes >= 128e6 else row["ratio"] <= 1.0
         row["target"], row["met"] = target, bool(met)
         rows.append(row)
         cells = f"{bf16_us:>9.2f} {row['bf16_pct']:>6} {fp8_us:>9.2f} {row['fp8_pct']:>6}"
-        print(f"{batch:>3} {length:>7} {cells} {row['ratio']:>9.3f}  {target} {'met' if met else 'MISSED'}")
+        print(
+            f"{batch:>3} {length:>7} {cells} {row['ratio']:>9.3f}  {target} {'met' if met else 'MISSED'}"
+            f"  [{bf16_cfg} | {fp8_cfg}]",
+            flush=True,
+        )
+        for name, sw_us in {**{"bf16 " + k: x for k, x in bf16_swept.items()},
+                            **{"fp8 " + k: x for k, x in fp8_swept.items()}}.items():  # fmt: skip
+            print(f"      {name:<44} {sw_us:>9.2f}", flush=True)
+    errors = accuracy(device)
+    print("accuracy, B 2 L 8k (lengths 8192, 2730), per-KV-head amax scales; rel L2 error vs float64 on:")
+    for e in errors:
+        deq = "-" if e["vs_dequantized"] is None else f"{e['vs_dequantized']:.2e}"
+        print(f"  {e['kv']:<16} original K/V {e['vs_original']:.2e}   dequantized K/V {deq}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"fp8-{gpu.lower().replace(' ', '-')}-{time.strftime('%Y-%m-%d')}.json"
     path.write_text(json.dumps(dict(environment=env, date=time.strftime("%Y-%m-%d"), ceiling=ceiling,
-                                    rows=rows), indent=1, default=str))  # fmt: skip
+                                    rows=rows, accuracy=errors), indent=1, default=str))  # fmt: skip
     print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,7 @@ import torch
 
 from .errors import KVDecodeError
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "cache_scales", "check_kv_scales"]
+__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "cache_scales", "check_kv_scales", "quantize_fp8"]
 
 FP8_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "fp8e4m3",
@@ -92,3 +92,31 @@ def cache_scales(
     if k.dim() != v.dim():
         raise KVDecodeError("k_scale and v_scale must be of one kind (both one value or both per KV head)")
     return k, v
+
+
+def quantize_fp8(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, *, per_head: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a K or V cache ``[B, H_kv, S, D]`` to fp8 with amax scales; returns ``(x8, scale)``.
+
+    ``scale = amax / FP8_MAX[dtype]`` (float32, shape ``(H_kv,)`` with ``per_head``, else ``()``) maps
+    the largest magnitude to the largest finite fp8 value, and ``x8 = saturate(x / scale)``; pass
+    ``scale`` as ``k_scale`` / ``v_scale``. An all-zero head gets scale 1.
+
+    Examples
+    --------
+    >>> k8, k_scale = quantize_fp8(torch.randn(1, 2, 16, 8))
+    >>> k8.dtype, tuple(k_scale.shape)
+    (torch.float8_e4m3fn, (2,))
+    """
+    if dtype not in FP8_DTYPES:
+        raise KVDecodeError(f"dtype must be one of {list(FP8_DTYPES)}, got {dtype}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise KVDecodeError(f"x must be a floating [B, H_kv, S, D] tensor, got {what}")
+    top = FP8_MAX[dtype]
+    dims = (0, 2, 3) if per_head else (0, 1, 2, 3)
+    amax = x.detach().abs().float().amax(dim=dims)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).to(torch.float32)
+    view = scale.view(1, -1, 1, 1) if per_head else scale
+    return (x.float() / view).clamp(-top, top).to(dtype), scale.contiguous()
