@@ -127,11 +127,20 @@ def test_runs_on_the_callers_stream():
 
 
 def test_auto_picks_cudnn_at_or_above_the_threshold():
+    """auto follows the threshold of the table in use at each batch bucket (the H200 table's cuDNN never
+    wins at B 1 for this shape, it does at B 4); where cuDNN is picked it gives the right answer."""
     capacity = 16384
-    case = Case(1, 8, 2, 128, 1, capacity, torch.bfloat16, (capacity,), seed=5)
-    inputs = make_inputs(case, "cuda")
-    choice = kvdecode.explain(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=capacity)
-    assert choice.backend == "cudnn" and choice.threshold <= capacity, choice
+    picked = None
+    for batch in (1, 4, 16):
+        case = Case(batch, 8, 2, 128, 1, capacity, torch.bfloat16, (capacity,) * batch, seed=5)
+        inputs = make_inputs(case, "cuda")
+        choice = kvdecode.explain(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=capacity)
+        assert (choice.backend == "cudnn") == (choice.threshold <= capacity), choice
+        if choice.backend == "cudnn" and picked is None:
+            picked = case, inputs, choice
+    if picked is None:
+        pytest.skip(f"the table in use never picks cuDNN at capacity {capacity} for B 1, 4, 16")
+    case, inputs, choice = picked
     below = kvdecode.explain(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=choice.threshold - 1)
     assert below.backend == "triton"
     out = kvdecode.decode_attention(inputs.q, inputs.k, inputs.v, inputs.seq_lens, max_seq_len=capacity)
