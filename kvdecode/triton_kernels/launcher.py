@@ -16,6 +16,7 @@ __all__ = ["SplitKVLauncher", "TritonBackend"]
 
 _MASK_KIND = {"none": 0, "bool": 1, "additive": 2}
 _SCALE_KIND = {"none": 0, "scalar": 1, "per_head": 2}
+_FP8_COMPUTE = {"q": 1, "fp16": 2}  # fp8 tiles become q's dtype, or fp16 (the default; see split_kv)
 
 
 def _pdl_available(device: torch.device) -> bool:
@@ -51,7 +52,12 @@ class SplitKVLauncher:
     """
 
     def __init__(
-        self, problem: DecodeProblem, config: SplitKVConfig | None = None, *, deterministic: bool = False
+        self,
+        problem: DecodeProblem,
+        config: SplitKVConfig | None = None,
+        *,
+        deterministic: bool = False,
+        fp8_compute: str = "fp16",
     ) -> None:
         self.problem = p = problem
         self.config = cfg = config or default_config(problem)
@@ -77,7 +83,7 @@ class SplitKVLauncher:
             interp_bf16,
             "ieee",
             self.use_pdl,
-            p.kv_dtype is not None,
+            0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute],
             _SCALE_KIND[p.kv_scale_kind],
         ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]

@@ -149,7 +149,7 @@ def split_kv_kernel(
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
-    KV_FP8: tl.constexpr,  # K/V stored in fp8: tiles are converted to q's dtype (exactly) after loading
+    KV_FP8: tl.constexpr,  # 0 K/V in q's dtype; fp8 tiles converted (exactly) to 1 q's dtype, 2 fp16
     SCALE_KIND: tl.constexpr,  # 0 none, 1 one k/v scale, 2 one per KV head
 ):
     """One program: the tiles ``split, split + num_splits, ...`` of one (row, KV head), for one block of
@@ -201,9 +201,23 @@ def split_kv_kernel(
     v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=in_cache & d_ok, other=0.0)
     q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
     q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
-    if KV_FP8:  # every fp8 value is exact in fp16/bf16
+    if KV_FP8 == 2 and Q.dtype.element_ty == tl.bfloat16:
+        # fp16 dots (e4m3/e5m2 -> fp16 is one hardware conversion per pair; -> bf16 costs three): each
+        # bf16 query row is scaled by a power of two that puts its largest |q| in [2^13, 2^14), where
+        # every bf16 value down to 2^-30 of the row's max is exact in fp16; the logit scale undoes it
+        qf = q.to(tl.float32)
+        amax_exp = (tl.max(tl.abs(qf), axis=1).to(tl.uint32, bitcast=True) >> 23).to(tl.int32)
+        shift = tl.minimum(tl.maximum(140 - amax_exp, -126), 126)  # 13 - (biased exponent - 127)
+        up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+        down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+        q = (qf * up[:, None]).to(tl.float16)
+        qk_scale = qk_scale * down[:, None]  # [BLOCK_M, 1]: s_ij * qk_scale broadcasts over the keys
+    if KV_FP8 == 1:  # every fp8 value is exact in fp16/bf16
         k_tile = k_tile.to(q.dtype)
         v_tile = v_tile.to(q.dtype)
+    if KV_FP8 == 2:
+        k_tile = k_tile.to(tl.float16)
+        v_tile = v_tile.to(tl.float16)
     mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
     # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
@@ -223,7 +237,7 @@ def split_kv_kernel(
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
-        if KV_FP8:
+        if KV_FP8 > 0:  # q's dtype, or fp16 (q was converted above)
             k_tile = k_tile.to(q.dtype)
             v_tile = v_tile.to(q.dtype)
         acc, m_i, l_i = _tile_update(

@@ -255,3 +255,23 @@ def test_gpu_fp8_static_cache_step_replays_in_a_cuda_graph():
                                                 k_scale=cache.k_scale, v_scale=cache.v_scale)  # fmt: skip
             check_close(outs[layer], ref, torch.bfloat16, f"captured fp8 layer {layer}", 0)
     assert cache.seq_lens.tolist() == [106, 13]  # eager step +1, capture runs nothing, 5 replays +5
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_bf16_queries_beyond_the_fp16_range_stay_exact(fp8):
+    """The fp16 dots scale each bf16 query row by a power of two: rows with |q| far beyond fp16's 65504,
+    or far below its normal range, and rows mixing 1e-6 with 1e3, give the reference's answer."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 1, 32, generator=gen)
+    q[0] *= 1e7  # |q| ~ 1e7: overflows fp16 unscaled
+    q[1] *= 1e-7  # ~ 1e-7: fp16 subnormals unscaled
+    q[2, :, :, ::2] *= 1e-6  # one row mixes magnitudes
+    q[2, :, :, 1::2] *= 1e3
+    q = q.to(torch.bfloat16)
+    k = (torch.randn(3, 2, 64, 32, generator=gen) * 1e-3).to(fp8)  # small logits despite the large q
+    v = torch.randn(3, 2, 64, 32, generator=gen).to(fp8)
+    lens = torch.tensor([64, 40, 17], dtype=torch.int32)
+    scales = dict(k_scale=torch.tensor([0.5, 2.0]), v_scale=torch.tensor([1.5, 0.25]))
+    out = kvdecode.decode_attention(q, k, v, lens, backend="triton", **scales)
+    ref, _ = reference_decode_attention(q, k, v, lens, **scales)
+    check_close(out, ref, torch.bfloat16, f"bf16 q beyond the fp16 range, {fp8}", 5)
