@@ -66,7 +66,7 @@ def _scales(kv_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tens
 
 
 def _variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
-    s, n, w, st = base.num_splits, base.block_n, base.num_warps, base.num_stages
+    s, n, w = base.num_splits, base.block_n, base.num_warps
     out = {  # around the best of the earlier sweeps (bench-fp8-sweep-run1/run2.log): deeper pipelines
         "st3": SplitKVConfig(s, n, w, 3),
         "st4": SplitKVConfig(s, n, w, 4),
