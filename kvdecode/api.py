@@ -69,7 +69,7 @@ def decode_attention(
         T_q``). Off by default: the kernels clamp so nothing is read outside the cache.
     deterministic : bool
         Bitwise-reproducible results: Triton's merge order is fixed (it is reproducible either way) and
-        cuDNN's non-deterministic engines are deselected. Known gap (H100, cuDNN 9.19, 2026-11-25): with
+        cuDNN's non-deterministic engines are deselected. Known gap (H100 and H200, cuDNN 9.19): with
         cuDNN the output repeats bitwise but the LSE of the first call differed from later calls by up
         to 9.5e-7.
     max_seq_len : int, optional

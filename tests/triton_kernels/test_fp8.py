@@ -275,3 +275,20 @@ def test_bf16_queries_beyond_the_fp16_range_stay_exact(fp8):
     out = kvdecode.decode_attention(q, k, v, lens, backend="triton", **scales)
     ref, _ = reference_decode_attention(q, k, v, lens, **scales)
     check_close(out, ref, torch.bfloat16, f"bf16 q beyond the fp16 range, {fp8}", 5)
+
+
+@pytest.mark.parametrize("head_dim, block_n", [(64, 128), (128, 64), (256, 32)])
+def test_fp8_configs_use_8kb_tiles_and_three_stages(head_dim, block_n):
+    """fp8 caches get the measured fp8 configuration (8 KB K tiles, 3 stages), 16-bit caches keep theirs."""
+    from kvdecode.triton_kernels.config import default_config, heuristic_config
+
+    q = torch.randn(2, 8, 1, head_dim, dtype=torch.bfloat16)
+    k16 = torch.randn(2, 2, 4096, head_dim, dtype=torch.bfloat16)
+    lens = torch.tensor([4096, 10], dtype=torch.int32)
+    p16 = kvdecode.DecodeProblem.from_tensors(q, k16, k16, lens)
+    k8 = k16.to(torch.float8_e4m3fn)
+    p8 = kvdecode.DecodeProblem.from_tensors(q, k8, k8, lens)
+    assert default_config(p16) == heuristic_config(p16)
+    got = default_config(p8)
+    assert (got.block_n, got.num_stages) == (min(block_n, heuristic_config(p16).block_n), 3)
+    assert got.num_splits == heuristic_config(p16).num_splits
