@@ -42,7 +42,7 @@ OP_NAME = "kvdecode::decode_attention"
 
 _SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? kv_start, Tensor? mask, "
-    "Tensor(a!) out, float scale, int max_seq_len) -> ()"
+    "Tensor(a!) out, float scale, int max_seq_len, Tensor? k_scale=None, Tensor? v_scale=None) -> ()"
 )
 
 
@@ -56,6 +56,8 @@ def _decode_attention_impl(
     out: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     _decode_attention(
         q,
@@ -67,6 +69,8 @@ def _decode_attention_impl(
         mask=mask,
         out=out,
         max_seq_len=None if max_seq_len == -1 else max_seq_len,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -74,7 +78,9 @@ _op = torch.library.custom_op(OP_NAME, _decode_attention_impl, mutates_args=("ou
 
 
 @_op.register_fake
-def _decode_attention_fake(q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len) -> None:
+def _decode_attention_fake(
+    q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len, k_scale=None, v_scale=None
+) -> None:
     # Shapes only (fake tensors have no data): the real call validates everything else.
     if tuple(out.shape) != tuple(q.shape):
         raise KVDecodeError(
@@ -94,6 +100,8 @@ def decode_attention_op(
     mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r""":func:`kvdecode.decode_attention` through ``torch.ops.kvdecode.decode_attention``.
 
@@ -121,6 +129,8 @@ def decode_attention_op(
     max_seq_len : int, optional
         Upper bound of ``seq_lens``; pass it (the capacity will do) so that ``auto`` never reads the
         lengths on the host.
+    k_scale, v_scale : float32 Tensor ``()`` or ``[H_kv]``, optional
+        Dequantization scales of fp8 caches (see :func:`kvdecode.decode_attention`).
 
     Returns
     -------
@@ -150,7 +160,7 @@ def decode_attention_op(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     bound = -1 if max_seq_len is None else max_seq_len
     op = torch.ops.kvdecode.decode_attention
-    op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound)
+    op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound, k_scale, v_scale)
     return out
 
 

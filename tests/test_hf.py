@@ -499,3 +499,98 @@ def test_sparse_attention_indices_are_refused_not_ignored():
     k = torch.randn(1, 2, 8, 16)
     with pytest.raises(kvdecode.KVDecodeError, match="indices"):
         kvdecode_attention_forward(torch.nn.Module(), q, k, k, None, indices=torch.zeros(1, 1, 4))
+
+
+# ---- fp8 static caches (issue 13) ----
+
+
+def _fp8_reference_attention(module, query, key, value, attention_mask, **kwargs):
+    """The dequantized fp8 cache through transformers' own SDPA attention: the reference."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvdecode.hf.cache import dequantize, fp8_scales
+    from kvdecode.hf.mask import strip_marker
+
+    k_scale, v_scale = fp8_scales(key)
+    key, value = dequantize(key, k_scale, query.dtype), dequantize(value, v_scale, query.dtype)
+    return sdpa_attention_forward(module, query, key, value, strip_marker(attention_mask, key), **kwargs)
+
+
+@torch.no_grad()
+def _decode_fp8(model, ids, mask, steps, *, forced=None, **cache_kw):
+    cache = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=ids.shape[1] + steps + 3, **cache_kw)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
+    logits, tokens = [out.logits[:, -1].float()], []
+    for step in range(steps):
+        nxt = forced[:, step] if forced is not None else logits[-1].argmax(-1)
+        tokens.append(nxt)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **{CACHE_KW: cache})
+        logits.append(out.logits[:, -1].float())
+    tokens = torch.stack(tokens, 1) if tokens else ids.new_empty(ids.shape[0], 0)
+    return tokens, torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_static_cache_decodes_like_sdpa_on_the_dequantized_cache(monkeypatch, fp8):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register("fp8_reference", _fp8_reference_attention)
+    AttentionMaskInterface.register("fp8_reference", kvdecode_mask)
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    heads = TINY["num_key_value_heads"]
+    scales = dict(dtype=fp8, k_scale=torch.linspace(0.01, 0.03, heads), v_scale=torch.full((heads,), 0.02))
+    ids, mask = _prompt(length=20, pad=(0, 7))
+    ref_tokens, ref_logits, _ = _decode_fp8(
+        _model("fp8_reference", dtype=torch.bfloat16), ids, mask, 8, **scales
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, logits, cache = _decode_fp8(_model("kvdecode", dtype=torch.bfloat16), ids, mask, 8,
+                                       forced=ref_tokens, **scales)  # fmt: skip
+    assert _fallbacks(record) == []
+    assert ops.q_lens == [1] * (8 * TINY["num_hidden_layers"])  # every decode step ran kvdecode, on fp8
+    assert all(layer.keys.dtype == fp8 and layer.values.dtype == fp8 for layer in cache.layers)
+    # both attend the same fp8 values; what differs is bf16 rounding: logits |x| < 0.6 differ by one bf16
+    # ulp (3.9e-3), as kvdecode and sdpa do on a bf16 cache of this model; two ulps allowed
+    torch.testing.assert_close(logits, ref_logits, atol=8e-3, rtol=0)
+
+
+def test_fp8_static_cache_quantizes_what_the_model_writes():
+    """The cache holds saturate(k / k_scale) of the K/V a bf16 StaticCache holds, at the same slots (the
+    prefill runs the fallback: torch SDPA on the dequantized cache)."""
+    heads = TINY["num_key_value_heads"]
+    k_scale, v_scale = torch.linspace(0.001, 0.002, heads), torch.linspace(0.5, 1.0, heads)
+    ids, mask = _prompt(length=12, pad=(0, 3))
+    _, _, cache8 = _decode_fp8(
+        _model("kvdecode", dtype=torch.bfloat16), ids, mask, 0, k_scale=k_scale, v_scale=v_scale
+    )
+    model = _model("sdpa", dtype=torch.bfloat16)
+    cache = StaticCache(config=model.config, max_cache_len=15)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
+    layer8, layer = cache8.layers[0], cache.layers[0]  # deeper layers see attention of fp8 vs bf16 caches
+    for got, want, scale in ((layer8.keys, layer.keys, k_scale), (layer8.values, layer.values, v_scale)):
+        expect = (want.float() / scale.view(1, -1, 1, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+    assert [int(x.cumulative_length) for x in cache8.layers] == [12] * len(cache8.layers)
+
+
+def test_fp8_static_cache_refuses_what_it_cannot_store():
+    model = _model("kvdecode")  # float32
+    with pytest.raises(kvdecode.KVDecodeError, match="dtype must be one of"):
+        kvdecode.hf.FP8StaticCache(model.config, max_cache_len=16, dtype=torch.float16)
+    with pytest.raises(kvdecode.KVDecodeError, match="k_scale must be positive"):
+        layer = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=16, k_scale=-1.0).layers[0]
+        layer.update(
+            torch.zeros(1, 2, 1, 16, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 16, dtype=torch.bfloat16)
+        )
+    layer = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=16).layers[0]
+    with pytest.raises(kvdecode.KVDecodeError, match="float16 or bfloat16 key states"):
+        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    with pytest.raises(kvdecode.KVDecodeError, match="without its scales"):
+        kvdecode.hf.cache.fp8_scales(torch.zeros(1, 2, 4, 16, dtype=torch.float8_e4m3fn))

@@ -28,11 +28,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from .attention import Fallback, fallback_reason, kvdecode_attention_forward, lengths_from_mask
+from .cache import FP8StaticCache, FP8StaticLayer
 from .mask import kvdecode_mask
 from .warn import KVDecodeFallbackWarning, reset_warnings, warned
 
 __all__ = [
     "DEFAULT_NAME",
+    "FP8StaticCache",
+    "FP8StaticLayer",
     "Fallback",
     "KVDecodeFallbackWarning",
     "fallback_reason",

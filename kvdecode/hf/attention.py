@@ -31,6 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import KVDecodeError
 from ..ops import decode_attention_op
 from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..quant import FP8_DTYPES
+from .cache import dequantize, fp8_scales
 from .mask import MAX_DECODE_Q_LEN, is_marked, strip_marker
 from .warn import warn_once
 
@@ -104,7 +106,9 @@ def _unmarked(c: _Call) -> Fallback | None:
 
 def _unsupported_shape(c: _Call) -> Fallback | None:
     q, k, v = c.query, c.key, c.value
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if k.dtype in FP8_DTYPES and v.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16):
+        pass  # an FP8StaticCache: fp8 K/V, scales found from the cache (kvdecode.hf.cache)
+    elif q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return Fallback("dtype", f"dtype {q.dtype}/{k.dtype} is not served by kvdecode; torch SDPA runs it")
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
         return Fallback("shapes", f"key {tuple(k.shape)} / value {tuple(v.shape)} differ; torch SDPA runs it")
@@ -219,6 +223,7 @@ def _decode_step(module, query, key, value, attention_mask, scaling) -> torch.Te
     mask = attention_mask[..., :capacity]
     seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
+    k_scale, v_scale = fp8_scales(key) if key.dtype in FP8_DTYPES else (None, None)
     decode_attention_op(
         query,
         key,
@@ -229,6 +234,8 @@ def _decode_step(module, query, key, value, attention_mask, scaling) -> torch.Te
         mask=mask,
         out=out.transpose(1, 2),
         max_seq_len=capacity,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     return out
 
@@ -308,6 +315,9 @@ def kvdecode_attention_forward(
     if reason.message is not None:
         warn_once(reason.key, reason.message)
     mask = strip_marker(attention_mask, key)
+    if key.dtype in FP8_DTYPES and value.dtype == key.dtype:  # an FP8StaticCache: attend a bf16/fp16 copy
+        k_scale, v_scale = fp8_scales(key)
+        key, value = dequantize(key, k_scale, query.dtype), dequantize(value, v_scale, query.dtype)
     if reason.target == "eager":
         eager = _model_eager(module, reason)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -1,0 +1,158 @@
+"""``FP8StaticCache``: a transformers ``StaticCache`` whose full-attention layers store K/V in fp8.
+
+    from kvdecode.hf import FP8StaticCache
+    cache = FP8StaticCache(model.config, max_cache_len=4096)           # e4m3, scales 1.0
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)   # attn "kvdecode"
+
+Each layer keeps ``[B, H_kv, max_cache_len, D]`` keys and values in ``float8_e4m3fn`` (or
+``float8_e5m2``): half the bytes of bf16, so a decode step reads half as much. New K/V are quantized as
+they are written, ``saturate(k / k_scale)``, with fixed scales (one value, or one per KV head) chosen at
+construction; the attention (``attn_implementation="kvdecode"``) reads the fp8 cache directly and folds
+the scales into the kernel. Prefill and the other fallbacks attend a dequantized copy through torch SDPA.
+
+The scales of a layer's cache are found from the cache tensors themselves (:func:`fp8_scales`): eager
+steps and CUDA-graph capture see them; under ``torch.compile`` that lookup is a graph break.
+Sliding-window layers stay in the model's dtype (kvdecode does not serve them; they run torch SDPA).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from ..errors import KVDecodeError
+from ..quant import FP8_DTYPES, FP8_MAX, cache_scales
+
+__all__ = ["FP8StaticCache", "FP8StaticLayer", "dequantize", "fp8_scales"]
+
+# id(key cache tensor) -> (a weak reference to it, (k_scale, v_scale)); an entry goes with its tensor
+_SCALES: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+_SCALES_LOCK = threading.Lock()
+
+
+def _register(key: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor]) -> None:
+    ident = id(key)
+
+    def forget(ref, ident=ident):
+        with _SCALES_LOCK:
+            if ident in _SCALES and _SCALES[ident][0] is ref:
+                del _SCALES[ident]
+
+    with _SCALES_LOCK:
+        _SCALES[ident] = (weakref.ref(key, forget), scales)
+
+
+def fp8_scales(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_scale, v_scale)`` of the fp8 key cache ``key`` made by an :class:`FP8StaticLayer`."""
+    found = _SCALES.get(id(key))
+    if found is None or found[0]() is not key:
+        raise KVDecodeError(
+            f"an fp8 key cache ({key.dtype}) reached attn_implementation='kvdecode' without its scales; "
+            "fp8 caches for transformers come from kvdecode.hf.FP8StaticCache"
+        )
+    return found[1]
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * scale`` in ``dtype`` (``scale`` one value or one per KV head of ``x [B, H_kv, S, D]``)."""
+    view = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale
+    return (x.float() * view).to(dtype)
+
+
+class FP8StaticLayer(StaticLayer):
+    """A ``StaticLayer`` holding fp8 keys and values, quantized on ``update`` with fixed scales.
+
+    Parameters
+    ----------
+    max_cache_len : int
+        Capacity (tokens).
+    dtype : torch.dtype
+        ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+    k_scale, v_scale : float or Tensor
+        One value or one per KV head (``[H_kv]``), positive and finite: the stored values are
+        ``saturate(k / k_scale)``, the real ones ``k8 * k_scale``.
+    """
+
+    def __init__(self, max_cache_len: int, *, dtype: torch.dtype, k_scale=1.0, v_scale=1.0, **kwargs):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.fp8_dtype = dtype
+        self._scales_given = (k_scale, v_scale)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dtype not in (torch.float16, torch.bfloat16):
+            raise KVDecodeError(
+                f"FP8StaticCache needs float16 or bfloat16 key states (the model's dtype), got "
+                f"{key_states.dtype}; load the model in torch.bfloat16"
+            )
+        super().lazy_initialization(  # allocates in the dtype of what it is given: fp8
+            key_states[:, :, :0].to(self.fp8_dtype), value_states[:, :, :0].to(self.fp8_dtype)
+        )
+        self.model_dtype = key_states.dtype
+        self.k_scale, self.v_scale = cache_scales(
+            self.fp8_dtype, *self._scales_given, key_states.shape[1], key_states.device
+        )
+        _register(self.keys, (self.k_scale, self.v_scale))
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        top = FP8_MAX[self.fp8_dtype]
+        view = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale
+        return (x.float() / view).clamp(-top, top).to(self.fp8_dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Quantize and write ``[B, H_kv, n, D]`` new K/V at the layer's length; returns the fp8 caches."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        position = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        k8, v8 = self._quantize(key_states, self.k_scale), self._quantize(value_states, self.v_scale)
+        # index_copy_ has no fp8 kernels: copy the bytes
+        self.keys.view(torch.uint8).index_copy_(2, position, k8.view(torch.uint8))
+        self.values.view(torch.uint8).index_copy_(2, position, v8.view(torch.uint8))
+        return self.keys, self.values
+
+
+class FP8StaticCache(StaticCache):
+    """A transformers ``StaticCache`` whose full-attention layers store K/V in fp8 (see module doc).
+
+    Parameters
+    ----------
+    config : PreTrainedConfig
+        The model's config.
+    max_cache_len : int
+        Capacity (tokens) of every layer.
+    dtype : torch.dtype
+        ``torch.float8_e4m3fn`` (default) or ``torch.float8_e5m2``.
+    k_scale, v_scale : float or Tensor
+        Dequantization scales, one value or one per KV head, for every layer (default 1.0: values are
+        stored as they are, saturated at the fp8 range).
+    **kwargs
+        Passed on to ``StaticCache``.
+
+    Examples
+    --------
+    >>> from transformers import LlamaConfig
+    >>> cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+    ...                   num_hidden_layers=2, intermediate_size=128, vocab_size=96)
+    >>> cache = FP8StaticCache(cfg, max_cache_len=32)
+    >>> [type(layer).__name__ for layer in cache.layers]
+    ['FP8StaticLayer', 'FP8StaticLayer']
+    """
+
+    def __init__(
+        self, config, max_cache_len: int, *, dtype: torch.dtype = torch.float8_e4m3fn, k_scale=1.0,
+        v_scale=1.0, **kwargs,
+    ) -> None:  # fmt: skip
+        if dtype not in FP8_DTYPES:
+            raise KVDecodeError(f"dtype must be one of {list(FP8_DTYPES)}, got {dtype}")
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.layers = [
+            FP8StaticLayer(max_cache_len, dtype=dtype, k_scale=k_scale, v_scale=v_scale)
+            if type(layer) is StaticLayer
+            else layer
+            for layer in self.layers
+        ]
