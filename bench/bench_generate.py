@@ -50,7 +50,8 @@ ROWS = (
 )
 QUICK_ROWS = ((1, 32768, 1024), (8, 32768, 16384))
 HEADLINE = (8, 32768, 16384)
-BACKENDS = ("sdpa", "flex_attention", "kvdecode")
+BACKENDS = ("sdpa", "flex_attention", "kvdecode", "kvdecode-fp8")
+FP8_BACKEND = "kvdecode-fp8"  # attn_implementation "kvdecode" on a kvdecode.hf.FP8StaticCache (e4m3, scale 1)
 MODES = ("eager", "captured", "compiled")
 TINY_POSITIONS = 512  # --tiny: a CPU smoke run of this script
 
@@ -107,17 +108,26 @@ def _set_length(cache, length: int) -> None:
         layer.cumulative_length.fill_(length)
 
 
-def make_cache(model, batch: int, capacity: int, filled: int):
-    """A StaticCache with random K/V in slots ``0..filled-1`` of every layer."""
+def make_cache(model, batch: int, capacity: int, filled: int, *, fp8: bool = False):
+    """A StaticCache (an fp8 ``FP8StaticCache`` with ``fp8``) with random K/V in slots ``0..filled-1``
+    of every layer."""
     from transformers import StaticCache
 
     cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=capacity)
+    if fp8:
+        cache = kvdecode.hf.FP8StaticCache(cfg, max_cache_len=capacity)
+    else:
+        cache = StaticCache(config=cfg, max_cache_len=capacity)
     cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
     gen = torch.Generator(device=model.device).manual_seed(0)
     for layer in cache.layers:
-        layer.keys[:, :, :filled].normal_(generator=gen)
-        layer.values[:, :, :filled].normal_(generator=gen)
+        for buf in (layer.keys, layer.values):
+            if fp8:  # no normal_ for fp8: quantize bf16 randoms
+                shape = (batch, cfg.num_key_value_heads, filled, cfg.head_dim)
+                rand = torch.randn(shape, generator=gen, device=model.device, dtype=model.dtype)
+                buf[:, :, :filled].copy_(rand.to(buf.dtype))
+            else:
+                buf[:, :, :filled].normal_(generator=gen)
     _set_length(cache, filled - 1)
     return cache
 
@@ -226,12 +236,17 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
             dict(backend=b, batch=batch, capacity=capacity, filled=filled, error=_error(exc))
             for b in backends
         ]
+    cache8 = None
     for backend in backends:
         for mode in modes:
             rec = dict(backend=backend, batch=batch, capacity=capacity, filled=filled, mode=mode)
             t0 = time.perf_counter()
             try:
-                step = make_step(model, cache, batch, filled, backend)
+                if backend == FP8_BACKEND:
+                    cache8 = cache8 or make_cache(model, batch, capacity, filled, fp8=True)
+                    step = make_step(model, cache8, batch, filled, "kvdecode")
+                else:
+                    step = make_step(model, cache, batch, filled, backend)
                 timer = {"eager": time_eager, "captured": time_captured, "compiled": time_compiled}[mode]
                 ms = timer(step, args, device)
                 rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
@@ -240,7 +255,7 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             print(_line(rec), flush=True)
             records.append(rec)
-    del cache
+    del cache, cache8
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return records
