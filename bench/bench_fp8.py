@@ -31,7 +31,7 @@ import kvdecode
 from kvdecode.quant import quantize_fp8
 from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, gbps, steady_state_layers
-from kvdecode.triton_kernels.config import MAX_SPLITS, SplitKVConfig
+from kvdecode.triton_kernels.config import SplitKVConfig
 from kvdecode.triton_kernels.launcher import SplitKVLauncher
 from kvdecode.tuning.environment import current_environment, device_gpu_name
 
@@ -65,18 +65,18 @@ def _scales(kv_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tens
     )
 
 
-def _variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
-    s, n, w = base.num_splits, base.block_n, base.num_warps
-    out = {  # around the best of the earlier sweeps (bench-fp8-sweep-run1/run2.log): deeper pipelines
-        "st3": SplitKVConfig(s, n, w, 3),
-        "st4": SplitKVConfig(s, n, w, 4),
-        "w8_st3": SplitKVConfig(s, n, 8, 3),
-        "n128_w8_st3": SplitKVConfig(s, 128, 8, 3),
-        "n64_st3": SplitKVConfig(s, 64, w, 3),
-        "n64_st4": SplitKVConfig(s, 64, w, 4),
-        "s*1.5_st3": SplitKVConfig(min(MAX_SPLITS, (3 * s + 1) // 2), n, w, 3),
-    }
-    return {k: v for k, v in out.items() if v != base}
+def _variants(base: SplitKVConfig) -> list[tuple[str, SplitKVConfig, str]]:
+    """``(name, config, fp8_compute)`` beside the default: the earlier kernel (tl casts; the
+    bench-fp8-sweep-run3 default) and pipeline depths / tile sizes around the default."""
+    s, n, w, st = base.num_splits, base.block_n, base.num_warps, base.num_stages
+    out = [
+        ("tl-casts", base, "fp16"),
+        ("st2", SplitKVConfig(s, n, w, 2), "fp16-ptx"),
+        ("st4", SplitKVConfig(s, n, w, 4), "fp16-ptx"),
+        ("n/2", SplitKVConfig(s, max(16, n // 2), w, st), "fp16-ptx"),
+        ("n*2", SplitKVConfig(s, 2 * n, w, st), "fp16-ptx"),
+    ]
+    return [v for v in out if v[1] != base or v[2] != "fp16-ptx"]
 
 
 def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, sweep: bool
@@ -93,8 +93,7 @@ def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, 
     swept = {}
     if sweep and scales:  # fp8 only: bf16 configs were searched by the tuner
         pair = (scales["k_scale"], scales["v_scale"]) if scales else None
-        variants = [(name, cfg, "fp16") for name, cfg in _variants(base).items()]
-        for name, cfg, compute in variants:
+        for name, cfg, compute in _variants(base):
             launch = SplitKVLauncher(problem, cfg, fp8_compute=compute)
 
             def run(q, k, v, out, launch=launch):

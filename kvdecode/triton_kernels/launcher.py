@@ -16,13 +16,18 @@ __all__ = ["SplitKVLauncher", "TritonBackend"]
 
 _MASK_KIND = {"none": 0, "bool": 1, "additive": 2}
 _SCALE_KIND = {"none": 0, "scalar": 1, "per_head": 2}
-_FP8_COMPUTE = {"q": 1, "fp16": 2}  # fp8 tiles become q's dtype, or fp16 (the default; see split_kv)
+# fp8 tiles become q's dtype, or fp16 (through tl casts, or with V in PTX: the GPU default; see split_kv)
+_FP8_COMPUTE = {"q": 1, "fp16": 2, "fp16-ptx": 3}
 
 
 def _pdl_available(device: torch.device) -> bool:
     if device.type != "cuda" or interpreter_active():
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _default_fp8_compute() -> str:
+    return "fp16" if interpreter_active() else "fp16-ptx"  # the interpreter runs no inline PTX
 
 
 MERGE_BUCKETS = (4, 16, 64, MAX_SPLITS)  # compile-time split capacities of the merge (one variant each)
@@ -57,7 +62,7 @@ class SplitKVLauncher:
         config: SplitKVConfig | None = None,
         *,
         deterministic: bool = False,
-        fp8_compute: str = "fp16",
+        fp8_compute: str | None = None,
     ) -> None:
         self.problem = p = problem
         self.config = cfg = config or default_config(problem)
@@ -83,7 +88,7 @@ class SplitKVLauncher:
             interp_bf16,
             "ieee",
             self.use_pdl,
-            0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute],
+            0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
         ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]

@@ -292,3 +292,46 @@ def test_fp8_configs_use_8kb_tiles_and_three_stages(head_dim, block_n):
     got = default_config(p8)
     assert (got.block_n, got.num_stages) == (min(block_n, heuristic_config(p16).block_n), 3)
     assert got.num_splits == heuristic_config(p16).num_splits
+
+
+def _every_fp8_value_case(fp8, device):
+    """B 2 rows, one key each attended with weight 1: row b's output is its V row, which holds half of the
+    finite fp8 values (subnormals and the largest included) in order."""
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float()
+    finite = values[torch.isfinite(values)]
+    rows = torch.zeros(2, 128)
+    rows.view(-1)[: finite.numel()] = finite
+    q = torch.zeros(2, 1, 1, 128)
+    q[..., 0] = 64.0
+    k = torch.zeros(2, 1, 64, 128)
+    v = torch.zeros(2, 1, 64, 128)
+    for b, key in enumerate((5, 40)):
+        k[b, 0, key, 0] = 448.0 if fp8 == torch.float8_e4m3fn else 57344.0
+        v[b, 0, key] = rows[b]
+    lens = torch.tensor([64, 64], dtype=torch.int32)
+    to = dict(device=device)
+    return (q.to(torch.bfloat16).to(**to), k.to(fp8).to(**to), v.to(fp8).to(**to), lens.to(**to),
+            rows.to(torch.bfloat16).view(2, 1, 1, 128).to(**to))  # fmt: skip
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_every_fp8_value_converts_exactly(fp8):
+    """One-hot attention returns V's row itself: every finite fp8 value, in its place (catches a wrong
+    conversion, a flushed subnormal or a permuted byte order)."""
+    q, k, v, lens, want = _every_fp8_value_case(fp8, "cpu")
+    out = kvdecode.decode_attention(q, k, v, lens, scale=1.0, backend="triton")
+    assert torch.equal(out, want), (out - want).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("compute", ["fp16-ptx", "fp16", "q"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_every_fp8_value_converts_exactly(fp8, compute, splits):
+    q, k, v, lens, want = _every_fp8_value_case(fp8, "cuda")
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens, scale=1.0)
+    out = torch.full_like(q, float("nan"))
+    SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16), fp8_compute=compute)(
+        q, k, v, lens, None, None, out, None
+    )
+    assert torch.equal(out, want), (out - want).abs().max()
