@@ -35,8 +35,9 @@ def problem_reason(problem: DecodeProblem) -> str | None:
     """Why cuDNN cannot serve ``problem`` judging from the problem alone (no library, no device query)."""
     if problem.kv_dtype is not None:
         return (
-            f"the caches are {problem.kv_dtype} (fp8): served by the Triton kernel; cuDNN's fp8 SDPA has "
-            "not been measured correct and faster here"
+            f"the caches are {problem.kv_dtype} (fp8) and q is {problem.dtype}: cuDNN's fp8 attention "
+            "(sdpa_fp8) takes q, K and V all in fp8, so it cannot serve fp16/bf16 queries; the Triton kernel "
+            "serves fp8 caches"
         )
     if problem.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {problem.dtype} is not supported by cuDNN SDPA (float16 and bfloat16 are)"
