@@ -131,12 +131,88 @@ def accuracy(device: torch.device) -> list[dict]:
     return rows
 
 
+def markdown(data: dict) -> str:
+    """The results as a table: µs per layer, % of the read ceiling, fp8/bf16 and the target per cell."""
+    env, top = data["environment"], data["ceiling"]["floor_gbps"]
+    lines = [
+        f"# fp8 (float8_e4m3fn, per-KV-head scales) beside bf16: {env.get('gpu_name', '')} {data['date']}",
+        "",
+        f"{env.get('versions')}; H_q {HQ}, H_kv {HKV}, D {D}, bf16 q, T_q 1, capacity = L; steady state "
+        f"(distinct caches in one CUDA graph), µs per layer; read ceiling {top:.0f} GB/s "
+        f"({data['ceiling']['floor_source']}), each column against its own bytes.",
+        "",
+        "| B | L | bf16 KV MB | bf16 µs | % ceiling | fp8 µs | % ceiling | fp8 / bf16 | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['length']} | {r['bf16_bytes'] / 1e6:.0f} | {r['bf16_us']:.2f} "
+            f"| {r['bf16_pct']} | {r['fp8_us']:.2f} | {r['fp8_pct']} | {r['ratio']:.3f} | {r['target']} | "
+            f"{'yes' if r['met'] else 'no'} |"
+        )
+    if data.get("accuracy"):
+        lines += ["", "Accuracy (B 2, L 8k, per-KV-head amax scales), relative L2 error vs float64:", "",
+                  "| K/V | vs the original K/V | vs the dequantized K/V |", "|---|---|---|"]  # fmt: skip
+        for e in data["accuracy"]:
+            deq = "–" if e["vs_dequantized"] is None else f"{e['vs_dequantized']:.2e}"
+            lines.append(f"| {e['kv']} | {e['vs_original']:.2e} | {deq} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> bool:
+    """µs per layer vs L, bf16 and fp8, one line per batch; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for batch in sorted({r["batch"] for r in data["rows"]}):
+        rows = sorted((r for r in data["rows"] if r["batch"] == batch), key=lambda r: r["length"])
+        x = [r["length"] for r in rows]
+        (line,) = ax.plot(x, [r["bf16_us"] for r in rows], marker="o", label=f"B {batch} bf16")
+        ax.plot(
+            x,
+            [r["fp8_us"] for r in rows],
+            marker="s",
+            ls="--",
+            color=line.get_color(),
+            label=f"B {batch} fp8",
+        )
+        ax2.plot(x, [r["ratio"] for r in rows], marker="s", color=line.get_color(), label=f"B {batch}")
+    ax2.axhline(0.55, color="gray", ls=":", label="target 0.55")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("L (filled = capacity)")
+        a.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per layer (steady state)")
+    ax2.set_ylabel("fp8 time / bf16 time")
+    fig.suptitle(f"fp8 vs bf16 K/V, {data['environment'].get('gpu_name', '')}, H 32/8, D 128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(data: dict, path: Path) -> None:
+    path.with_suffix(".md").write_text(markdown(data))
+    plotted = plot(data, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.md')}{', .png' if plotted else ' (no matplotlib: no plot)'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", type=Path, help="write the .md and .png of an earlier run's JSON; no run")
     ap.add_argument("--sweep", action="store_true", help="also time fp8 config variants (development)")
     args = ap.parse_args()
+    if args.render is not None:
+        write_report(json.loads(args.render.read_text()), args.render)
+        return 0
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = device_gpu_name(device)
     env = current_environment(gpu).metadata()
@@ -178,6 +254,7 @@ def main() -> int:
     path.write_text(json.dumps(dict(environment=env, date=time.strftime("%Y-%m-%d"), ceiling=ceiling,
                                     rows=rows, accuracy=errors), indent=1, default=str))  # fmt: skip
     print(f"wrote {path}")
+    write_report(json.loads(path.read_text()), path)
     return 0
 
 

@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--budget-s", type=float, default=225.0, help="skip compiled runs past this (s)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and cache (CPU smoke run)")
+    p.add_argument("--render", type=Path, help="write the .md (and .png) of an earlier run's JSON; no run")
     return p.parse_args(argv)
 
 
@@ -277,6 +278,13 @@ def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
         ", ".join(f"{k} {v}" for k, v in env.items()),
         "",
     ]
+    if FP8_BACKEND in backends:
+        lines += [
+            f"`{FP8_BACKEND}`: attn_implementation `kvdecode` on a `kvdecode.hf.FP8StaticCache` "
+            "(float8_e4m3fn K/V, scales 1.0, quantized as they are written); the other columns use "
+            "transformers' bf16 `StaticCache`.",
+            "",
+        ]
     for mode in MODES:
         cells = {
             (r["batch"], r["capacity"], r["filled"], r["backend"]): r
@@ -350,8 +358,20 @@ def _modes_for(row, args, started: float) -> list[str]:
     return modes
 
 
+def render(path: Path) -> int:
+    """The markdown and plot of a results JSON, beside it (for runs whose .md/.png did not come back)."""
+    data = json.loads(path.read_text())
+    meta, records = data["meta"], data["results"]
+    path.with_suffix(".md").write_text(markdown(records, meta["env"], meta["layers"], meta["backends"]))
+    plotted = plot(records, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.md')}{', .png' if plotted else ' (no matplotlib: no plot)'}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        return render(args.render)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
