@@ -10,8 +10,8 @@ they are written, ``saturate(k / k_scale)``, with fixed scales (one value, or on
 construction; the attention (``attn_implementation="kvdecode"``) reads the fp8 cache directly and folds
 the scales into the kernel. Prefill and the other fallbacks attend a dequantized copy through torch SDPA.
 
-The scales of a layer's cache are found from the cache tensors themselves (:func:`fp8_scales`): eager
-steps and CUDA-graph capture see them; under ``torch.compile`` that lookup is a graph break.
+The scales of a layer's cache are found from the cache tensors themselves (:func:`fp8_scales`), in
+Python: eager steps and CUDA-graph capture are tested; ``torch.compile`` of a step is not.
 Sliding-window layers stay in the model's dtype (kvdecode does not serve them; they run torch SDPA).
 """
 
