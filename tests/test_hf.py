@@ -52,11 +52,11 @@ CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).par
 
 
 @torch.no_grad()
-def _decode(model, ids, mask, steps, *, forced=None, capacity=None):
-    """Prefill, then ``steps`` greedy (or ``forced``) one-token steps on a StaticCache; returns
-    (tokens [B, steps], logits [B, steps + 1, V])."""
+def _decode(model, ids, mask, steps, *, forced=None, capacity=None, cache=None):
+    """Prefill, then ``steps`` greedy (or ``forced``) one-token steps on a StaticCache (or ``cache``);
+    returns (tokens [B, steps], logits [B, steps + 1, V])."""
     capacity = capacity or ids.shape[1] + steps + 3
-    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    cache = cache if cache is not None else StaticCache(config=model.config, max_cache_len=capacity)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
     logits, tokens = [out.logits[:, -1].float()], []
@@ -67,7 +67,8 @@ def _decode(model, ids, mask, steps, *, forced=None, capacity=None):
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **{CACHE_KW: cache})
         logits.append(out.logits[:, -1].float())
-    return torch.stack(tokens, 1), torch.stack(logits, 1)
+    tokens = torch.stack(tokens, 1) if tokens else ids.new_empty(ids.shape[0], 0)
+    return tokens, torch.stack(logits, 1)
 
 
 class _Spy:
@@ -516,21 +517,11 @@ def _fp8_reference_attention(module, query, key, value, attention_mask, **kwargs
     return sdpa_attention_forward(module, query, key, value, strip_marker(attention_mask, key), **kwargs)
 
 
-@torch.no_grad()
 def _decode_fp8(model, ids, mask, steps, *, forced=None, **cache_kw):
+    """:func:`_decode` on a ``kvdecode.hf.FP8StaticCache``; returns (tokens, logits, cache)."""
     cache = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=ids.shape[1] + steps + 3, **cache_kw)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
-    logits, tokens = [out.logits[:, -1].float()], []
-    for step in range(steps):
-        nxt = forced[:, step] if forced is not None else logits[-1].argmax(-1)
-        tokens.append(nxt)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, **{CACHE_KW: cache})
-        logits.append(out.logits[:, -1].float())
-    tokens = torch.stack(tokens, 1) if tokens else ids.new_empty(ids.shape[0], 0)
-    return tokens, torch.stack(logits, 1), cache
+    tokens, logits = _decode(model, ids, mask, steps, forced=forced, cache=cache)
+    return tokens, logits, cache
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
