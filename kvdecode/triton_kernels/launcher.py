@@ -7,6 +7,7 @@ import triton
 
 from .._interpret import interpreter_problem
 from ..backends import Launcher
+from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 from .bound import BoundKernel
 from .config import LOG2E_CONST, MAX_SPLITS, SplitKVConfig, default_config, interpreter_active, tile_shape
@@ -54,6 +55,10 @@ class SplitKVLauncher:
     allocated per call from torch's caching allocator, on the current stream (the graph's private pool
     under CUDA-graph capture), so one plan may serve any number of threads and streams at once. The merge
     sums splits in a fixed order, so results are bitwise reproducible for a given config.
+
+    ``fp8_compute`` (fp8 caches only, a development switch): ``"fp16-ptx"`` (the default on a GPU) runs the
+    dots in fp16 with V converted in inline PTX where it is loaded, ``"fp16"`` (the interpreter's default)
+    converts with Triton casts, ``"q"`` converts to q's dtype; all three are exact (see ``split_kv``).
     """
 
     def __init__(
@@ -64,6 +69,12 @@ class SplitKVLauncher:
         deterministic: bool = False,
         fp8_compute: str | None = None,
     ) -> None:
+        if fp8_compute is not None and fp8_compute not in _FP8_COMPUTE:
+            raise KVDecodeError(
+                f"fp8_compute must be one of {list(_FP8_COMPUTE)} or None, got {fp8_compute!r}"
+            )
+        if fp8_compute == "fp16-ptx" and interpreter_active():
+            raise KVDecodeError("fp8_compute='fp16-ptx' needs a GPU (the interpreter runs no inline PTX)")
         self.problem = p = problem
         self.config = cfg = config or default_config(problem)
         block_m, block_d = tile_shape(problem)

@@ -335,3 +335,15 @@ def test_gpu_every_fp8_value_converts_exactly(fp8, compute, splits):
         q, k, v, lens, None, None, out, None
     )
     assert torch.equal(out, want), (out - want).abs().max()
+
+
+def test_fp8_compute_is_checked():
+    q, k8, lens = _fp8_inputs()
+    problem = kvdecode.DecodeProblem.from_tensors(q, k8, k8, lens)
+    with pytest.raises(kvdecode.KVDecodeError, match="fp8_compute must be one of"):
+        SplitKVLauncher(problem, fp8_compute="fp32")
+    from kvdecode.triton_kernels.config import interpreter_active
+
+    if interpreter_active():
+        with pytest.raises(kvdecode.KVDecodeError, match="needs a GPU"):
+            SplitKVLauncher(problem, fp8_compute="fp16-ptx")
