@@ -1,0 +1,114 @@
+"""Compile the split-KV kernel for sm90 on this machine (no GPU needed) and count its main loop's SASS.
+
+A development tool: how many instructions one K/V tile costs per thread, by opcode, for a kernel variant
+(``KV_FP8`` 0 bf16 caches, 1 fp8 -> q's dtype, 2 fp8 -> fp16 with Triton casts, 3 fp8 -> fp16 with V in
+PTX), pipeline depth and tile size. Uses the local Triton's compiler, ``ptxas`` and ``cuobjdump`` (the
+Triton wheel ships them); the GPU machine's Triton may lower differently, so check there too.
+
+    python bench/kernel_sass.py                          # the variants of bench/NOTES.md (fp8 section)
+    python bench/kernel_sass.py --kv fp8e4nv --mode 3 --stages 3 --block-n 64 --top 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+KERNEL = Path(__file__).resolve().parent.parent / "kvdecode" / "triton_kernels" / "split_kv.py"
+DEFAULT = [
+    ("bf16", 0, 2, 64),
+    ("fp8e4nv", 1, 3, 64),
+    ("fp8e4nv", 2, 3, 64),
+    ("fp8e4nv", 3, 3, 64),
+    ("fp8e5", 3, 3, 64),
+]
+
+
+def _kernel():
+    # loaded from its file, not through kvdecode: importing kvdecode on a machine without a GPU turns
+    # on Triton's interpreter, which cannot compile
+    spec = importlib.util.spec_from_file_location("split_kv", KERNEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.split_kv_kernel
+
+
+def compile_sass(kv: str, mode: int, stages: int, block_n: int, warps: int = 4) -> str:
+    """SASS of the split kernel: H_q 32 / H_kv 8 (GROUP 4), D 128, T_q 1, bf16 q, several splits."""
+    fn = _kernel()
+    names = fn.arg_names
+    ptr = {"Out": "*bf16", "Lse": "*fp32", "PartO": "*fp32", "PartLse": "*fp32", "Q": "*bf16", "K": f"*{kv}",
+           "V": f"*{kv}", "SeqLens": "*i32", "KvStart": "*i32", "Mask": "*i32", "KScale": "*fp32",
+           "VScale": "*fp32"}  # fmt: skip
+    const = dict(SINGLE=False, H_KV=8, GROUP=4, T_Q=1, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=128,
+                 HAS_KV_START=False, MASK_KIND=0, WRITE_LSE=False, INTERP_BF16=False, DOT_PRECISION="ieee",
+                 USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0)  # fmt: skip
+    sig = {n: ptr.get(n, "constexpr" if n in const else "fp32" if n == "qk_scale" else "i32") for n in names}
+    aligned = {  # what the launcher's specialization tells Triton at run time: 16-byte pointers and strides
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if n in ptr or (n.startswith("stride") and n not in ("stride_ot", "stride_mn")) or n == "capacity"
+    }
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=aligned)  # fmt: skip
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps,
+                              num_stages=stages))  # fmt: skip
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        cmd = [str(tools / "cuobjdump"), "-sass", str(cubin)]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def loop_opcodes(sass: str) -> collections.Counter:
+    """Opcodes of the longest backward-branch loop (the K/V tile loop)."""
+    ins = [
+        (int(m.group(1), 16), m.group(2).strip())
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    ]
+    loops = []
+    for addr, text in ins:
+        if "BRA" in text:
+            targets = re.findall(r"0x([0-9a-f]+)", text)
+            if targets and int(targets[-1], 16) < addr:
+                loops.append((int(targets[-1], 16), addr))
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    return collections.Counter(
+        t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi
+    )
+
+
+def main() -> int:
+    os.environ.pop("TRITON_INTERPRET", None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kv", choices=["bf16", "fp8e4nv", "fp8e5"])
+    ap.add_argument("--mode", type=int, choices=[0, 1, 2, 3])
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--top", type=int, default=8)
+    args = ap.parse_args()
+    variants = DEFAULT if args.kv is None else [(args.kv, args.mode or 0, args.stages, args.block_n)]
+    print(
+        f"triton {triton.__version__}, sm90, H 32/8, D 128, bf16 q, 4 warps; loop = one K/V tile per thread"
+    )
+    for kv, mode, stages, block_n in variants:
+        ops = loop_opcodes(compile_sass(kv, mode, stages, block_n))
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+        head = f"{kv:<8} KV_FP8={mode} stages={stages} block_n={block_n}"
+        print(f"{head}: {sum(ops.values())} instructions; {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
