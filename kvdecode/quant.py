@@ -12,7 +12,16 @@ import torch
 
 from .errors import KVDecodeError
 
-__all__ = ["FP8_DTYPES", "FP8_MAX", "ScaleKind", "cache_scales", "check_kv_scales", "quantize_fp8"]
+__all__ = [
+    "FP8_DTYPES",
+    "FP8_MAX",
+    "ScaleKind",
+    "cache_scales",
+    "check_kv_scales",
+    "dequantize",
+    "quantize",
+    "quantize_fp8",
+]
 
 FP8_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "fp8e4m3",
@@ -114,9 +123,23 @@ def quantize_fp8(
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise KVDecodeError(f"x must be a floating [B, H_kv, S, D] tensor, got {what}")
-    top = FP8_MAX[dtype]
     dims = (0, 2, 3) if per_head else (0, 1, 2, 3)
     amax = x.detach().abs().float().amax(dim=dims)
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).to(torch.float32)
-    view = scale.view(1, -1, 1, 1) if per_head else scale
-    return (x.float() / view).clamp(-top, top).to(dtype), scale.contiguous()
+    scale = torch.where(amax > 0, amax / FP8_MAX[dtype], torch.ones_like(amax)).to(torch.float32)
+    return quantize(x, scale, dtype), scale.contiguous()
+
+
+def _per_head(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` (one value, or ``[H_kv]``) shaped to broadcast over ``[B, H_kv, S, D]``."""
+    return scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``saturate(x / scale)`` in the fp8 ``dtype``; ``x [B, H_kv, S, D]``, ``scale`` one value or [H_kv]."""
+    top = FP8_MAX[dtype]
+    return (x.float() / _per_head(scale)).clamp(-top, top).to(dtype)
+
+
+def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x8 * scale`` in ``dtype``: the values an fp8 cache stands for (the inverse of :func:`quantize`)."""
+    return (x8.float() * _per_head(scale)).to(dtype)

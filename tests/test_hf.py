@@ -509,8 +509,9 @@ def _fp8_reference_attention(module, query, key, value, attention_mask, **kwargs
     """The dequantized fp8 cache through transformers' own SDPA attention: the reference."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kvdecode.hf.cache import dequantize, fp8_scales
+    from kvdecode.hf.cache import fp8_scales
     from kvdecode.hf.mask import strip_marker
+    from kvdecode.quant import dequantize
 
     k_scale, v_scale = fp8_scales(key)
     key, value = dequantize(key, k_scale, query.dtype), dequantize(value, v_scale, query.dtype)

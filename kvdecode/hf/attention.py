@@ -31,8 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import KVDecodeError
 from ..ops import decode_attention_op
 from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
-from ..quant import FP8_DTYPES
-from .cache import dequantize, fp8_scales
+from ..quant import FP8_DTYPES, dequantize
+from .cache import fp8_scales
 from .mask import MAX_DECODE_Q_LEN, is_marked, strip_marker
 from .warn import warn_once
 

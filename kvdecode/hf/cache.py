@@ -25,9 +25,9 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from ..errors import KVDecodeError
-from ..quant import FP8_DTYPES, FP8_MAX, cache_scales
+from ..quant import FP8_DTYPES, cache_scales, quantize
 
-__all__ = ["FP8StaticCache", "FP8StaticLayer", "dequantize", "fp8_scales"]
+__all__ = ["FP8StaticCache", "FP8StaticLayer", "fp8_scales"]
 
 # id(key cache tensor) -> (a weak reference to it, (k_scale, v_scale)); an entry goes with its tensor
 _SCALES: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -55,12 +55,6 @@ def fp8_scales(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             "fp8 caches for transformers come from kvdecode.hf.FP8StaticCache"
         )
     return found[1]
-
-
-def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x * scale`` in ``dtype`` (``scale`` one value or one per KV head of ``x [B, H_kv, S, D]``)."""
-    view = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale
-    return (x.float() * view).to(dtype)
 
 
 class FP8StaticLayer(StaticLayer):
@@ -91,16 +85,10 @@ class FP8StaticLayer(StaticLayer):
         super().lazy_initialization(  # allocates in the dtype of what it is given: fp8
             key_states[:, :, :0].to(self.fp8_dtype), value_states[:, :, :0].to(self.fp8_dtype)
         )
-        self.model_dtype = key_states.dtype
         self.k_scale, self.v_scale = cache_scales(
             self.fp8_dtype, *self._scales_given, key_states.shape[1], key_states.device
         )
         _register(self.keys, (self.k_scale, self.v_scale))
-
-    def _quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        top = FP8_MAX[self.fp8_dtype]
-        view = scale.view(1, -1, 1, 1) if scale.dim() == 1 else scale
-        return (x.float() / view).clamp(-top, top).to(self.fp8_dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Quantize and write ``[B, H_kv, n, D]`` new K/V at the layer's length; returns the fp8 caches."""
@@ -109,7 +97,8 @@ class FP8StaticLayer(StaticLayer):
         n = key_states.shape[-2]
         position = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
-        k8, v8 = self._quantize(key_states, self.k_scale), self._quantize(value_states, self.v_scale)
+        k8 = quantize(key_states, self.k_scale, self.fp8_dtype)
+        v8 = quantize(value_states, self.v_scale, self.fp8_dtype)
         # index_copy_ has no fp8 kernels: copy the bytes
         self.keys.view(torch.uint8).index_copy_(2, position, k8.view(torch.uint8))
         self.values.view(torch.uint8).index_copy_(2, position, v8.view(torch.uint8))
