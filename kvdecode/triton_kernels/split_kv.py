@@ -75,6 +75,22 @@ def _fp8_to_fp16(x):
 
 
 @triton.jit
+def _fp8_tiles(k_tile, v_tile, dtype: tl.constexpr, KV_FP8: tl.constexpr):
+    """K and V tiles in the dtype of the dots (see ``split_kv_kernel``'s ``KV_FP8``); every conversion is
+    exact (fp8 values are representable in fp16 and bf16). 16-bit tiles come back as they are."""
+    if KV_FP8 == 1:  # q's dtype
+        k_tile = k_tile.to(dtype)
+        v_tile = v_tile.to(dtype)
+    if KV_FP8 == 2:  # fp16 through Triton casts (the interpreter's path)
+        k_tile = _fp8_to_fp16_tl(k_tile)
+        v_tile = _fp8_to_fp16_tl(v_tile)
+    if KV_FP8 == 3:  # fp16, V in PTX where it is loaded
+        k_tile = k_tile.to(tl.float16)
+        v_tile = _fp8_to_fp16(v_tile)
+    return k_tile, v_tile
+
+
+@triton.jit
 def _tile_update(
     acc,
     m_i,
@@ -246,15 +262,7 @@ def split_kv_kernel(
         down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
         q = (qf * up[:, None]).to(tl.float16)
         qk_scale = qk_scale * down[:, None]  # [BLOCK_M, 1]: s_ij * qk_scale broadcasts over the keys
-    if KV_FP8 == 1:  # every fp8 value is exact in fp16/bf16
-        k_tile = k_tile.to(q.dtype)
-        v_tile = v_tile.to(q.dtype)
-    if KV_FP8 == 2:  # the interpreter's fp8 path
-        k_tile = _fp8_to_fp16_tl(k_tile)
-        v_tile = _fp8_to_fp16_tl(v_tile)
-    if KV_FP8 == 3:
-        k_tile = k_tile.to(tl.float16)
-        v_tile = _fp8_to_fp16(v_tile)
+    k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
     mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
     # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
@@ -274,15 +282,7 @@ def split_kv_kernel(
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
         k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
-        if KV_FP8 == 2:  # fp16 (q was converted above)
-            k_tile = _fp8_to_fp16_tl(k_tile)
-            v_tile = _fp8_to_fp16_tl(v_tile)
-        if KV_FP8 == 3:
-            k_tile = k_tile.to(tl.float16)
-            v_tile = _fp8_to_fp16(v_tile)
-        if KV_FP8 == 1:  # q's dtype
-            k_tile = k_tile.to(q.dtype)
-            v_tile = v_tile.to(q.dtype)
+        k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
         acc, m_i, l_i = _tile_update(
             acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
             qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
