@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from .errors import KVDecodeError
-from .quant import FP8_DTYPES, ScaleKind, check_kv_scales
+from .quant import FP8_DTYPES, FP8_Q_DTYPES, ScaleKind, check_kv_scales
 
 __all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind", "capturing"]
 
@@ -239,7 +239,7 @@ def _check_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q.dtype must be one of float16, bfloat16, float32, got {q.dtype}; cast the inputs"
         )
     if k.dtype in FP8_DTYPES:
-        if q.dtype not in (torch.float16, torch.bfloat16):
+        if q.dtype not in FP8_Q_DTYPES:
             raise KVDecodeError(f"q.dtype must be float16 or bfloat16 with fp8 caches, got {q.dtype}; cast q")
         if v.dtype != k.dtype:
             raise KVDecodeError(

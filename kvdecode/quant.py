@@ -15,6 +15,7 @@ from .errors import KVDecodeError
 __all__ = [
     "FP8_DTYPES",
     "FP8_MAX",
+    "FP8_Q_DTYPES",
     "ScaleKind",
     "cache_scales",
     "check_kv_scales",
@@ -31,6 +32,7 @@ FP8_MAX: dict[torch.dtype, float] = {  # the largest finite magnitudes: saturati
     torch.float8_e4m3fn: 448.0,
     torch.float8_e5m2: 57344.0,
 }
+FP8_Q_DTYPES = (torch.float16, torch.bfloat16)  # query (and output) dtypes served with fp8 caches
 ScaleKind = Literal["none", "scalar", "per_head"]
 
 

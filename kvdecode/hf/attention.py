@@ -31,7 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..errors import KVDecodeError
 from ..ops import decode_attention_op
 from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
-from ..quant import FP8_DTYPES, dequantize
+from ..quant import FP8_DTYPES, FP8_Q_DTYPES, dequantize
 from .cache import fp8_scales
 from .mask import MAX_DECODE_Q_LEN, is_marked, strip_marker
 from .warn import warn_once
@@ -106,7 +106,7 @@ def _unmarked(c: _Call) -> Fallback | None:
 
 def _unsupported_shape(c: _Call) -> Fallback | None:
     q, k, v = c.query, c.key, c.value
-    if k.dtype in FP8_DTYPES and v.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16):
+    if k.dtype in FP8_DTYPES and v.dtype == k.dtype and q.dtype in FP8_Q_DTYPES:
         pass  # an FP8StaticCache: fp8 K/V, scales found from the cache (kvdecode.hf.cache)
     elif q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return Fallback("dtype", f"dtype {q.dtype}/{k.dtype} is not served by kvdecode; torch SDPA runs it")

@@ -25,7 +25,7 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from ..errors import KVDecodeError
-from ..quant import FP8_DTYPES, cache_scales, quantize
+from ..quant import FP8_DTYPES, FP8_Q_DTYPES, cache_scales, quantize
 
 __all__ = ["FP8StaticCache", "FP8StaticLayer", "fp8_scales"]
 
@@ -77,7 +77,7 @@ class FP8StaticLayer(StaticLayer):
         self._scales_given = (k_scale, v_scale)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dtype not in (torch.float16, torch.bfloat16):
+        if key_states.dtype not in FP8_Q_DTYPES:
             raise KVDecodeError(
                 f"FP8StaticCache needs float16 or bfloat16 key states (the model's dtype), got "
                 f"{key_states.dtype}; load the model in torch.bfloat16"
