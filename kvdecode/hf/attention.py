@@ -106,9 +106,8 @@ def _unmarked(c: _Call) -> Fallback | None:
 
 def _unsupported_shape(c: _Call) -> Fallback | None:
     q, k, v = c.query, c.key, c.value
-    if k.dtype in FP8_DTYPES and v.dtype == k.dtype and q.dtype in FP8_Q_DTYPES:
-        pass  # an FP8StaticCache: fp8 K/V, scales found from the cache (kvdecode.hf.cache)
-    elif q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    fp8 = k.dtype in FP8_DTYPES and v.dtype == k.dtype and q.dtype in FP8_Q_DTYPES  # an FP8StaticCache
+    if not fp8 and (q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype):
         return Fallback("dtype", f"dtype {q.dtype}/{k.dtype} is not served by kvdecode; torch SDPA runs it")
     if k.shape != v.shape or k.shape[-1] != q.shape[-1] or k.shape[0] != q.shape[0]:
         return Fallback("shapes", f"key {tuple(k.shape)} / value {tuple(v.shape)} differ; torch SDPA runs it")
