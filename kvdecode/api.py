@@ -68,10 +68,11 @@ def decode_attention(
         Sync and check the device lengths (``T_q <= seq_lens <= capacity``, ``kv_start <= seq_lens -
         T_q``). Off by default: the kernels clamp so nothing is read outside the cache.
     deterministic : bool
-        Bitwise-reproducible results: Triton's merge order is fixed (it is reproducible either way) and
-        cuDNN's non-deterministic engines are deselected. Known gap (H100 and H200, cuDNN 9.19): with
-        cuDNN the output repeats bitwise but the LSE of the first call differed from later calls by up
-        to 9.5e-7.
+        Bitwise-reproducible results (output and LSE): served by the Triton kernel, whose merge order is
+        fixed. cuDNN is not used: its decode engine (cuDNN 9.19) gave an LSE that varied by 1 ulp across
+        identical calls even with non-deterministic engines deselected, so ``auto`` picks Triton and
+        ``backend="cudnn"`` raises :class:`~kvdecode.UnsupportedError`; :func:`kvdecode.explain` with
+        ``deterministic=True`` says so.
     max_seq_len : int, optional
         An upper bound of ``seq_lens`` (``T_q <= max_seq_len <= capacity``) for ``backend="auto"``, which
         picks Triton below the cuDNN threshold length and cuDNN at or above it. Without it, ``auto``
@@ -117,7 +118,7 @@ def decode_attention(
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
-    choice = PLANS.route(problem, backend).choose(problem, max_seq_len, seq_lens)
+    choice = PLANS.route(problem, backend, deterministic).choose(problem, max_seq_len, seq_lens)
     the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
     scales = None if problem.kv_scale_kind == "none" else (k_scale, v_scale)

@@ -34,6 +34,10 @@ class Launcher(Protocol):
 
 
 class Backend(Protocol):
+    """``name``; ``supports``; ``make_launcher``. A backend whose results are not bitwise repeatable call
+    to call may say why in a ``determinism_gap`` attribute (a one-line reason, read with ``getattr``):
+    the planner then keeps ``deterministic=True`` calls away from it."""
+
     name: str
 
     def supports(self, problem: DecodeProblem) -> str | None:

@@ -209,12 +209,12 @@ class PlanCache:
         self._lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0}
 
-    def route(self, problem: DecodeProblem, backend: str) -> Route:
-        key = (problem, backend)
+    def route(self, problem: DecodeProblem, backend: str, deterministic: bool = False) -> Route:
+        key = (problem, backend, deterministic)
         with self._lock:
             found = self._routes.get(key)
         if found is None:
-            found = route(problem, backend)
+            found = route(problem, backend, deterministic=deterministic)
             with self._lock:
                 self._routes[key] = found
                 while len(self._routes) > self.maxsize:
@@ -313,7 +313,8 @@ def plan(
         for the capacity when it is None: ``run`` never reads the device lengths. A cuDNN graph that fails
         to build under ``"auto"`` falls back to Triton with the reason recorded in ``choice``.
     deterministic : bool
-        Bitwise-reproducible results (see :func:`kvdecode.decode_attention`).
+        Bitwise-reproducible results, on Triton (see :func:`kvdecode.decode_attention`): ``auto`` keeps
+        the plan off cuDNN, an explicit ``backend="cudnn"`` raises :class:`UnsupportedError`.
     max_seq_len : int, optional
         The longest filled length the plan will see (``<= capacity``).
 
@@ -347,7 +348,7 @@ def plan(
     check_backend_name(backend)
     check_flag("deterministic", deterministic)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
-    choice = PLANS.route(problem, backend).choose(problem, max_seq_len, None)
+    choice = PLANS.route(problem, backend, deterministic).choose(problem, max_seq_len, None)
     return PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
 
 

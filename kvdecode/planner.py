@@ -10,7 +10,8 @@ graph at or above it when cuDNN can serve the problem. ``L`` is, in this order:
 3. otherwise ``seq_lens.max()``: one host sync. Pass ``max_seq_len`` or use ``plan``/``run`` to avoid it.
 
 What cuDNN cannot serve goes to Triton; the reason is in the :class:`Choice` (see :func:`explain`) and in
-the DEBUG log of the ``kvdecode.planner`` logger.
+the DEBUG log of the ``kvdecode.planner`` logger. ``deterministic=True`` is one such case: cuDNN's decode
+engine is not bitwise repeatable (``CudnnBackend.determinism_gap``), so those calls go to Triton.
 """
 
 from __future__ import annotations
@@ -65,10 +66,14 @@ def check_max_seq_len(max_seq_len: object, problem: DecodeProblem) -> int | None
     return max_seq_len
 
 
-def _reason(name: str, problem: DecodeProblem) -> str | None:
+def _reason(name: str, problem: DecodeProblem, deterministic: bool = False) -> str | None:
     if name not in backend_names():
         return f"backend {name!r} is not available in this installation"
-    return get_backend(name).supports(problem)
+    backend = get_backend(name)
+    reason = backend.supports(problem)
+    if reason is None and deterministic:
+        reason = getattr(backend, "determinism_gap", None)
+    return reason
 
 
 def _auto_cudnn_reason(problem: DecodeProblem) -> str | None:
@@ -142,17 +147,20 @@ class Route:
         return choice
 
 
-def route(problem: DecodeProblem, backend: str = "auto") -> Route:
+def route(problem: DecodeProblem, backend: str = "auto", *, deterministic: bool = False) -> Route:
     """The length-independent part of :func:`choose`: which backends can serve ``problem`` and, when both
-    can, the cuDNN threshold. An explicit backend that cannot serve it raises :class:`UnsupportedError`."""
+    can, the cuDNN threshold. An explicit backend that cannot serve it raises :class:`UnsupportedError`.
+    With ``deterministic`` a backend that is not bitwise repeatable (its ``determinism_gap``) cannot."""
     check_backend_name(backend)
     if backend != "auto":
-        reason = _reason(backend, problem)
+        reason = _reason(backend, problem, deterministic)
         if reason is not None:
             raise UnsupportedError(f"backend {backend!r} cannot serve {problem.name}: {reason}")
         return Route(Choice(backend, "asked for explicitly"))
     # every registered backend but the float64 reference is a candidate, in registration order
-    reasons = {name: _auto_reason(name, problem) for name in backend_names() if name != "reference"}
+    reasons = {
+        name: _auto_reason(name, problem, deterministic) for name in backend_names() if name != "reference"
+    }
     usable = [name for name, reason in reasons.items() if reason is None]
     if {"triton", "cudnn"} <= set(usable):  # the measured crossover decides, per call
         return Route(None, auto_threshold(problem))
@@ -165,8 +173,8 @@ def route(problem: DecodeProblem, backend: str = "auto") -> Route:
     return Route(Choice(usable[0], f"auto: {refused}", threshold))
 
 
-def _auto_reason(name: str, problem: DecodeProblem) -> str | None:
-    reason = _reason(name, problem)
+def _auto_reason(name: str, problem: DecodeProblem, deterministic: bool) -> str | None:
+    reason = _reason(name, problem, deterministic)
     if reason is None and name == "cudnn":
         reason = _auto_cudnn_reason(problem)
     return reason
@@ -178,17 +186,18 @@ def choose(
     *,
     max_seq_len: int | None = None,
     seq_lens: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> Choice:
     """Pick the backend for ``problem``.
 
     An explicit backend that cannot serve the problem raises :class:`UnsupportedError` with its reason.
     ``auto`` follows the rules in this module's docstring; with ``seq_lens`` given and neither
     ``max_seq_len`` nor a capture nor a capacity below the threshold, it reads ``seq_lens.max()`` (a host
-    sync).
+    sync). ``deterministic`` keeps the call on bitwise-repeatable backends (Triton, not cuDNN).
     """
     check_backend_name(backend)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
-    return route(problem, backend).choose(problem, max_seq_len, seq_lens)
+    return route(problem, backend, deterministic=deterministic).choose(problem, max_seq_len, seq_lens)
 
 
 def _length(
@@ -216,6 +225,7 @@ def explain(
     mask: torch.Tensor | None = None,
     backend: str = "auto",
     max_seq_len: int | None = None,
+    deterministic: bool = False,
 ) -> Choice:
     """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
 
@@ -233,4 +243,4 @@ def explain(
     problem = DecodeProblem.from_tensors(
         q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask
     )
-    return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens)
+    return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens, deterministic=deterministic)

@@ -136,6 +136,32 @@ def test_explicit_cudnn_that_cannot_serve_raises(fake_cudnn):
         choose(gpu_problem(), "cudnn")
 
 
+def test_deterministic_calls_stay_off_a_backend_that_is_not_bitwise_repeatable(fake_cudnn):
+    """cuDNN's LSE varies by 1 ulp call to call (bench/cudnn_lse_repeat.py): deterministic=True goes to
+    Triton under auto, with the reason in the choice, and an explicit cuDNN raises saying why."""
+    fake_cudnn.determinism_gap = "deterministic=True: not bitwise repeatable"
+    p = gpu_problem(capacity=65536)
+    assert choose(p, max_seq_len=65536).backend == "cudnn"
+    det = choose(p, max_seq_len=65536, deterministic=True)
+    assert det.backend == "triton" and fake_cudnn.determinism_gap in det.reason
+    with pytest.raises(UnsupportedError, match="not bitwise repeatable"):
+        choose(p, "cudnn", deterministic=True)
+    # the plan cache memoizes routes per determinism: asking one way never answers the other
+    assert PLANS.route(p, "auto").choose(p, 65536, None).backend == "cudnn"
+    assert PLANS.route(p, "auto", True).choose(p, 65536, None).backend == "triton"
+    assert PLANS.route(p, "auto", False).choose(p, 65536, None).backend == "cudnn"
+
+
+def test_the_cudnn_backend_refuses_deterministic_launchers(monkeypatch):
+    from kvdecode.cudnn_graphs import backend as cudnn_backend
+
+    monkeypatch.setattr(cudnn_backend.CudnnBackend, "supports", lambda self, problem: None)
+    cudnn = cudnn_backend.CudnnBackend()
+    assert cudnn.determinism_gap == cudnn_backend.DETERMINISM_GAP
+    with pytest.raises(UnsupportedError, match="not bitwise repeatable"):
+        cudnn.make_launcher(gpu_problem(), deterministic=True)
+
+
 @pytest.mark.parametrize("bad", [0, 16385, -1, 1.5, True, "10"])
 def test_max_seq_len_is_checked(fake_cudnn, bad):
     with pytest.raises(KVDecodeError, match="max_seq_len"):

@@ -64,10 +64,22 @@ def problem_reason(problem: DecodeProblem) -> str | None:
     return None
 
 
+# Measured on the H200 with cuDNN 9.19 / frontend 1.32 (bench/cudnn_lse_repeat.py, results in
+# bench/results/h200-2026-12-04/cudnn-lse-repeat.json): the engine heuristics pick (eng8) carries no
+# NONDETERMINISTIC note, so deselecting those engines changes nothing; its Stats (LSE) took 5 to 11
+# distinct values over 21 identical calls (1 ulp), whatever the workspace held (fresh, zeroed, 0xFF,
+# reused). The bf16 output repeated, but an fp32 sum that varies can round either way.
+DETERMINISM_GAP = (
+    "deterministic=True: cuDNN 9.19's decode engine is not bitwise repeatable (its LSE varied by 1 ulp "
+    "across identical calls on the H200 with nondeterministic engines deselected); the Triton kernel is"
+)
+
+
 class CudnnBackend:
     """cuDNN SDPA graphs built at the cache capacity, lengths through the padding mask."""
 
     name = "cudnn"
+    determinism_gap = DETERMINISM_GAP
 
     def __init__(self, cache: GraphCache | None = None) -> None:
         self._cache = cache
@@ -93,7 +105,8 @@ class CudnnBackend:
         return None
 
     def make_launcher(self, problem: DecodeProblem, *, deterministic: bool = False) -> CudnnLauncher:
-        reason = self.supports(problem) or self._declined.get((problem, deterministic))
+        reason = self.supports(problem) or (DETERMINISM_GAP if deterministic else None)
+        reason = reason or self._declined.get((problem, deterministic))
         if reason is not None:
             raise UnsupportedError(f"backend 'cudnn' cannot serve {problem.name}: {reason}")
         if capturing(problem.device):  # not remembered as declined: it can be built after the capture
