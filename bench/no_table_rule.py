@@ -7,12 +7,13 @@ steady state: ``default_us`` (Triton at its heuristic configuration: what runs w
 
     time(chosen backend) / min(default_us, cudnn_us)
 
-Cells without ``cudnn_us`` (the H200's D 64 / D 256 families) are listed with the rule's choice but
-have no regret. For each regime of :mod:`kvdecode.no_table_rule` the script prints the range of
+Cells without ``cudnn_us`` are listed with the rule's choice but have no regret (since 2026-12-04
+every cell of both tables has both backends: the H200's D 64 / D 256 families were re-tuned with
+cuDNN). For each regime of :mod:`kvdecode.no_table_rule` the script prints the range of
 "cuDNN from X bytes" that keeps every cell of that regime within BOUND, then evaluates the shipped rule
 and simpler alternatives (a flat 8192, one byte size for all), prints the cells and writes JSON.
 
-    python bench/no_table_rule.py [--out bench/results/h200-2026-12-01/no-table-rule.json]
+    python bench/no_table_rule.py [--out bench/results/h200-2026-12-04/no-table-rule.json]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from kvdecode.thresholds import TUNING_DIR
 
 BOUND = 1.10
 TABLES = ("default_h200.json", "default_h100.json")
-DEFAULT_OUT = Path(__file__).parent / "results" / "h200-2026-12-01" / "no-table-rule.json"
+DEFAULT_OUT = Path(__file__).parent / "results" / "h200-2026-12-04" / "no-table-rule.json"
 
 
 # The H200 benchmark cells quoted in DESIGN.md and issue 11 (steady state, µs per layer, bf16, H_q 32):
@@ -200,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in rules.items():
         per_gpu = ", ".join(f"{g.replace('NVIDIA ', '')} {v['max_regret']}" for g, v in result.items())
         print(f"{name:<45} max regret {per_gpu}; worst {result['all']['worst'][0]}")
-    constants = {k: getattr(rule, k) for k in ("FULL_BYTES", "UNEVEN_BYTES", "EVEN_BYTES", "IMBALANCE")}
+    names = ("FULL_BYTES", "UNEVEN_BYTES", "EVEN_BYTES", "CUDNN_HEAD_DIM", "IMBALANCE")
+    constants = {k: getattr(rule, k) for k in names}
     result = {
         "kind": "kvdecode.no_table_rule_analysis",
-        "date": "2026-12-01",
+        "date": "2026-12-04",
         "bound": BOUND,
         "tables": list(TABLES),
         "regret": "time(rule's backend, Triton at its heuristic config) / min(Triton heuristic, cuDNN)",

@@ -230,8 +230,9 @@ def explain(
     """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
 
     Shapes as in :func:`kvdecode.decode_attention`. Returns a :class:`Choice` with ``backend``,
-    ``reason`` (why, e.g. what cuDNN cannot serve) and ``threshold`` (the cuDNN crossover length used,
-    None when cuDNN was out of the running). Like the call itself, it may read ``seq_lens.max()``.
+    ``reason`` (why, e.g. what cuDNN cannot serve, or that ``deterministic=True`` keeps it off cuDNN) and
+    ``threshold`` (the cuDNN crossover length used, None when cuDNN was out of the running). Like the
+    call itself, it may read ``seq_lens.max()``.
 
     Examples
     --------

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KVDecodeError
-from .no_table_rule import ITEMSIZE, no_table_threshold
+from .no_table_rule import ITEMSIZE, NEVER, no_table_threshold
 from .tuning.environment import check_versions_enabled, current_environment, gpu_slug, mismatch_reasons
 from .tuning.table_schema import CONFIG_RULES, MAX_TABLE_BYTES, check_table, read_table_json
 
@@ -80,7 +80,6 @@ SCHEMA_VERSION = 2
 KIND = "kvdecode.tuning_table"
 FALLBACK_THRESHOLD = 8192  # provisional: no table matches the GPU and the no-table rule lacks an input
 MAKE_A_TABLE = "make one with 'kvdecode tune' on this GPU"
-NEVER = 2**31 - 1  # threshold when cuDNN never won: auto keeps Triton at every length
 TUNING_DIR = Path(__file__).with_name("tuning")
 ENV_TABLE = "KVDECODE_TUNING_TABLE"
 NO_TABLE = "none"  # use_table(NO_TABLE): no table, the fallback threshold and the heuristic configs

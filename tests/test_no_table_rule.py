@@ -15,7 +15,7 @@ from kvdecode.errors import KVDecodeError
 from kvdecode.plan import PLANS
 from kvdecode.planner import choose
 from kvdecode.problem import DecodeProblem
-from kvdecode.thresholds import FALLBACK_THRESHOLD, threshold_for
+from kvdecode.thresholds import FALLBACK_THRESHOLD, NEVER, threshold_for
 from kvdecode.triton_kernels.config import heuristic_config
 from kvdecode.tuning import environment, info_cmd
 
@@ -40,15 +40,18 @@ def _rule(batch, hkv, head_dim=128, sms=132, hq=32, q_len=1):
 @pytest.mark.parametrize(
     ("batch", "hkv", "head_dim", "sms", "regime", "cudnn_bytes"),
     [
-        (1, 8, 128, 132, "even", 1536 * MIB),  # 264 CTAs: two even waves, Triton keeps long rows
-        (4, 8, 128, 132, "even", 1536 * MIB),
+        (1, 8, 128, 132, "even", 768 * MIB),  # 264 CTAs: two even waves, Triton keeps long rows
+        (4, 8, 128, 132, "even", 768 * MIB),
         (16, 8, 128, 132, "full", 24 * MIB),  # 128 programs >= 66
         (64, 8, 128, 132, "full", 24 * MIB),
         (1, 1, 128, 132, "underfilled", 24 * MIB),  # MQA B 1: 128 splits (the cap) < 264 CTAs
-        (4, 1, 128, 132, "even", 1536 * MIB),  # MQA B 4: 4 x 66 = 264 CTAs
+        (4, 1, 128, 132, "even", 768 * MIB),  # MQA B 4: 4 x 66 = 264 CTAs
         (16, 1, 128, 132, "uneven", 12 * MIB),  # MQA B 16: 272 CTAs, 32-row tiles
         (64, 1, 128, 132, "uneven", 12 * MIB),
-        (1, 8, 256, 132, "even", 1536 * MIB),
+        (1, 8, 256, 132, "wide head", None),  # cuDNN slower at D 256 on both GPUs
+        (16, 8, 256, 132, "wide head", None),  # up to 1.24x Triton's time on the H200 (table off)
+        (4, 8, 64, 132, "even", 768 * MIB),  # D 64 B 4 L 128k: cuDNN 1.11x faster (H200)
+        (16, 8, 64, 132, "full, narrow head", None),  # D 64 B 16 / 64: cuDNN up to 1.28x slower
         (8, 8, 128, 108, "full", 24 * MIB),  # an A100's 108 SMs: 64 programs >= 54
     ],
 )
@@ -56,7 +59,7 @@ def test_rule_thresholds(batch, hkv, head_dim, sms, regime, cudnn_bytes):
     got = _rule(batch, hkv, head_dim, sms)
     per_token = 2 * batch * hkv * head_dim * 2
     assert (got.regime, got.cudnn_bytes) == (regime, cudnn_bytes)
-    assert got.value == math.ceil(cudnn_bytes / per_token)
+    assert got.value == (NEVER if cudnn_bytes is None else math.ceil(cudnn_bytes / per_token))
     assert regime in got.text and f"{sms} SMs" in got.text
 
 
@@ -151,7 +154,7 @@ def _regrets(table_name: str) -> list[tuple[float, str]]:
     return out
 
 
-@pytest.mark.parametrize(("table", "cells"), [("default_h200.json", 60), ("default_h100.json", 43)])
+@pytest.mark.parametrize(("table", "cells"), [("default_h200.json", 100), ("default_h100.json", 43)])
 def test_regret_on_the_shipped_tables_stays_within_the_claimed_bound(table, cells):
     regrets = _regrets(table)
     assert len(regrets) == cells  # every cell with both backends measured
