@@ -3,7 +3,7 @@
 A decode call reads the KV cache once and writes almost nothing, so its ceiling is the device's
 streaming-read bandwidth, not its copy bandwidth (a copy reads and writes: on the H200 4.22 TB/s of copy
 against 4.68 TB/s read by cuDNN decode; the datasheet says 4.8 TB/s). :func:`read_bandwidths` measures
-reads of a >= 1 GB buffer several ways (a Triton streaming-read kernel in a few configurations that keep
+reads of an up-to-8-GiB buffer several ways (a Triton streaming-read kernel in a few configurations that keep
 different amounts of bytes in flight, and torch reductions); :func:`ceiling` takes the best as the floor's
 bandwidth and keeps the copy figure and the datasheet number beside it. A result that still reads faster
 than that ceiling is flagged (:func:`over_ceiling`): the floor would not be a floor.
@@ -25,12 +25,14 @@ from kvdecode.timing import call_times_us, copy_bandwidth, pct_of_floor
 
 __all__ = [
     "DATASHEET_GBPS",
+    "READ_BYTES",
     "READ_CONFIGS",
     "ceiling",
     "datasheet_gbps",
     "measure_ceiling",
     "over_ceiling",
     "read_bandwidths",
+    "read_size",
     "stream_read",
 ]
 
@@ -44,8 +46,12 @@ DATASHEET_GBPS = (
     ("A100", 1555.0),
 )
 # (BLOCK int32 elements per load, UNROLL loads issued before the first add, num_warps): 16-64 KB a CTA.
-READ_CONFIGS = ((1024, 4, 4), (2048, 4, 8), (4096, 4, 8), (2048, 8, 8), (4096, 4, 16))
-READ_BYTES = 1 << 31  # 2.1 GB: 40x an H100/H200 L2, so every pass streams from HBM
+READ_CONFIGS = ((1024, 4, 4), (2048, 4, 8), (4096, 4, 8), (2048, 8, 8), (4096, 4, 16), (4096, 8, 16))
+# 8 GiB where a quarter of the free memory holds it (else the most whole GiB that fits, at least 1):
+# 2 GiB passes read 0.1% slower than cuDNN decode in an 8.6 GB-a-layer cell (H200, 2026-12-04), a
+# fixed cost per pass (ramp and last wave) that a decode layer of that size pays 4x less of
+READ_BYTES = 1 << 33
+MIN_READ_BYTES = 1 << 30
 
 
 @triton.jit
@@ -71,11 +77,20 @@ def stream_read(x: torch.Tensor, partial: torch.Tensor, block: int, unroll: int,
     _stream_read_kernel[grid](x, partial, x.numel(), BLOCK=block, UNROLL=unroll, num_warps=num_warps)
 
 
-def read_bandwidths(device: torch.device, *, nbytes: int = READ_BYTES, reps: int = 20) -> dict[str, dict]:
-    """Read-only bandwidth of ``nbytes`` several ways: name -> ``{"gbps": GB/s}`` or ``{"error": why}``.
+def read_size(free_bytes: int, largest: int = READ_BYTES) -> int:
+    """Bytes to read: ``largest`` if a quarter of ``free_bytes`` holds it, else the whole GiBs that fit
+    (at least :data:`MIN_READ_BYTES`)."""
+    return max(MIN_READ_BYTES, min(largest, free_bytes // 4) // MIN_READ_BYTES * MIN_READ_BYTES)
+
+
+def read_bandwidths(device: torch.device, *, nbytes: int | None = None, reps: int = 20) -> dict[str, dict]:
+    """Read-only bandwidth of ``nbytes`` (default :func:`read_size` of the free memory) several ways:
+    name -> ``{"gbps": GB/s, "bytes": nbytes}`` or ``{"error": why}``.
 
     Each way is timed ``reps`` times with CUDA events after two warm-ups; bytes read / median time.
     """
+    if nbytes is None:
+        nbytes = read_size(torch.cuda.mem_get_info(device)[0])
     x = torch.ones(nbytes // 4, dtype=torch.int32, device=device)
     ways = _read_ways(x)
     out: dict[str, dict] = {}
@@ -83,7 +98,7 @@ def read_bandwidths(device: torch.device, *, nbytes: int = READ_BYTES, reps: int
         for name, fn in ways.items():
             try:
                 us = statistics.median(call_times_us(fn, reps))
-                out[name] = {"gbps": x.numel() * 4 / (us * 1e-6) / 1e9}
+                out[name] = {"gbps": x.numel() * 4 / (us * 1e-6) / 1e9, "bytes": x.numel() * 4}
             except Exception as exc:  # a config out of resources: the others still measure
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     del ways, x

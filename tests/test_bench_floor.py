@@ -42,6 +42,13 @@ def test_ceiling_is_the_best_read_with_copy_and_datasheet_beside_it():
         bw.ceiling({}, copy_gbps=None, datasheet=None)
 
 
+def test_read_size_is_8_gib_where_a_quarter_of_free_memory_holds_it():
+    gib = 1 << 30
+    assert bw.read_size(100 * gib) == 8 * gib  # an H200: 8 GiB, the size a long decode layer reads
+    assert bw.read_size(20 * gib) == 5 * gib  # whole GiBs of a quarter of what is free
+    assert bw.read_size(2 * gib) == gib  # never below 1 GiB (20x an H100 / H200 L2)
+
+
 def test_datasheet_numbers_match_the_most_specific_name():
     assert bw.datasheet_gbps("NVIDIA H200") == 4800.0
     assert bw.datasheet_gbps("NVIDIA H100 80GB HBM3") == 3350.0
