@@ -1,8 +1,10 @@
 """Test configuration: hypothesis profiles and the ``gpu`` marker.
 
 Profiles: ``cpu`` keeps the Triton interpreter runs within CI's budget; ``gpu`` runs >= 500 examples per
-property; ``gpu-smoke`` is a quicker GPU pass. ``gpu`` is loaded when CUDA is available, else ``cpu``;
-``HYPOTHESIS_PROFILE=<name>`` overrides.
+property; ``gpu-smoke`` is a quicker GPU pass (50 examples), run sharded over processes so that it ends
+within 5 minutes on one GPU (kernel compiles are host work):
+``HYPOTHESIS_PROFILE=gpu-smoke python -m pytest -m gpu -n 8 --dist worksteal``. ``gpu`` is loaded when
+CUDA is available, else ``cpu``; ``HYPOTHESIS_PROFILE=<name>`` overrides.
 Tests marked ``gpu`` are skipped without CUDA.
 """
 
