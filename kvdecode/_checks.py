@@ -1,7 +1,8 @@
 """Checks ``DecodePlan.run`` makes on every call: cheap comparisons first, messages only on failure.
 
-The fast test compares each tensor's metadata with tuples the plan computed once; only when it fails
-does the slow path work out which argument is wrong and raise :class:`KVDecodeError` naming both sides
+The fast test (:func:`inputs_match`, :func:`outputs_ok`) compares each tensor's metadata with the
+problem's :class:`Signature`, computed once; only when it fails does the slow path work out which
+argument is wrong and raise :class:`KVDecodeError` naming both sides
 (a non-tensor argument included: never a raw ``AttributeError``).
 
 Overlaps: an output that aliases an input or the other output would be written while it is read (or
@@ -13,6 +14,9 @@ conservative for interleaved views of one buffer (refused though disjoint elemen
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 from .errors import KVDecodeError
@@ -20,6 +24,7 @@ from .problem import DecodeProblem
 from .quant import check_kv_scales
 
 __all__ = [
+    "Signature",
     "call_inputs",
     "check_buffers",
     "check_inputs",
@@ -27,7 +32,10 @@ __all__ = [
     "check_scales",
     "contiguous_strides",
     "extent",
+    "inputs_match",
+    "outputs_ok",
     "overlapping",
+    "signature",
     "span",
 ]
 
@@ -196,3 +204,100 @@ def _same(name: str, t: object, dtype: torch.dtype, strides: tuple, shape: tuple
         )
     if t.device != p.device:
         raise KVDecodeError(f"{name} is on {t.device} but the plan was made for {p.device}; make a new plan")
+
+
+# ---- the fast test ----
+
+
+@dataclass(frozen=True, eq=False)
+class Signature:
+    """What the per-call fast checks compare, derived once from a problem (:func:`signature`):
+    ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE, the lengths' dtype and
+    shape, the device index (-1 off CUDA), whether the problem is plain (no kv_start, mask or scales)
+    and the byte extents of q, k, v, out and lse from their ``data_ptr``."""
+
+    q: tuple
+    k: tuple
+    v: tuple
+    lens: tuple
+    out: tuple
+    lse: tuple
+    device_index: int
+    plain: bool
+    extents: tuple[int, ...]
+    lens_bytes: int
+
+
+@functools.lru_cache(maxsize=1024)
+def signature(p: DecodeProblem) -> Signature:
+    """The :class:`Signature` of ``p`` (memoized: problems hash once)."""
+    kv_shape = torch.Size((p.batch, p.num_kv_heads, p.capacity, p.head_dim))
+    kv_dt = p.cache_dtype
+    elem = torch.empty((), dtype=p.dtype).element_size()
+    kv_elem = torch.empty((), dtype=kv_dt).element_size()
+    q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
+    out = (p.dtype, torch.Size(q_shape), contiguous_strides(q_shape))
+    lse = (torch.float32, torch.Size(q_shape[:3]), contiguous_strides(q_shape[:3]))
+    extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
+        span(shape, strides, size)
+        for shape, strides, size in (
+            (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, kv_elem), (kv_shape, p.v_strides, kv_elem),
+            (q_shape, out[2], elem), (q_shape[:3], lse[2], 4),
+        )
+    )  # fmt: skip
+    return Signature(
+        q=(p.dtype, torch.Size(q_shape), p.q_strides),
+        k=(kv_dt, kv_shape, p.k_strides),
+        v=(kv_dt, kv_shape, p.v_strides),
+        lens=(torch.int32, torch.Size((p.batch,))),
+        out=out,
+        lse=lse,
+        device_index=p.device.index if p.device.type == "cuda" else -1,
+        plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none",
+        extents=extents,
+        lens_bytes=4 * p.batch,
+    )
+
+
+def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens) -> bool:
+    """The common case in a few comparisons; False sends the caller to the checks that name the fault."""
+    try:
+        index = sig.device_index
+        return (
+            (q.dtype, q.shape, q.stride()) == sig.q
+            and (k_cache.dtype, k_cache.shape, k_cache.stride()) == sig.k
+            and (v_cache.dtype, v_cache.shape, v_cache.stride()) == sig.v
+            and (seq_lens.dtype, seq_lens.shape) == sig.lens
+            and (seq_lens.shape[0] == 1 or seq_lens.stride(0) == 1)
+            and q.get_device() == index
+            and k_cache.get_device() == index
+            and v_cache.get_device() == index
+            and seq_lens.get_device() == index
+            and (index >= 0 or (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and seq_lens.is_cpu))
+        )  # get_device() is -1 for CPU and meta tensors alike: a CPU plan also asks is_cpu
+    except (AttributeError, TypeError):
+        return False
+
+
+def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None) -> bool:
+    """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs (which match
+    ``sig``) and each other, in a few integer comparisons; False sends the caller to the full checks."""
+    try:
+        ranges = []
+        for t, want, ext in ((out, sig.out, sig.extents[3]), (lse, sig.lse, sig.extents[4])):
+            if t is None:
+                continue
+            if (t.dtype, t.shape, t.stride()) != want or t.get_device() != sig.device_index:
+                return False
+            if sig.device_index < 0 and not t.is_cpu:
+                return False
+            ranges.append((t.data_ptr(), ext))
+        pointers = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr())
+        inputs = list(zip(pointers, (*sig.extents[:3], sig.lens_bytes)))
+        for i, (a, a_ext) in enumerate(ranges):
+            for b, b_ext in [*ranges[i + 1 :], *inputs]:
+                if a < b + b_ext and b < a + a_ext:
+                    return False
+        return True
+    except (AttributeError, TypeError):
+        return False

@@ -15,8 +15,9 @@ from ._checks import (
     check_inputs,
     check_outputs_disjoint,
     check_scales,
-    contiguous_strides,
-    span,
+    inputs_match,
+    outputs_ok,
+    signature,
 )
 from .backends import Launcher, get_backend
 from .errors import KVDecodeError, UnsupportedError
@@ -54,27 +55,7 @@ class DecodePlan:
     launcher: Launcher = field(repr=False)
 
     def __post_init__(self) -> None:
-        p = self.problem
-        self._q_sig = (p.dtype, torch.Size((p.batch, p.num_q_heads, p.q_len, p.head_dim)), p.q_strides)
-        kv_shape = torch.Size((p.batch, p.num_kv_heads, p.capacity, p.head_dim))
-        kv_dt = p.cache_dtype
-        self._k_sig, self._v_sig = (kv_dt, kv_shape, p.k_strides), (kv_dt, kv_shape, p.v_strides)
-        self._len_sig = (torch.int32, torch.Size((p.batch,)))
-        self._device_index = p.device.index if p.device.type == "cuda" else -1
-        self._plain = not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none"
-        elem = torch.empty((), dtype=p.dtype).element_size()
-        kv_elem = torch.empty((), dtype=kv_dt).element_size()
-        q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
-        self._out_sig = (p.dtype, torch.Size(q_shape), contiguous_strides(q_shape))
-        self._lse_sig = (torch.float32, torch.Size(q_shape[:3]), contiguous_strides(q_shape[:3]))
-        self._extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
-            span(shape, strides, size)
-            for shape, strides, size in (
-                (q_shape, p.q_strides, elem), (kv_shape, p.k_strides, kv_elem),
-                (kv_shape, p.v_strides, kv_elem), (q_shape, self._out_sig[2], elem),
-                (q_shape[:3], self._lse_sig[2], 4),
-            )
-        )  # fmt: skip
+        self._sig = signature(self.problem)
 
     @property
     def backend(self) -> str:
@@ -114,65 +95,21 @@ class DecodePlan:
             Written in place; implies ``return_lse``. With ``out`` and ``lse`` given no output is
             allocated (scratch still comes from torch's caching allocator, the graph's pool under capture).
         """
-        plain = self._plain and kv_start is None and mask is None and k_scale is None and v_scale is None
-        if not (plain and self._inputs_match(q, k_cache, v_cache, seq_lens)):
+        sig = self._sig
+        plain = sig.plain and kv_start is None and mask is None and k_scale is None and v_scale is None
+        if not (plain and inputs_match(sig, q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
             check_scales(self.problem, k_scale, v_scale)
         scales = None if k_scale is None else (k_scale, v_scale)
         if out is not None or lse is not None:
             # the fast test knows q, the caches and seq_lens only: other inputs take the full check
-            if not (plain and self._outputs_ok(q, k_cache, v_cache, seq_lens, out, lse)):
+            if not (plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse)):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
                 inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales)
                 check_outputs_disjoint(outputs, inputs)
             return_lse = return_lse or lse is not None
         return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales)
-
-    def _inputs_match(self, q, k_cache, v_cache, seq_lens) -> bool:
-        """The common case in a few comparisons; False sends ``run`` to the checks that name the fault."""
-        try:
-            index = self._device_index
-            return (
-                (q.dtype, q.shape, q.stride()) == self._q_sig
-                and (k_cache.dtype, k_cache.shape, k_cache.stride()) == self._k_sig
-                and (v_cache.dtype, v_cache.shape, v_cache.stride()) == self._v_sig
-                and (seq_lens.dtype, seq_lens.shape) == self._len_sig
-                and (seq_lens.shape[0] == 1 or seq_lens.stride(0) == 1)
-                and q.get_device() == index
-                and k_cache.get_device() == index
-                and v_cache.get_device() == index
-                and seq_lens.get_device() == index
-                and (index >= 0 or (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and seq_lens.is_cpu))
-            )  # get_device() is -1 for CPU and meta tensors alike: a CPU plan also asks is_cpu
-        except (AttributeError, TypeError):
-            return False
-
-    def _outputs_ok(self, q, k_cache, v_cache, seq_lens, out, lse) -> bool:
-        """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs and each
-        other, in a few integer comparisons; False sends ``run`` to the checks that name the fault."""
-        try:
-            ranges = []
-            for t, sig, ext in (
-                (out, self._out_sig, self._extents[3]),
-                (lse, self._lse_sig, self._extents[4]),
-            ):
-                if t is None:
-                    continue
-                if (t.dtype, t.shape, t.stride()) != sig or t.get_device() != self._device_index:
-                    return False
-                if self._device_index < 0 and not t.is_cpu:
-                    return False
-                ranges.append((t.data_ptr(), ext))
-            pointers = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr())
-            inputs = list(zip(pointers, (*self._extents[:3], 4 * self.problem.batch)))
-            for i, (a, a_ext) in enumerate(ranges):
-                for b, b_ext in [*ranges[i + 1 :], *inputs]:
-                    if a < b + b_ext and b < a + a_ext:
-                        return False
-            return True
-        except (AttributeError, TypeError):
-            return False
 
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales=None):
         """Allocate what is missing and launch, without checks: for callers whose tensors made the problem

@@ -14,6 +14,7 @@ Shape legend (logical BHSD; any strides with unit stride on D)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -72,6 +73,18 @@ class DecodeProblem:
     aligned_16: bool = True  # q, k_cache and v_cache start on 16-byte boundaries (cuDNN needs it)
     kv_dtype: torch.dtype | None = None  # the caches' dtype when it is not q's (fp8 K/V)
     kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
+
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: a problem keys the plan cache and its routes on every call."""
+        found = self.__dict__.get("_hash")
+        if found is None:
+            found = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", found)
+        return found
+
+    def __getstate__(self) -> dict:
+        # str hashes differ between processes: a copy or an unpickled problem computes its own
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     @property
     def cache_dtype(self) -> torch.dtype:

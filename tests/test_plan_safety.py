@@ -363,3 +363,6 @@ def test_out_sharing_memory_with_kv_start_is_refused_by_run():
                              backend="reference")  # fmt: skip
     with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
         the_plan.run(q, k, v, lens, kv_start=starts, out=out)
+    # decode_attention takes the same fast output check (against the problem's signature): plain calls only
+    with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
+        kvdecode.decode_attention(q, k, v, lens, kv_start=starts, out=out, backend="reference")

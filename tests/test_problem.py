@@ -408,3 +408,20 @@ def test_problem_is_frozen_hashable_and_records_layout():
     assert p2.k_strides == (128 * 3 * 96, 96, 3 * 96, 1)
     assert p2.scale == 0.5
     assert p2 != p  # a different layout is a different problem (and plan)
+
+
+def test_a_problem_hashes_once_and_copies_hash_afresh():
+    """The plan cache hashes a problem on every call: the hash is computed once and kept; a copy or an
+    unpickled problem (another process hashes str differently) does not inherit it."""
+    import copy
+    import pickle
+
+    q, k, v, lens = (torch.randn(B, HQ, TQ, D), torch.randn(B, HKV, CAP, D), torch.randn(B, HKV, CAP, D),
+                     torch.tensor([CAP, 9], dtype=torch.int32))  # fmt: skip
+    p = DecodeProblem.from_tensors(q, k, v, lens)
+    assert "_hash" not in p.__dict__
+    h = hash(p)
+    assert p.__dict__["_hash"] == h and hash(p) == h
+    for other in (copy.copy(p), pickle.loads(pickle.dumps(p)), DecodeProblem.from_tensors(q, k, v, lens)):
+        assert "_hash" not in other.__dict__ and other == p and hash(other) == h
+    assert hash(dataclasses.replace(p, capacity=CAP + 1)) != h
