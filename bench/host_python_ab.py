@@ -1,0 +1,67 @@
+"""kvdecode's own Python per call, with the kernel launches stubbed out: no GPU needed.
+
+The host time of an eager call is kvdecode's Python (checks, plan lookup, argument lists) plus Triton's
+launches. On the GPU machine the two are measured together (``bench/bench_launch.py``) on a host whose
+timings swing by +-30% between runs; this isolates the first part, on any machine, so two checkouts can
+be compared in one sitting::
+
+    (cd /path/to/old/checkout && PYTHONPATH=$PWD python /path/to/bench/host_python_ab.py old)
+    python bench/host_python_ab.py new
+
+Problem: B 1, H 32/8, D 128, bf16, capacity 256 on the CPU (the Triton interpreter's plan; its launches
+replaced by no-ops). Prints the best of 5 rounds of 20000 calls, µs per call, for ``DecodePlan.run(out=)``
+and ``decode_attention(out=, backend="triton", max_seq_len=)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import kvdecode
+from kvdecode.plan import PLANS
+
+B, HQ, HKV, D, CAP = 1, 32, 8, 128, 256
+
+
+class _NoLaunch:
+    def __call__(self, grid, args, spec) -> None:
+        pass
+
+
+def _per_call_us(fn, n: int = 20000) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    label = sys.argv[1] if len(sys.argv) > 1 else "this checkout"
+    q = torch.randn(B, HQ, 1, D, dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, CAP, D, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    lens = torch.full((B,), CAP, dtype=torch.int32)
+    out = torch.empty_like(q)
+    kvdecode.decode_attention(q, k, v, lens, out=out, backend="triton", max_seq_len=CAP)
+    (the_plan,) = PLANS._plans.values()  # the one plan that call made
+    the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+    rounds = [
+        (
+            _per_call_us(lambda: the_plan.run(q, k, v, lens, out=out)),
+            _per_call_us(
+                lambda: kvdecode.decode_attention(q, k, v, lens, out=out, backend="triton", max_seq_len=CAP)
+            ),
+        )
+        for _ in range(5)
+    ]
+    run_us, call_us = min(r for r, _ in rounds), min(c for _, c in rounds)
+    print(f"{label}: DecodePlan.run {run_us:.2f} us, decode_attention {call_us:.2f} us", end="")
+    print(" (best of 5 rounds, launches stubbed)")
+
+
+if __name__ == "__main__":
+    main()
