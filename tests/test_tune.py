@@ -177,6 +177,7 @@ def test_info_prints_the_table_and_the_graph_cache(capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 def test_short_real_tune_changes_the_planner_as_measured(tmp_path):
     from kvdecode.planner import choose
     from kvdecode.triton_kernels.config import default_config

@@ -209,6 +209,7 @@ def test_quantizing_append_rounds_like_torch_over_the_whole_range(fp8):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @given(case=cases("cuda", dtypes=(torch.float16, torch.bfloat16)), fp8=st.sampled_from(FP8),
        per_head=st.booleans())  # fmt: skip
 def test_gpu_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, per_head):

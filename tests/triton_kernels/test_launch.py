@@ -88,6 +88,7 @@ def test_direct_launch_matches_the_binder_path():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 def test_new_batch_sizes_and_capacities_compile_nothing_after_warmup():
     caps = (1024, 8192, 131072)
     kvdecode.warmup(32, 8, 128, batch_sizes=range(1, 65), capacities=caps)

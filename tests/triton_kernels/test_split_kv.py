@@ -68,6 +68,7 @@ def reference(x):
 # ---- the main property ----
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_matches_reference(device, data):
@@ -113,6 +114,7 @@ def test_many_packed_rows_span_several_row_blocks(device):
 # ---- split-count invariance ----
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_split_count_invariance(device, data):
@@ -180,6 +182,7 @@ def empty_row_cases(draw, device: str) -> Case:
     return with_(case, seq_lens=tuple(lens), kv_start=tuple(starts) if any(starts) else None)
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_rows_with_nothing_visible_give_zeros_and_neg_inf(device, data):
@@ -191,6 +194,7 @@ def test_rows_with_nothing_visible_give_zeros_and_neg_inf(device, data):
     check_all(case, out, lse, ref_out, ref_lse)
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_masks_that_hide_whole_rows(device, data):
@@ -212,6 +216,7 @@ def test_masks_that_hide_whole_rows(device, data):
     check_all(case, out, lse, ref_out, ref_lse)
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_lengths_past_capacity_never_nan(device, data):
@@ -229,6 +234,7 @@ def test_lengths_past_capacity_never_nan(device, data):
 # ---- nothing outside [kv_start, seq_len) is read into the result ----
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
 @given(data=st.data())
 def test_unfilled_cache_slots_do_not_leak(device, data):
