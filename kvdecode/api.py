@@ -30,11 +30,13 @@ def decode_attention(
     max_seq_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention of a few new query tokens against a fixed-capacity KV cache.
 
-    Query ``t`` of row ``b`` sits at position ``seq_lens[b] - T_q + t`` and sees keys
-    ``kv_start[b] .. that position`` (bottom-right causal), further restricted by ``mask``::
+    Query ``t`` of row ``b`` sits at position ``p = seq_lens[b] - T_q + t`` and sees keys
+    ``kv_start[b] .. p`` (bottom-right causal), with a sliding ``window`` only ``p - window + 1 .. p``,
+    further restricted by ``mask``::
 
         out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j] + mask) @ v[b, h // G, j]
 
@@ -57,6 +59,10 @@ def decode_attention(
         Keys before ``kv_start[b]`` are masked (left padding).
     mask : Tensor, optional
         Broadcastable to ``[B, H_q, T_q, capacity]``: bool (True = attend) or float (added to scores).
+    window : int, optional
+        Sliding window (Mistral, Gemma 2/3, gpt-oss layers): each query sees its last ``window`` keys,
+        itself included. The Triton kernel reads only the tiles the window covers, so the time follows
+        the window, not the filled length; cuDNN does not take it (``auto`` picks Triton).
     backend : {"auto", "triton", "cudnn", "reference"}
         ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
         :class:`~kvdecode.UnsupportedError`.
@@ -110,7 +116,9 @@ def decode_attention(
     check_backend_name(backend)
     for flag, value in (("return_lse", return_lse), ("validate", validate), ("deterministic", deterministic)):
         check_flag(flag, value)
-    problem = problem_for_tensors(q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale)
+    problem = problem_for_tensors(
+        q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window
+    )
     # a contiguous out of a plain call in a few comparisons (the inputs made the problem); else in full
     plain = kv_start is None and mask is None and k_scale is None and v_scale is None
     if out is not None and not (plain and outputs_ok(signature(problem), q, k_cache, v_cache, seq_lens, out)):
@@ -132,7 +140,7 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
 
 
 def problem_for_tensors(
-    q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale=None, v_scale=None
+    q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale=None, v_scale=None, window=None
 ) -> DecodeProblem:
     """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
     metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
@@ -141,9 +149,11 @@ def problem_for_tensors(
     try:
         if scale is not None and type(scale) is not float and type(scale) is not int:
             raise TypeError("no alias for this scale type")
+        if window is not None and type(window) is not int:
+            raise TypeError("no alias for this window type")  # from_tensors names it
         alias = (
             "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
-            _meta(mask), scale, _meta(k_scale), _meta(v_scale),
+            _meta(mask), scale, _meta(k_scale), _meta(v_scale), window,
             q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
         )  # fmt: skip
         found = PLANS.problem_for(alias)
@@ -153,7 +163,7 @@ def problem_for_tensors(
         return found
     problem = DecodeProblem.from_tensors(
         q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask,
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, window=window,
     )  # fmt: skip
     if alias is not None:
         PLANS.remember(alias, problem)

@@ -226,6 +226,7 @@ def explain(
     backend: str = "auto",
     max_seq_len: int | None = None,
     deterministic: bool = False,
+    window: int | None = None,
 ) -> Choice:
     """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
 
@@ -242,6 +243,6 @@ def explain(
     'triton'
     """
     problem = DecodeProblem.from_tensors(
-        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask, window=window
     )
     return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens, deterministic=deterministic)

@@ -73,6 +73,7 @@ class DecodeProblem:
     aligned_16: bool = True  # q, k_cache and v_cache start on 16-byte boundaries (cuDNN needs it)
     kv_dtype: torch.dtype | None = None  # the caches' dtype when it is not q's (fp8 K/V)
     kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
+    window: int | None = None  # sliding window: query at p sees keys p - window + 1 .. p (and kv_start..)
 
     def __hash__(self) -> int:
         """The fields' hash, computed once: a problem keys the plan cache and its routes on every call."""
@@ -90,6 +91,13 @@ class DecodeProblem:
     def cache_dtype(self) -> torch.dtype:
         """The dtype of ``k_cache`` and ``v_cache`` (q's unless the caches are fp8)."""
         return self.kv_dtype if self.kv_dtype is not None else self.dtype
+
+    @property
+    def reach(self) -> int:
+        """The most keys one row can read: the capacity, or with a window ``window + T_q - 1``."""
+        if self.window is None:
+            return self.capacity
+        return min(self.capacity, self.window + self.q_len - 1)
 
     @property
     def group_size(self) -> int:
@@ -115,6 +123,8 @@ class DecodeProblem:
             parts.append(f"kv{FP8_DTYPES.get(self.kv_dtype, str(self.kv_dtype))}")
         if self.kv_scale_kind != "none":
             parts.append(f"scale{self.kv_scale_kind.replace('_', '')}")
+        if self.window is not None:
+            parts.append(f"win{self.window}")
         return "_".join(parts)
 
     def kv_bytes(self, seq_len: int) -> int:
@@ -136,6 +146,7 @@ class DecodeProblem:
         out: torch.Tensor | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        window: int | None = None,
     ) -> DecodeProblem:
         """Validate the tensors of one call and describe them.
 
@@ -149,6 +160,9 @@ class DecodeProblem:
         kv_start : int32 Tensor ``[B]``, optional
         mask : Tensor broadcastable to ``[B, H_q, T_q, capacity]``, optional
         out : Tensor ``[B, H_q, T_q, D]``, optional
+        window : int, optional
+            Sliding window: query ``t`` (at position ``p = seq_lens[b] - T_q + t``) sees keys
+            ``max(kv_start[b], p - window + 1) .. p``; ``window >= 1``.
 
         Returns
         -------
@@ -200,6 +214,7 @@ class DecodeProblem:
         scale_kind = check_kv_scales(k_scale, v_scale, k_cache.dtype, num_kv_heads, device)
         if out is not None:
             check_out(out, q)
+        _check_window(window)
         return cls(
             batch=batch,
             num_q_heads=num_q_heads,
@@ -220,6 +235,7 @@ class DecodeProblem:
             aligned_16=all(t.data_ptr() % 16 == 0 for t in (q, k_cache, v_cache)),
             kv_dtype=None if k_cache.dtype == q.dtype else k_cache.dtype,
             kv_scale_kind=scale_kind,
+            window=window,
         )
 
 
@@ -376,6 +392,16 @@ def check_out(out: object, q: torch.Tensor) -> None:
             f"out must be on q's device ({q.device}), got {out.device}; pass torch.empty_like(q)"
         )
     _check_unit_last_stride("out", out)
+
+
+def _check_window(window: object) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < 2**31:
+        raise KVDecodeError(
+            f"window must be None or an int in 1..2**31-1 (keys a query sees, itself included), "
+            f"got {window!r}; pass the model's sliding window, e.g. 4096"
+        )
 
 
 def _check_scale(scale: float | None, head_dim: int) -> float:

@@ -51,6 +51,7 @@ def reference_decode_attention(
     mask: torch.Tensor | None = None,
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Decode attention in float64 on the CPU.
 
@@ -58,8 +59,8 @@ def reference_decode_attention(
     each scale one value or one per KV head (``[H_kv]``).
 
     For row ``b``, query head ``h`` (KV head ``h // (H_q // H_kv)``) and query ``t`` at position
-    ``p = seq_lens[b] - T_q + t``, the visible keys are ``j`` in ``[kv_start[b], p]`` (and where a bool
-    mask is True)::
+    ``p = seq_lens[b] - T_q + t``, the visible keys are ``j`` in ``[kv_start[b], p]``, within
+    ``p - window + 1 .. p`` with a sliding ``window`` (and where a bool mask is True)::
 
         s_j   = scale * <q[b, h, t], k[b, h_kv, j]> + additive_mask[b, h, t, j]
         lse   = log(sum_j exp(s_j))                 (natural log; -inf when nothing is visible)
@@ -87,6 +88,8 @@ def reference_decode_attention(
         scores = torch.einsum("htd,hjd->htj", qd[b], kd[b]) * scale  # [H_q, T_q, capacity]
         query_pos = lens[b] - q_len + torch.arange(q_len)  # [T_q]
         visible = (pos[None, :] >= starts[b]) & (pos[None, :] <= query_pos[:, None])  # [T_q, cap]
+        if window is not None:
+            visible = visible & (pos[None, :] > query_pos[:, None] - window)
         visible = visible[None].expand(num_q_heads, q_len, capacity)
         if full_mask is not None:
             if full_mask.dtype == torch.bool:

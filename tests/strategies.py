@@ -87,6 +87,7 @@ class Case:
     out_layout: str = "contiguous"
     scale: float | None = None
     seed: int = 0
+    window: int | None = None
 
     @property
     def name(self) -> str:
@@ -100,6 +101,8 @@ class Case:
             parts.append("kvstart")
         if self.mask_kind != "none":
             parts.append(f"mask{self.mask_kind}")
+        if self.window is not None:
+            parts.append(f"win{self.window}")
         parts.append(f"kv{self.kv_layout}_q{self.q_layout}_out{self.out_layout}")
         return "_".join(parts)
 
@@ -117,9 +120,11 @@ class Inputs:
     mask: torch.Tensor | None
     out: torch.Tensor  # poisoned with NaN
     scale: float | None
+    window: int | None = None
 
     def kwargs(self) -> dict:
-        return dict(kv_start=self.kv_start, mask=self.mask, scale=self.scale)
+        extra = {} if self.window is None else {"window": self.window}
+        return dict(kv_start=self.kv_start, mask=self.mask, scale=self.scale, **extra)
 
 
 # ---- building tensors ----
@@ -194,7 +199,7 @@ def make_inputs(case: Case, device: str) -> Inputs:
     if case.kv_start is not None:
         kv_start = torch.tensor(case.kv_start, dtype=torch.int32, device=device)
     mask = _mask_tensor(case, gen, device)
-    return Inputs(q, k, v, seq_lens, kv_start, mask, make_out(case, device), case.scale)
+    return Inputs(q, k, v, seq_lens, kv_start, mask, make_out(case, device), case.scale, case.window)
 
 
 def poison_unfilled(inputs: Inputs, case: Case, value: float = math.nan) -> None:
@@ -327,8 +332,10 @@ def cases(
     masks: bool = True,
     kv_start: bool = True,
     head_dims: tuple[int, ...] | None = None,
+    windows: bool = True,
 ) -> Case:
-    """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``)."""
+    """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``), a third
+    of them with a sliding window (1, tile and split edges, T_q, the capacity and past it)."""
     sz = sizes_for(device)
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
@@ -345,6 +352,10 @@ def cases(
     if kv_start and draw(st.booleans()):
         starts = tuple(_edge_or_any(draw, 0, n - q_len, [*BLOCK_EDGES, 64 + 1, n - q_len - 1]) for n in lens)
     spec = draw(_mask_spec((batch, num_q, q_len, capacity), dtype)) if masks else {}
+    window = None
+    if windows and draw(st.integers(0, 2)) == 0:
+        edges = [1, 2, q_len, q_len + 1, *BLOCK_EDGES, 17, 65, capacity // 3, capacity - 1, capacity]
+        window = _edge_or_any(draw, 1, capacity + 8, edges)
     return Case(
         batch=batch,
         num_q_heads=num_q,
@@ -360,6 +371,7 @@ def cases(
         out_layout=draw(st.sampled_from(OUT_LAYOUTS)),
         scale=draw(st.sampled_from((None, None, None, 0.3, 1.0))),
         seed=draw(st.integers(0, 2**31 - 1)),
+        window=window,
         **spec,
     )
 

@@ -425,3 +425,19 @@ def test_a_problem_hashes_once_and_copies_hash_afresh():
     for other in (copy.copy(p), pickle.loads(pickle.dumps(p)), DecodeProblem.from_tensors(q, k, v, lens)):
         assert "_hash" not in other.__dict__ and other == p and hash(other) == h
     assert hash(dataclasses.replace(p, capacity=CAP + 1)) != h
+
+
+@pytest.mark.parametrize("window", [0, -3, 1.5, True, "64", 2**31])
+def test_window_is_checked(window):
+    expect_error("window must be None or an int", repr(window), window=window)
+
+
+def test_cudnn_declines_a_window_with_the_reason():
+    from kvdecode.cudnn_graphs.backend import problem_reason
+
+    q, k = torch.randn(B, HQ, TQ, D, dtype=torch.bfloat16), torch.randn(B, HKV, CAP, D, dtype=torch.bfloat16)
+    lens = torch.tensor([CAP, 9], dtype=torch.int32)
+    problem = DecodeProblem.from_tensors(q, k, k, lens, window=8)
+    on_gpu = dataclasses.replace(problem, device=torch.device("cuda", 0))
+    assert "sliding window" in problem_reason(on_gpu)
+    assert problem_reason(dataclasses.replace(on_gpu, window=None)) is None

@@ -1,9 +1,9 @@
 """The float64 reference against an independent computation: torch SDPA on the exact slice.
 
 For each row ``b`` and query ``t`` the visible keys are the slice ``kv_start[b] .. seq_lens[b] - T_q + t``
-(README.md, "The call"). SDPA sees only that slice, one query at a time (so bottom-right causality is
-checked by construction, not by a mask), with GQA expanded by ``repeat_interleave``; its LSE is
-``logsumexp`` of the same float64 scores.
+(its last ``window`` keys with a sliding window; README.md, "The call"). SDPA sees only that slice, one
+query at a time (so bottom-right causality is checked by construction, not by a mask), with GQA expanded
+by ``repeat_interleave``; its LSE is ``logsumexp`` of the same float64 scores.
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
         start = 0 if kv_start is None else int(kv_start[b])
         for t in range(tq):
             stop = int(seq_lens[b]) - tq + t + 1  # query t sits at seq_len - T_q + t and sees itself
-            if stop <= start:
+            lo = start if case.window is None else max(start, stop - case.window)
+            if stop <= lo:
                 continue
             qs = q[b, :, t : t + 1].double()  # [H_q, 1, D]
-            ks = k[b, :, start:stop].double().repeat_interleave(group, dim=0)  # [H_q, n, D]
-            vs = v[b, :, start:stop].double().repeat_interleave(group, dim=0)
+            ks = k[b, :, lo:stop].double().repeat_interleave(group, dim=0)  # [H_q, n, D]
+            vs = v[b, :, lo:stop].double().repeat_interleave(group, dim=0)
             scores = (qs @ ks.transpose(-1, -2)) * scale  # [H_q, 1, n]
             attn = None
             if full_mask is not None:
-                attn = full_mask[b, :, t : t + 1, start:stop]
+                attn = full_mask[b, :, t : t + 1, lo:stop]
                 if attn.dtype != torch.bool:
                     attn = attn.double()
                     scores = scores + attn

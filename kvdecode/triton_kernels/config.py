@@ -131,7 +131,7 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
         return None
     p = problem
     family = family_key(p.num_q_heads, p.num_kv_heads, p.head_dim, p.q_len, p.dtype_name)
-    found = table.tuned_point(family, p.batch, p.capacity)
+    found = table.tuned_point(family, p.batch, p.reach)  # a window reads like a capacity of its reach
     if found is None:
         return None
     batch, length, point = found
@@ -144,17 +144,27 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
 
 
 def cap_splits(problem: DecodeProblem, splits: int, block_n: int) -> int:
-    """Clamp a split count to 1..MAX_SPLITS, to the tiles in the capacity, and so that the merge's
+    """Clamp a split count to 1..MAX_SPLITS, to the tiles a row can touch, and so that the merge's
     ``[splits, BLOCK_D]`` fp32 tile stays in registers."""
     block_d = tile_shape(problem)[1]
-    return max(1, min(splits, MAX_SPLITS, 16384 // block_d, triton.cdiv(problem.capacity, block_n)))
+    return max(1, min(splits, MAX_SPLITS, 16384 // block_d, row_tiles(problem, block_n)))
+
+
+def row_tiles(problem: DecodeProblem, block_n: int) -> int:
+    """The K/V tiles one row can touch: the capacity's, or a sliding window's (one more: a window need
+    not start on a tile boundary)."""
+    tiles = triton.cdiv(problem.capacity, block_n)
+    if problem.window is None:
+        return tiles
+    return min(tiles, triton.cdiv(problem.reach, block_n) + 1)
 
 
 def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
     """Pick a configuration from the problem's shape and the SM count (no device values are read).
 
-    Enough splits to put ``WAVES`` CTAs on every SM, but never more than there are ``block_n`` tiles in
-    the capacity, and one split (no merge) once the batch and heads alone fill the GPU.
+    Enough splits to put ``WAVES`` CTAs on every SM, but never more than there are ``block_n`` tiles a
+    row can touch (the capacity's, or a window's), and one split (no merge) once the batch and heads
+    alone fill the GPU.
     """
     sms = sm_count(problem.device) if sm_count_ is None else sm_count_
     block_m, block_d = tile_shape(problem)

@@ -16,9 +16,11 @@ and the merge combines the splits with LSE weights::
 
     LSE2_i = log2 sum_s 2^LSE2_si,   out_i = sum_s 2^(LSE2_si - LSE2_i) O_si
 
-Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``seq_lens[b] - T_q + t``; it sees
-keys ``kv_start[b] <= j <= seq_lens[b] - T_q + t`` (bottom-right causal). A row with nothing visible writes
-zeros and ``LSE = -inf``. With ``num_splits == 1`` the split kernel writes the final output itself.
+Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``p = seq_lens[b] - T_q + t``; it
+sees keys ``kv_start[b] <= j <= p`` (bottom-right causal), and with a sliding window only
+``j >= p - window + 1``: the tiles before the first query's window are never read. A row with nothing
+visible writes zeros and ``LSE = -inf``. With ``num_splits == 1`` the split kernel writes the final output
+itself.
 """
 
 from __future__ import annotations
@@ -103,19 +105,22 @@ def _tile_update(
     lo,
     hi,
     q_pos0,
+    win_lo0,
     mask_row_ptr,
     stride_mask_n,
     qk_scale,
     M: tl.constexpr,
     T_Q: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
+    HAS_WINDOW: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One K/V tile of the online softmax, in base 2; returns ``(acc, m, l)``.
 
-    Key ``j`` is visible to row ``i`` (token ``t = i % T_Q``) when ``lo <= j < hi`` and
-    ``j <= q_pos0 + t`` (bottom-right causal), and where a bool mask is True.
+    Key ``j`` is visible to row ``i`` (token ``t = i % T_Q``) when ``lo <= j < hi``,
+    ``j <= q_pos0 + t`` (bottom-right causal), ``j >= win_lo0 + t`` with a window (for T_Q = 1 ``lo``
+    already says so), and where a bool mask is True.
     """
     if INTERP_BF16:
         s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision=DOT_PRECISION)
@@ -125,6 +130,8 @@ def _tile_update(
     visible = ((offs_n >= lo) & (offs_n < hi))[None, :]
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] >= win_lo0 + (offs_m % T_Q)[:, None])
     row_ok = (offs_m < M)[:, None]  # padded query rows point past the last head: never load for them
     if MASK_KIND == 1:
         mvals = tl.load(
@@ -149,7 +156,7 @@ def _tile_update(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def split_kv_kernel(
     Out,
     stride_ob,
@@ -183,6 +190,7 @@ def split_kv_kernel(
     VScale,  # float32 [1] or [H_kv]: dequantizes fp8 V
     qk_scale,  # scale * log2(e)
     capacity,
+    window,  # sliding window (keys a query sees, itself included); used when HAS_WINDOW
     num_splits,  # programs per (row, KV head) on grid axis 0; run time, so it never recompiles
     SINGLE: tl.constexpr,  # num_splits == 1: write the output directly (a variant of its own: no merge)
     H_KV: tl.constexpr,
@@ -193,6 +201,7 @@ def split_kv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_KV_START: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     MASK_KIND: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     INTERP_BF16: tl.constexpr,
@@ -244,6 +253,11 @@ def split_kv_kernel(
     tile = split
     if HAS_KV_START:
         lo = tl.minimum(tl.maximum(tl.load(KvStart + b), 0), seq_len)
+    win_lo0 = 0
+    if HAS_WINDOW:  # the first key the first query may see; the tiles before it are skipped
+        win_lo0 = seq_len - T_Q - window + 1
+        lo = tl.maximum(lo, tl.minimum(tl.maximum(win_lo0, 0), seq_len))
+    if HAS_KV_START or HAS_WINDOW:
         tile = lo // BLOCK_N + split
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     in_cache = offs_n[:, None] < capacity
@@ -273,8 +287,8 @@ def split_kv_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _tile_update(
-        acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
-        qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+        acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
+        stride_mn, qk_scale, M, T_Q, MASK_KIND, HAS_WINDOW, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
     step = 1 if SINGLE else num_splits
     for t in range(tile + step, tl.cdiv(seq_len, BLOCK_N), step):
@@ -284,8 +298,8 @@ def split_kv_kernel(
         v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
         k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
         acc, m_i, l_i = _tile_update(
-            acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, mask_row_ptr, stride_mn,
-            qk_scale, M, T_Q, MASK_KIND, INTERP_BF16, DOT_PRECISION,
+            acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
+            stride_mn, qk_scale, M, T_Q, MASK_KIND, HAS_WINDOW, INTERP_BF16, DOT_PRECISION,
         )  # fmt: skip
 
     has_any = l_i > 0.0

@@ -248,6 +248,62 @@ def test_unfilled_cache_slots_do_not_leak(device, data):
     check_all(case, out, lse, ref_out, ref_lse)
 
 
+# ---- sliding windows ----
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_window_of_one_returns_each_querys_own_value(device, q_len):
+    """window = 1: every query sees only its own key, so the output is that key's V row exactly and the
+    LSE its scaled score; unfilled slots and the keys before the window hold NaN and must not matter."""
+    case = Case(2, 4, 2, 32, q_len, 80, torch.float32, (q_len + 4, 80), kv_start=(0, 30), seed=3, window=1)
+    x = make_inputs(case, device)
+    pos = [n - q_len + t for n in case.seq_lens for t in range(q_len)]
+    for b, n in enumerate(case.seq_lens):
+        first = n - q_len
+        x.k[b, :, :first] = math.nan  # before every query's window
+        x.v[b, :, :first] = math.nan
+        x.k[b, :, n:] = math.nan  # unfilled
+        x.v[b, :, n:] = math.nan
+    out, lse = run_triton(case, x)
+    for b in range(2):
+        for t in range(q_len):
+            p = pos[b * q_len + t]
+            want = x.v[b, :, p].repeat_interleave(2, dim=0)  # [H_q, D]
+            assert torch.equal(out[b, :, t], want), (b, t)
+            score = (x.q[b, :, t] * x.k[b, :, p].repeat_interleave(2, dim=0)).sum(-1) / math.sqrt(32)
+            torch.testing.assert_close(lse[b, :, t], score, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_window_as_long_as_the_rows_changes_nothing(device):
+    """window >= every query's position + 1: the same result as no window, bit for bit."""
+    case = Case(2, 8, 2, 64, 2, 130, torch.float32, (130, 77), kv_start=(0, 5), seed=4)
+    x = make_inputs(case, device)
+    base, base_lse = run_triton(case, x)
+    base, base_lse = base.clone(), base_lse.clone()
+    for window in (130, 131, 10**6):
+        x.out.fill_(math.nan)
+        out, lse = run_triton(with_(case, window=window), x, window=window)
+        assert torch.equal(out, base) and torch.equal(lse, base_lse), window
+
+
+def test_a_window_caps_the_split_count_at_its_tiles():
+    """The configuration is sized for the window's tiles, not the capacity's: a short window in a long
+    cache gets the splits of a short row (the split loop then starts at the window's first tile)."""
+    from kvdecode.triton_kernels.config import heuristic_config, row_tiles
+
+    q = torch.randn(1, 32, 1, 128)
+    k = torch.randn(1, 8, 1 << 15, 128)
+    lens = torch.tensor([1 << 15], dtype=torch.int32)
+    full = DecodeProblem.from_tensors(q, k, k, lens)
+    windowed = DecodeProblem.from_tensors(q, k, k, lens, window=100)
+    assert windowed.reach == 100 and full.reach == 1 << 15
+    assert row_tiles(windowed, 64) == 3 and row_tiles(full, 64) == 512  # 100 keys touch at most 3 tiles
+    assert heuristic_config(windowed, 132).num_splits <= 3 < heuristic_config(full, 132).num_splits
+    assert "win100" in windowed.name
+
+
 # ---- head dims below 16: served correctly or refused ----
 
 
