@@ -31,6 +31,7 @@ def decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention of a few new query tokens against a fixed-capacity KV cache.
 
@@ -38,7 +39,7 @@ def decode_attention(
     ``kv_start[b] .. p`` (bottom-right causal), with a sliding ``window`` only ``p - window + 1 .. p``,
     further restricted by ``mask``::
 
-        out[b, h, t] = softmax_j(scale * q[b, h, t] . k[b, h // G, j] + mask) @ v[b, h // G, j]
+        out[b, h, t] = softmax_j(cap(scale * q[b, h, t] . k[b, h // G, j]) + mask) @ v[b, h // G, j]
 
     with ``G = H_q // H_kv`` (GQA; MQA when ``H_kv = 1``). Lengths are read on the device: no host
     sync, no recompilation as they change.
@@ -63,6 +64,9 @@ def decode_attention(
         Sliding window (Mistral, Gemma 2/3, gpt-oss layers): each query sees its last ``window`` keys,
         itself included. The Triton kernel reads only the tiles the window covers, so the time follows
         the window, not the filled length; cuDNN does not take it (``auto`` picks Triton).
+    softcap : float, optional
+        Logit softcapping (Gemma 2): ``cap(x) = softcap * tanh(x / softcap)`` on the scaled scores, before
+        the mask (``cap(x) = x`` without it). Triton only, like ``window``.
     backend : {"auto", "triton", "cudnn", "reference"}
         ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
         :class:`~kvdecode.UnsupportedError`.
@@ -117,7 +121,7 @@ def decode_attention(
     for flag, value in (("return_lse", return_lse), ("validate", validate), ("deterministic", deterministic)):
         check_flag(flag, value)
     problem = problem_for_tensors(
-        q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window
+        q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap
     )
     # a contiguous out of a plain call in a few comparisons (the inputs made the problem); else in full
     plain = kv_start is None and mask is None and k_scale is None and v_scale is None
@@ -140,7 +144,17 @@ def _meta(t: torch.Tensor | None) -> tuple | None:
 
 
 def problem_for_tensors(
-    q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale=None, v_scale=None, window=None
+    q,
+    k_cache,
+    v_cache,
+    seq_lens,
+    scale,
+    kv_start,
+    mask,
+    k_scale=None,
+    v_scale=None,
+    window=None,
+    softcap=None,
 ) -> DecodeProblem:
     """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
     metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
@@ -149,11 +163,13 @@ def problem_for_tensors(
     try:
         if scale is not None and type(scale) is not float and type(scale) is not int:
             raise TypeError("no alias for this scale type")
-        if window is not None and type(window) is not int:
-            raise TypeError("no alias for this window type")  # from_tensors names it
+        if (window is not None and type(window) is not int) or (
+            softcap is not None and type(softcap) is not float and type(softcap) is not int
+        ):
+            raise TypeError("no alias for this window or softcap type")  # from_tensors names it
         alias = (
             "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
-            _meta(mask), scale, _meta(k_scale), _meta(v_scale), window,
+            _meta(mask), scale, _meta(k_scale), _meta(v_scale), window, softcap,
             q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
         )  # fmt: skip
         found = PLANS.problem_for(alias)
@@ -163,7 +179,7 @@ def problem_for_tensors(
         return found
     problem = DecodeProblem.from_tensors(
         q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask,
-        k_scale=k_scale, v_scale=v_scale, window=window,
+        k_scale=k_scale, v_scale=v_scale, window=window, softcap=softcap,
     )  # fmt: skip
     if alias is not None:
         PLANS.remember(alias, problem)

@@ -57,7 +57,7 @@ class _ReferenceLauncher:
         k_scale, v_scale = scales if scales is not None else (None, None)
         ref_out, ref_lse = reference_decode_attention(
             q, k_cache, v_cache, seq_lens, scale=self.problem.scale, kv_start=kv_start, mask=mask,
-            k_scale=k_scale, v_scale=v_scale, window=self.problem.window,
+            k_scale=k_scale, v_scale=v_scale, window=self.problem.window, softcap=self.problem.softcap,
         )  # fmt: skip
         out.copy_(ref_out.to(out.device, out.dtype))
         if lse is not None:

@@ -227,6 +227,7 @@ def explain(
     max_seq_len: int | None = None,
     deterministic: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Choice:
     """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
 
@@ -243,6 +244,14 @@ def explain(
     'triton'
     """
     problem = DecodeProblem.from_tensors(
-        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask, window=window
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        scale=scale,
+        kv_start=kv_start,
+        mask=mask,
+        window=window,
+        softcap=softcap,
     )
     return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens, deterministic=deterministic)

@@ -74,6 +74,7 @@ class DecodeProblem:
     kv_dtype: torch.dtype | None = None  # the caches' dtype when it is not q's (fp8 K/V)
     kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
     window: int | None = None  # sliding window: query at p sees keys p - window + 1 .. p (and kv_start..)
+    softcap: float | None = None  # logit softcapping: scores pass through softcap * tanh(s / softcap)
 
     def __hash__(self) -> int:
         """The fields' hash, computed once: a problem keys the plan cache and its routes on every call."""
@@ -125,6 +126,8 @@ class DecodeProblem:
             parts.append(f"scale{self.kv_scale_kind.replace('_', '')}")
         if self.window is not None:
             parts.append(f"win{self.window}")
+        if self.softcap is not None:
+            parts.append(f"softcap{self.softcap:g}")
         return "_".join(parts)
 
     def kv_bytes(self, seq_len: int) -> int:
@@ -147,6 +150,7 @@ class DecodeProblem:
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> DecodeProblem:
         """Validate the tensors of one call and describe them.
 
@@ -163,6 +167,9 @@ class DecodeProblem:
         window : int, optional
             Sliding window: query ``t`` (at position ``p = seq_lens[b] - T_q + t``) sees keys
             ``max(kv_start[b], p - window + 1) .. p``; ``window >= 1``.
+        softcap : float, optional
+            Logit softcapping (Gemma 2): the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the (additive) mask and the softmax; ``softcap > 0``.
 
         Returns
         -------
@@ -214,7 +221,8 @@ class DecodeProblem:
         scale_kind = check_kv_scales(k_scale, v_scale, k_cache.dtype, num_kv_heads, device)
         if out is not None:
             check_out(out, q)
-        _check_window(window)
+        check_window(window)
+        softcap = check_softcap(softcap)
         return cls(
             batch=batch,
             num_q_heads=num_q_heads,
@@ -236,6 +244,7 @@ class DecodeProblem:
             kv_dtype=None if k_cache.dtype == q.dtype else k_cache.dtype,
             kv_scale_kind=scale_kind,
             window=window,
+            softcap=softcap,
         )
 
 
@@ -394,7 +403,8 @@ def check_out(out: object, q: torch.Tensor) -> None:
     _check_unit_last_stride("out", out)
 
 
-def _check_window(window: object) -> None:
+def check_window(window: object) -> None:
+    """``window`` must be None or an int >= 1 (a sliding window: the keys a query sees, itself included)."""
     if window is None:
         return
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window < 2**31:
@@ -402,6 +412,19 @@ def _check_window(window: object) -> None:
             f"window must be None or an int in 1..2**31-1 (keys a query sees, itself included), "
             f"got {window!r}; pass the model's sliding window, e.g. 4096"
         )
+
+
+def check_softcap(softcap: object) -> float | None:
+    """``softcap`` must be None or a positive finite number; returned as a float."""
+    if softcap is None:
+        return None
+    ok = isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and math.isfinite(softcap)
+    if not ok or softcap <= 0:
+        raise KVDecodeError(
+            f"softcap must be None or a positive finite float, got {softcap!r}; pass the model's "
+            "attention logit softcap, e.g. 50.0"
+        )
+    return float(softcap)
 
 
 def _check_scale(scale: float | None, head_dim: int) -> float:

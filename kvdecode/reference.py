@@ -52,6 +52,7 @@ def reference_decode_attention(
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Decode attention in float64 on the CPU.
 
@@ -62,7 +63,8 @@ def reference_decode_attention(
     ``p = seq_lens[b] - T_q + t``, the visible keys are ``j`` in ``[kv_start[b], p]``, within
     ``p - window + 1 .. p`` with a sliding ``window`` (and where a bool mask is True)::
 
-        s_j   = scale * <q[b, h, t], k[b, h_kv, j]> + additive_mask[b, h, t, j]
+        s_j   = cap(scale * <q[b, h, t], k[b, h_kv, j]>) + additive_mask[b, h, t, j]
+        cap(x) = softcap * tanh(x / softcap)   (x itself without softcap)
         lse   = log(sum_j exp(s_j))                 (natural log; -inf when nothing is visible)
         out   = sum_j exp(s_j - lse) * v[b, h_kv, j] (zeros when nothing is visible)
 
@@ -86,6 +88,8 @@ def reference_decode_attention(
     pos = torch.arange(capacity)
     for b in range(batch):
         scores = torch.einsum("htd,hjd->htj", qd[b], kd[b]) * scale  # [H_q, T_q, capacity]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         query_pos = lens[b] - q_len + torch.arange(q_len)  # [T_q]
         visible = (pos[None, :] >= starts[b]) & (pos[None, :] <= query_pos[:, None])  # [T_q, cap]
         if window is not None:

@@ -43,7 +43,7 @@ from .api import check_lengths, problem_for_tensors
 from .errors import KVDecodeError
 from .plan import DecodePlan, plan
 from .planner import check_backend_name
-from .problem import SUPPORTED_DTYPES, capturing
+from .problem import SUPPORTED_DTYPES, capturing, check_softcap, check_window
 from .quant import cache_scales
 
 __all__ = ["StaticKVCache"]
@@ -71,6 +71,11 @@ class StaticKVCache:
         Keep a device ``kv_start`` (int32 ``[B]``, zeros): keys before ``kv_start[b]`` are masked.
     scale : float, optional
         Score scale of :meth:`attend`; ``1 / sqrt(D)`` by default.
+    window : int, optional
+        Sliding window of :meth:`attend` (every query sees its last ``window`` keys, itself included);
+        see :func:`kvdecode.decode_attention`.
+    softcap : float, optional
+        Logit softcap of :meth:`attend` (``softcap * tanh(s / softcap)`` on the scaled scores).
     backend : {"auto", "triton", "cudnn", "reference"}
         Backend of the plans :meth:`attend` makes (one per query shape, made on first use).
     deterministic : bool
@@ -128,6 +133,8 @@ class StaticKVCache:
         validate: bool = False,
         k_scale: float | torch.Tensor | None = None,
         v_scale: float | torch.Tensor | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         sizes = {"num_layers": num_layers, "batch": batch, "num_kv_heads": num_kv_heads}
         sizes.update(capacity=capacity, head_dim=head_dim)
@@ -138,6 +145,8 @@ class StaticKVCache:
         self.num_layers, self.batch, self.num_kv_heads = num_layers, batch, num_kv_heads
         self.capacity, self.head_dim, self.dtype, self.layout = capacity, head_dim, dtype, layout
         self.scale, self.deterministic, self.validate = scale, deterministic, validate
+        check_window(window)
+        self.window, self.softcap = window, check_softcap(softcap)
         per_layer = (batch, num_kv_heads, capacity) if layout == "bhsd" else (batch, capacity, num_kv_heads)
         shape = (num_layers, *per_layer, head_dim)
         # One storage per K and per V for all layers: a layer's view is buf[i] (transposed for bshd).
@@ -299,7 +308,7 @@ class StaticKVCache:
             raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}; pass [B, H_q, T_q, D]")
         problem = problem_for_tensors(
             q, self._keys[0], self._values[0], self.seq_lens, self.scale, self.kv_start, mask,
-            self.k_scale, self.v_scale,
+            self.k_scale, self.v_scale, self.window, self.softcap,
         )  # fmt: skip
         backend, deterministic = self.backend, self.deterministic
         return plan(problem, backend=backend, deterministic=deterministic, max_seq_len=self.capacity)

@@ -88,6 +88,7 @@ class Case:
     scale: float | None = None
     seed: int = 0
     window: int | None = None
+    softcap: float | None = None
 
     @property
     def name(self) -> str:
@@ -103,6 +104,8 @@ class Case:
             parts.append(f"mask{self.mask_kind}")
         if self.window is not None:
             parts.append(f"win{self.window}")
+        if self.softcap is not None:
+            parts.append(f"softcap{self.softcap:g}")
         parts.append(f"kv{self.kv_layout}_q{self.q_layout}_out{self.out_layout}")
         return "_".join(parts)
 
@@ -121,9 +124,10 @@ class Inputs:
     out: torch.Tensor  # poisoned with NaN
     scale: float | None
     window: int | None = None
+    softcap: float | None = None
 
     def kwargs(self) -> dict:
-        extra = {} if self.window is None else {"window": self.window}
+        extra = {k: v for k, v in (("window", self.window), ("softcap", self.softcap)) if v is not None}
         return dict(kv_start=self.kv_start, mask=self.mask, scale=self.scale, **extra)
 
 
@@ -199,7 +203,8 @@ def make_inputs(case: Case, device: str) -> Inputs:
     if case.kv_start is not None:
         kv_start = torch.tensor(case.kv_start, dtype=torch.int32, device=device)
     mask = _mask_tensor(case, gen, device)
-    return Inputs(q, k, v, seq_lens, kv_start, mask, make_out(case, device), case.scale, case.window)
+    out = make_out(case, device)
+    return Inputs(q, k, v, seq_lens, kv_start, mask, out, case.scale, case.window, case.softcap)
 
 
 def poison_unfilled(inputs: Inputs, case: Case, value: float = math.nan) -> None:
@@ -335,7 +340,8 @@ def cases(
     windows: bool = True,
 ) -> Case:
     """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``), a third
-    of them with a sliding window (1, tile and split edges, T_q, the capacity and past it)."""
+    of them with a sliding window (1, tile and split edges, T_q, the capacity and past it) and a quarter
+    with a logit softcap (``windows=False`` leaves out both: what cuDNN cannot serve)."""
     sz = sizes_for(device)
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
@@ -356,6 +362,9 @@ def cases(
     if windows and draw(st.integers(0, 2)) == 0:
         edges = [1, 2, q_len, q_len + 1, *BLOCK_EDGES, 17, 65, capacity // 3, capacity - 1, capacity]
         window = _edge_or_any(draw, 1, capacity + 8, edges)
+    softcap = None
+    if windows and draw(st.integers(0, 3)) == 0:
+        softcap = draw(st.sampled_from((0.5, 5.0, 30.0, 50.0, 1e4)))  # Gemma 2: 50 (attention)
     return Case(
         batch=batch,
         num_q_heads=num_q,
@@ -372,6 +381,7 @@ def cases(
         scale=draw(st.sampled_from((None, None, None, 0.3, 1.0))),
         seed=draw(st.integers(0, 2**31 - 1)),
         window=window,
+        softcap=softcap,
         **spec,
     )
 

@@ -440,4 +440,16 @@ def test_cudnn_declines_a_window_with_the_reason():
     problem = DecodeProblem.from_tensors(q, k, k, lens, window=8)
     on_gpu = dataclasses.replace(problem, device=torch.device("cuda", 0))
     assert "sliding window" in problem_reason(on_gpu)
+    assert "softcap" in problem_reason(dataclasses.replace(on_gpu, window=None, softcap=50.0))
     assert problem_reason(dataclasses.replace(on_gpu, window=None)) is None
+
+
+@pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "50"])
+def test_softcap_is_checked(softcap):
+    expect_error("softcap must be None or a positive finite float", repr(softcap), softcap=softcap)
+
+
+def test_static_cache_checks_window_and_softcap_when_made():
+    for bad in (dict(window=0), dict(softcap=-2.0)):
+        with pytest.raises(KVDecodeError, match=r"(window|softcap) must be"):
+            kvdecode.StaticKVCache(1, batch=1, num_kv_heads=1, capacity=16, head_dim=16, device="cpu", **bad)

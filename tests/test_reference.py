@@ -53,6 +53,8 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
             ks = k[b, :, lo:stop].double().repeat_interleave(group, dim=0)  # [H_q, n, D]
             vs = v[b, :, lo:stop].double().repeat_interleave(group, dim=0)
             scores = (qs @ ks.transpose(-1, -2)) * scale  # [H_q, 1, n]
+            if case.softcap is not None:
+                scores = case.softcap * torch.tanh(scores / case.softcap)
             attn = None
             if full_mask is not None:
                 attn = full_mask[b, :, t : t + 1, lo:stop]
@@ -62,7 +64,10 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
                 else:
                     scores = scores.masked_fill(~attn, -math.inf)
             row_lse = torch.logsumexp(scores, dim=-1)[:, 0]  # [H_q]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn, scale=scale)[:, 0]
+            if case.softcap is None:
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn, scale=scale)[:, 0]
+            else:  # SDPA has no softcap: the softmax of the capped (and masked) scores, written out
+                o = (torch.softmax(scores, dim=-1) @ vs)[:, 0]
             seen = torch.isfinite(row_lse)
             out[b, :, t] = torch.where(seen[:, None], o, 0.0)  # SDPA gives NaN where nothing is visible
             lse[b, :, t] = row_lse

@@ -209,6 +209,25 @@ def test_left_padded_attend_and_plans_are_shared():
     assert isinstance(cache.plan_for(q), kvdecode.DecodePlan)
 
 
+def test_window_and_softcap_reach_attend():
+    """A cache made with a sliding window and a logit softcap (a Gemma-2 local layer) attends with both."""
+    gen = torch.Generator().manual_seed(8)
+    cache = make_cache(num_kv_heads=1, capacity=48, window=5, softcap=2.0)
+    for layer in range(2):
+        cache.keys(layer).copy_(torch.randn(cache.keys(layer).shape, generator=gen))
+        cache.values(layer).copy_(torch.randn(cache.values(layer).shape, generator=gen))
+    cache.set_lengths([3, 17, 40])
+    q = torch.randn(3, 3, 2, 16, generator=gen) * 3
+    out = cache.attend(1, q)
+    ref, _ = reference_decode_attention(
+        q, cache.keys(1), cache.values(1), cache.seq_lens, window=5, softcap=2.0
+    )
+    check_close(out, ref, torch.float32, "window 5, softcap 2", 8)
+    plain, _ = reference_decode_attention(q, cache.keys(1), cache.values(1), cache.seq_lens)
+    assert not torch.allclose(out.double(), plain, atol=1e-3)  # both took effect
+    assert cache.plan_for(q).problem.window == 5 and cache.plan_for(q).problem.softcap == 2.0
+
+
 def test_attend_with_a_query_the_cache_cannot_serve_raises():
     cache = make_cache()
     with pytest.raises(KVDecodeError, match=r"k_cache.dtype must equal q.dtype"):

@@ -91,8 +91,9 @@ class SplitKVLauncher:
         common = [p.num_kv_heads, p.group_size, p.q_len, p.head_dim]  # H_KV, GROUP, T_Q, HEAD_DIM
         self._mask_strides = list(p.mask_strides or (0, 0, 0, 0))
         self._split_tail = [
-            p.scale * LOG2E_CONST, p.capacity, p.window or 0, splits, splits == 1, *common, block_m,
-            cfg.block_n, block_d, p.has_kv_start, p.window is not None, _MASK_KIND[p.mask_kind],
+            p.scale * LOG2E_CONST, p.capacity, p.window or 0, p.softcap or 1.0, splits, splits == 1, *common,
+            block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
+            _MASK_KIND[p.mask_kind],
         ]  # fmt: skip
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND
         self._split_end = [

@@ -8,7 +8,8 @@ a new batch size or capacity that changes it reuses the compiled kernels; the me
 ``SPLITS_P2`` (a compile-time bucket, see ``launcher.merge_bucket``) splits. Split ``s`` computes, in
 base 2 (``exp2``/``log2`` are the fast hardware paths; ``1.44269504 = 1/ln 2`` converts)::
 
-    s_ij  = scale * log2(e) * <q_i, k_j>  (+ log2(e) * additive mask)       j in split s, visible to i
+    s_ij  = log2(e) * cap(scale * <q_i, k_j>)  (+ log2(e) * additive mask)  j in split s, visible to i
+            cap(x) = softcap * tanh(x / softcap) with a logit softcap, else x
     m_i   = max_j s_ij,  l_i = sum_j 2^(s_ij - m_i)
     O_si  = sum_j 2^(s_ij - m_i) v_j / l_i,   LSE2_si = m_i + log2(l_i)
 
@@ -41,6 +42,17 @@ def _to_out(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 to a few ulp, with Triton ops only (libdevice is not the interpreter's): the odd Taylor
+    series below 1/8, where ``1 - 2 / (e^2x + 1)`` would cancel, that form above. -inf gives -1 (masked
+    scores are set to -inf after the cap anyway)."""
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))  # error < x^9 / 45
+    large = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # e^(2x) = 2^(2x log2(e))
+    return tl.where(tl.abs(x) < 0.125, small, large)
 
 
 @triton.jit
@@ -109,10 +121,12 @@ def _tile_update(
     mask_row_ptr,
     stride_mask_n,
     qk_scale,
+    softcap,
     M: tl.constexpr,
     T_Q: tl.constexpr,
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -127,6 +141,9 @@ def _tile_update(
     else:
         s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
     s = s * qk_scale
+    if HAS_SOFTCAP:  # base 2: s = log2(e) x, so log2(e) cap(x) = c2 tanh(s / c2), c2 = log2(e) softcap
+        c2 = softcap * 1.4426950408889634
+        s = c2 * _tanh(s / c2)
     visible = ((offs_n >= lo) & (offs_n < hi))[None, :]
     if T_Q > 1:
         visible = visible & (offs_n[None, :] <= q_pos0 + (offs_m % T_Q)[:, None])
@@ -156,7 +173,7 @@ def _tile_update(
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["window", "num_splits"])
+@triton.jit(do_not_specialize=["window", "softcap", "num_splits"])
 def split_kv_kernel(
     Out,
     stride_ob,
@@ -191,6 +208,7 @@ def split_kv_kernel(
     qk_scale,  # scale * log2(e)
     capacity,
     window,  # sliding window (keys a query sees, itself included); used when HAS_WINDOW
+    softcap,  # logit softcap (natural-log units); used when HAS_SOFTCAP
     num_splits,  # programs per (row, KV head) on grid axis 0; run time, so it never recompiles
     SINGLE: tl.constexpr,  # num_splits == 1: write the output directly (a variant of its own: no merge)
     H_KV: tl.constexpr,
@@ -202,6 +220,7 @@ def split_kv_kernel(
     BLOCK_D: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     INTERP_BF16: tl.constexpr,
@@ -288,7 +307,7 @@ def split_kv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _tile_update(
         acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
-        stride_mn, qk_scale, M, T_Q, MASK_KIND, HAS_WINDOW, INTERP_BF16, DOT_PRECISION,
+        stride_mn, qk_scale, softcap, M, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16, DOT_PRECISION,
     )  # fmt: skip
     step = 1 if SINGLE else num_splits
     for t in range(tile + step, tl.cdiv(seq_len, BLOCK_N), step):
@@ -299,7 +318,8 @@ def split_kv_kernel(
         k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
         acc, m_i, l_i = _tile_update(
             acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
-            stride_mn, qk_scale, M, T_Q, MASK_KIND, HAS_WINDOW, INTERP_BF16, DOT_PRECISION,
+            stride_mn, qk_scale, softcap, M, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16,
+            DOT_PRECISION,
         )  # fmt: skip
 
     has_any = l_i > 0.0

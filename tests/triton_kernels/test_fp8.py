@@ -45,10 +45,19 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
     scales = {} if kind == "none" else dict(k_scale=k_scale, v_scale=v_scale)
     out, lse = kvdecode.decode_attention(
         x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
-        backend="triton", return_lse=True, window=x.window, **scales,
+        backend="triton", return_lse=True, window=x.window, softcap=x.softcap, **scales,
     )  # fmt: skip
     ref, ref_lse = reference_decode_attention(
-        x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, window=x.window, **scales
+        x.q,
+        k8,
+        v8,
+        x.seq_lens,
+        scale=x.scale,
+        kv_start=x.kv_start,
+        mask=x.mask,
+        window=x.window,
+        softcap=x.softcap,
+        **scales,
     )
     problem = kvdecode.DecodeProblem.from_tensors(x.q, k8, v8, x.seq_lens, kv_start=x.kv_start,
                                                   mask=x.mask, **scales)  # fmt: skip
@@ -218,11 +227,11 @@ def test_gpu_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, 
     v8, v_scale = quantize(x.v, fp8, per_head)
     out, lse = kvdecode.decode_attention(
         x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
-        k_scale=k_scale, v_scale=v_scale, return_lse=True, window=x.window,
+        k_scale=k_scale, v_scale=v_scale, return_lse=True, window=x.window, softcap=x.softcap,
     )  # fmt: skip
     ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start,
                                               mask=x.mask, k_scale=k_scale, v_scale=v_scale,
-                                              window=x.window)  # fmt: skip
+                                              window=x.window, softcap=x.softcap)  # fmt: skip
     check_close(out, ref, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
     check_lse(lse, ref_lse, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
 
