@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import KVDecodeError
-from .problem import DecodeProblem
+from .problem import DecodeProblem, check_sinks
 from .quant import check_kv_scales
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "check_inputs",
     "check_outputs_disjoint",
     "check_scales",
+    "check_sinks_given",
     "contiguous_strides",
     "extent",
     "inputs_match",
@@ -74,11 +75,12 @@ def self_overlapping(t: torch.Tensor) -> bool:
     return torch._debug_has_internal_overlap(t) != 0  # 0: none; 1: yes; 2: too hard to tell (refused)
 
 
-def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=None) -> dict:
+def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=None, sinks=None) -> dict:
     """The tensors a call reads, by argument name: what its outputs must not overlap."""
     inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens}
     k_scale, v_scale = scales if scales is not None else (None, None)
     extra = (("kv_start", kv_start), ("mask", mask), ("k_scale", k_scale), ("v_scale", v_scale))
+    extra += (("sinks", sinks),)
     inputs.update({n: t for n, t in extra if isinstance(t, torch.Tensor)})
     return inputs
 
@@ -133,6 +135,17 @@ def check_scales(p: DecodeProblem, k_scale, v_scale) -> None:
             f"k_scale/v_scale are of kind {kind!r} but the plan was made for {p.kv_scale_kind!r}; "
             "pass them as planned or make a new plan"
         )
+
+
+def check_sinks_given(p: DecodeProblem, sinks) -> None:
+    """``sinks`` given exactly when planned, and as ``DecodeProblem.from_tensors`` checks them."""
+    if (sinks is not None) != p.has_sinks:
+        raise KVDecodeError(
+            f"sinks is {'given' if sinks is not None else 'None'} but the plan was made "
+            f"{'with' if p.has_sinks else 'without'} them; make a new plan"
+        )
+    if sinks is not None:
+        check_sinks(sinks, p.num_q_heads, p.device)
 
 
 def check_buffers(p: DecodeProblem, out, lse) -> None:
@@ -253,7 +266,7 @@ def signature(p: DecodeProblem) -> Signature:
         out=out,
         lse=lse,
         device_index=p.device.index if p.device.type == "cuda" else -1,
-        plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none",
+        plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none" and not p.has_sinks,
         extents=extents,
         lens_bytes=4 * p.batch,
     )

@@ -32,6 +32,7 @@ def decode_attention(
     v_scale: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention of a few new query tokens against a fixed-capacity KV cache.
 
@@ -67,6 +68,10 @@ def decode_attention(
     softcap : float, optional
         Logit softcapping (Gemma 2): ``cap(x) = softcap * tanh(x / softcap)`` on the scaled scores, before
         the mask (``cap(x) = x`` without it). Triton only, like ``window``.
+    sinks : float32 Tensor ``[H_q]``, optional
+        Attention sinks (gpt-oss): one logit per query head added to the softmax's denominator (it takes
+        a share of the attention and gives back no value); the LSE includes it, so a query that sees
+        nothing gets zeros and ``LSE = sinks[h]``. Triton only.
     backend : {"auto", "triton", "cudnn", "reference"}
         ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
         :class:`~kvdecode.UnsupportedError`.
@@ -121,13 +126,13 @@ def decode_attention(
     for flag, value in (("return_lse", return_lse), ("validate", validate), ("deterministic", deterministic)):
         check_flag(flag, value)
     problem = problem_for_tensors(
-        q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap
+        q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap, sinks
     )
     # a contiguous out of a plain call in a few comparisons (the inputs made the problem); else in full
-    plain = kv_start is None and mask is None and k_scale is None and v_scale is None
+    plain = kv_start is None and mask is None and k_scale is None and v_scale is None and sinks is None
     if out is not None and not (plain and outputs_ok(signature(problem), q, k_cache, v_cache, seq_lens, out)):
         check_out(out, q)
-        inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale))
+        inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale), sinks)
         check_outputs_disjoint({"out": out}, inputs)
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
@@ -136,7 +141,9 @@ def decode_attention(
     the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
     scales = None if problem.kv_scale_kind == "none" else (k_scale, v_scale)
-    return the_plan._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse, scales)
+    return the_plan._launch(
+        q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse, scales, sinks
+    )
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
@@ -155,6 +162,7 @@ def problem_for_tensors(
     v_scale=None,
     window=None,
     softcap=None,
+    sinks=None,
 ) -> DecodeProblem:
     """``DecodeProblem.from_tensors`` for these tensors, looked up (an alias in the plan cache) by their
     metadata when a call with the same shapes, strides, dtypes, devices, alignment and scale was
@@ -169,7 +177,7 @@ def problem_for_tensors(
             raise TypeError("no alias for this window or softcap type")  # from_tensors names it
         alias = (
             "problem", _meta(q), _meta(k_cache), _meta(v_cache), _meta(seq_lens), _meta(kv_start),
-            _meta(mask), scale, _meta(k_scale), _meta(v_scale), window, softcap,
+            _meta(mask), scale, _meta(k_scale), _meta(v_scale), window, softcap, _meta(sinks),
             q.data_ptr() % 16 == 0 and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0,
         )  # fmt: skip
         found = PLANS.problem_for(alias)
@@ -179,7 +187,7 @@ def problem_for_tensors(
         return found
     problem = DecodeProblem.from_tensors(
         q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask,
-        k_scale=k_scale, v_scale=v_scale, window=window, softcap=softcap,
+        k_scale=k_scale, v_scale=v_scale, window=window, softcap=softcap, sinks=sinks,
     )  # fmt: skip
     if alias is not None:
         PLANS.remember(alias, problem)

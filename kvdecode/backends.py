@@ -30,6 +30,7 @@ class Launcher(Protocol):
         out: torch.Tensor,
         lse: torch.Tensor | None,
         scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # fp8 caches: (k_scale, v_scale)
+        sinks: torch.Tensor | None = None,  # float32 [H_q] attention sinks (passed only when planned)
     ) -> None: ...
 
 
@@ -51,13 +52,16 @@ class _ReferenceLauncher:
     def __init__(self, problem: DecodeProblem) -> None:
         self.problem = problem
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
+    def __call__(
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+    ) -> None:
         from .reference import reference_decode_attention
 
         k_scale, v_scale = scales if scales is not None else (None, None)
         ref_out, ref_lse = reference_decode_attention(
             q, k_cache, v_cache, seq_lens, scale=self.problem.scale, kv_start=kv_start, mask=mask,
             k_scale=k_scale, v_scale=v_scale, window=self.problem.window, softcap=self.problem.softcap,
+            sinks=sinks,
         )  # fmt: skip
         out.copy_(ref_out.to(out.device, out.dtype))
         if lse is not None:

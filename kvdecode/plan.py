@@ -15,6 +15,7 @@ from ._checks import (
     check_inputs,
     check_outputs_disjoint,
     check_scales,
+    check_sinks_given,
     inputs_match,
     outputs_ok,
     signature,
@@ -75,6 +76,7 @@ class DecodePlan:
         lse: torch.Tensor | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Launch the planned kernel(s); returns ``out`` (and ``lse`` when ``return_lse``).
 
@@ -85,7 +87,7 @@ class DecodePlan:
             ``[B, H_kv, capacity, D]``); a mismatch raises :class:`KVDecodeError` naming both sides.
         seq_lens : int32 Tensor ``[B]``, contiguous, on the plan's device
             Read on the device: they may change between runs (and between CUDA-graph replays).
-        kv_start, mask : Tensor, optional
+        kv_start, mask, sinks : Tensor, optional
             As planned (given exactly when the plan was made with them).
         out : Tensor ``[B, H_q, T_q, D]``, optional
             Written in place; allocated when None. Must not overlap q, the caches, ``lse`` or itself.
@@ -97,21 +99,27 @@ class DecodePlan:
         """
         sig = self._sig
         plain = sig.plain and kv_start is None and mask is None and k_scale is None and v_scale is None
+        plain = plain and sinks is None
         if not (plain and inputs_match(sig, q, k_cache, v_cache, seq_lens)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
             check_scales(self.problem, k_scale, v_scale)
+            check_sinks_given(self.problem, sinks)
         scales = None if k_scale is None else (k_scale, v_scale)
         if out is not None or lse is not None:
             # the fast test knows q, the caches and seq_lens only: other inputs take the full check
             if not (plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse)):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
-                inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales)
+                inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)
                 check_outputs_disjoint(outputs, inputs)
             return_lse = return_lse or lse is not None
-        return self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales)
+        return self._launch(
+            q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales, sinks
+        )
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales=None):
+    def _launch(
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales=None, sinks=None
+    ):
         """Allocate what is missing and launch, without checks: for callers whose tensors made the problem
         (``decode_attention`` validates them in ``DecodeProblem.from_tensors``)."""
         p = self.problem
@@ -119,10 +127,11 @@ class DecodePlan:
             out = torch.empty((p.batch, p.num_q_heads, p.q_len, p.head_dim), dtype=p.dtype, device=p.device)
         if lse is None and return_lse:
             lse = torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=p.device)
+        extra = {} if sinks is None else {"sinks": sinks}  # launchers without sinks take none
         if scales is None:
-            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse)
+            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, **extra)
         else:
-            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales)
+            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales, **extra)
         return (out, lse) if return_lse else out
 
 

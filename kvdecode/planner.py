@@ -228,6 +228,7 @@ def explain(
     deterministic: bool = False,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> Choice:
     """The choice :func:`kvdecode.decode_attention` would make for these arguments, without running it.
 
@@ -244,14 +245,7 @@ def explain(
     'triton'
     """
     problem = DecodeProblem.from_tensors(
-        q,
-        k_cache,
-        v_cache,
-        seq_lens,
-        scale=scale,
-        kv_start=kv_start,
-        mask=mask,
-        window=window,
-        softcap=softcap,
-    )
+        q, k_cache, v_cache, seq_lens, scale=scale, kv_start=kv_start, mask=mask, window=window,
+        softcap=softcap, sinks=sinks,
+    )  # fmt: skip
     return choose(problem, backend, max_seq_len=max_seq_len, seq_lens=seq_lens, deterministic=deterministic)

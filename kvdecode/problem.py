@@ -75,6 +75,7 @@ class DecodeProblem:
     kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
     window: int | None = None  # sliding window: query at p sees keys p - window + 1 .. p (and kv_start..)
     softcap: float | None = None  # logit softcapping: scores pass through softcap * tanh(s / softcap)
+    has_sinks: bool = False  # a float32 [H_q] sink logit per query head joins each softmax's denominator
 
     def __hash__(self) -> int:
         """The fields' hash, computed once: a problem keys the plan cache and its routes on every call."""
@@ -128,6 +129,8 @@ class DecodeProblem:
             parts.append(f"win{self.window}")
         if self.softcap is not None:
             parts.append(f"softcap{self.softcap:g}")
+        if self.has_sinks:
+            parts.append("sinks")
         return "_".join(parts)
 
     def kv_bytes(self, seq_len: int) -> int:
@@ -151,6 +154,7 @@ class DecodeProblem:
         v_scale: torch.Tensor | None = None,
         window: int | None = None,
         softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> DecodeProblem:
         """Validate the tensors of one call and describe them.
 
@@ -170,6 +174,8 @@ class DecodeProblem:
         softcap : float, optional
             Logit softcapping (Gemma 2): the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
             before the (additive) mask and the softmax; ``softcap > 0``.
+        sinks : float32 Tensor ``[H_q]``, optional
+            Attention sinks (gpt-oss): one logit per query head added to each softmax's denominator.
 
         Returns
         -------
@@ -223,6 +229,8 @@ class DecodeProblem:
             check_out(out, q)
         check_window(window)
         softcap = check_softcap(softcap)
+        if sinks is not None:
+            check_sinks(sinks, num_q_heads, device)
         return cls(
             batch=batch,
             num_q_heads=num_q_heads,
@@ -245,6 +253,7 @@ class DecodeProblem:
             kv_scale_kind=scale_kind,
             window=window,
             softcap=softcap,
+            has_sinks=sinks is not None,
         )
 
 
@@ -425,6 +434,20 @@ def check_softcap(softcap: object) -> float | None:
             "attention logit softcap, e.g. 50.0"
         )
     return float(softcap)
+
+
+def check_sinks(sinks: object, num_q_heads: int, device: torch.device) -> None:
+    """``sinks`` must be a contiguous float32 ``[H_q]`` tensor on q's device."""
+    _check_tensor("sinks", sinks)
+    assert isinstance(sinks, torch.Tensor)
+    if sinks.dtype != torch.float32 or tuple(sinks.shape) != (num_q_heads,) or sinks.device != device:
+        raise KVDecodeError(
+            f"sinks must be a float32 ({num_q_heads},) tensor (one logit per query head) on {device}, "
+            f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}; "
+            f"pass sinks.to({str(device)!r}, torch.float32)"
+        )
+    if num_q_heads > 1 and sinks.stride(0) != 1:
+        raise KVDecodeError(f"sinks.stride(0) must be 1, got {sinks.stride(0)}; pass sinks.contiguous()")
 
 
 def _check_scale(scale: float | None, head_dim: int) -> float:

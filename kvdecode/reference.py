@@ -53,6 +53,7 @@ def reference_decode_attention(
     v_scale: torch.Tensor | float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Decode attention in float64 on the CPU.
 
@@ -65,8 +66,12 @@ def reference_decode_attention(
 
         s_j   = cap(scale * <q[b, h, t], k[b, h_kv, j]>) + additive_mask[b, h, t, j]
         cap(x) = softcap * tanh(x / softcap)   (x itself without softcap)
-        lse   = log(sum_j exp(s_j))                 (natural log; -inf when nothing is visible)
+        lse   = log(sum_j exp(s_j) + exp(sinks[h]))  (natural log; no sink term without sinks,
+                                                    then -inf when nothing is visible)
         out   = sum_j exp(s_j - lse) * v[b, h_kv, j] (zeros when nothing is visible)
+
+    ``sinks`` (``[H_q]``, gpt-oss's attention sinks) add a logit per query head to the softmax's
+    denominator only: a sink takes a share of the attention and gives back no value.
 
     Shapes: q ``[B, H_q, T_q, D]``, caches ``[B, H_kv, capacity, D]``, lengths ``[B]``; returns
     ``(out float64 [B, H_q, T_q, D], lse float64 [B, H_q, T_q])`` on the CPU.
@@ -102,6 +107,8 @@ def reference_decode_attention(
                 scores = scores + full_mask[b].to(torch.float64)
         scores = scores.masked_fill(~visible, -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+        if sinks is not None:
+            row_lse = torch.logaddexp(row_lse, sinks.detach().to("cpu", torch.float64)[:, None])
         finite = torch.isfinite(row_lse)
         weights = torch.where(finite[..., None], torch.exp(scores - row_lse[..., None]), 0.0)
         weights = torch.nan_to_num(weights, nan=0.0)

@@ -89,6 +89,7 @@ class Case:
     seed: int = 0
     window: int | None = None
     softcap: float | None = None
+    sinks: bool = False  # attention sinks: randn * 2 per query head, drawn after everything else
 
     @property
     def name(self) -> str:
@@ -106,6 +107,8 @@ class Case:
             parts.append(f"win{self.window}")
         if self.softcap is not None:
             parts.append(f"softcap{self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         parts.append(f"kv{self.kv_layout}_q{self.q_layout}_out{self.out_layout}")
         return "_".join(parts)
 
@@ -125,9 +128,11 @@ class Inputs:
     scale: float | None
     window: int | None = None
     softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
     def kwargs(self) -> dict:
-        extra = {k: v for k, v in (("window", self.window), ("softcap", self.softcap)) if v is not None}
+        named = (("window", self.window), ("softcap", self.softcap), ("sinks", self.sinks))
+        extra = {k: v for k, v in named if v is not None}
         return dict(kv_start=self.kv_start, mask=self.mask, scale=self.scale, **extra)
 
 
@@ -204,7 +209,8 @@ def make_inputs(case: Case, device: str) -> Inputs:
         kv_start = torch.tensor(case.kv_start, dtype=torch.int32, device=device)
     mask = _mask_tensor(case, gen, device)
     out = make_out(case, device)
-    return Inputs(q, k, v, seq_lens, kv_start, mask, out, case.scale, case.window, case.softcap)
+    sinks = (_randn(gen, case.num_q_heads) * 2.0).to(device) if case.sinks else None
+    return Inputs(q, k, v, seq_lens, kv_start, mask, out, case.scale, case.window, case.softcap, sinks)
 
 
 def poison_unfilled(inputs: Inputs, case: Case, value: float = math.nan) -> None:
@@ -338,10 +344,12 @@ def cases(
     kv_start: bool = True,
     head_dims: tuple[int, ...] | None = None,
     windows: bool = True,
+    sinks: bool = True,
 ) -> Case:
     """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``), a third
     of them with a sliding window (1, tile and split edges, T_q, the capacity and past it) and a quarter
-    with a logit softcap (``windows=False`` leaves out both: what cuDNN cannot serve)."""
+    with a logit softcap (``windows=False`` leaves out both) and a quarter with attention sinks
+    (``sinks=False`` leaves them out)."""
     sz = sizes_for(device)
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
@@ -382,6 +390,7 @@ def cases(
         seed=draw(st.integers(0, 2**31 - 1)),
         window=window,
         softcap=softcap,
+        sinks=sinks and draw(st.integers(0, 3)) == 0,
         **spec,
     )
 

@@ -366,3 +366,19 @@ def test_out_sharing_memory_with_kv_start_is_refused_by_run():
     # decode_attention takes the same fast output check (against the problem's signature): plain calls only
     with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
         kvdecode.decode_attention(q, k, v, lens, kv_start=starts, out=out, backend="reference")
+
+
+def test_sinks_are_given_exactly_when_planned_and_checked():
+    q, k, v, lens = _cpu_inputs()
+    sinks = torch.zeros(4)
+    with_sinks = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, v, lens, sinks=sinks),
+                               backend="reference")  # fmt: skip
+    with pytest.raises(KVDecodeError, match="sinks is None but the plan was made with them"):
+        with_sinks.run(q, k, v, lens)
+    with pytest.raises(KVDecodeError, match="sinks is given but the plan was made without them"):
+        _plan(q, k, v, lens).run(q, k, v, lens, sinks=sinks)
+    with pytest.raises(KVDecodeError, match=r"sinks must be a float32 \(4,\) tensor"):
+        with_sinks.run(q, k, v, lens, sinks=torch.zeros(4, dtype=torch.float64))
+    buf = torch.zeros(2 * 4 * 1 * 16)
+    with pytest.raises(KVDecodeError, match="out must not share memory with sinks"):
+        with_sinks.run(q, k, v, lens, sinks=buf[:4], out=buf.view(2, 4, 1, 16))

@@ -34,7 +34,7 @@ TOL = 1e-12  # float64 against float64: only summation order differs
 ROUNDOFF = dict(rtol=TOL, atol=TOL)
 
 
-def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
+def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask, sinks=None):
     """Per (row, query) SDPA on the exact visible slice; returns (out, lse) float64, NaN-free."""
     b_, hq, tq, d = q.shape
     group = hq // k.shape[1]
@@ -48,6 +48,8 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
             stop = int(seq_lens[b]) - tq + t + 1  # query t sits at seq_len - T_q + t and sees itself
             lo = start if case.window is None else max(start, stop - case.window)
             if stop <= lo:
+                if sinks is not None:  # nothing visible: the sink takes all, the output stays zero
+                    lse[b, :, t] = sinks.double().cpu()
                 continue
             qs = q[b, :, t : t + 1].double()  # [H_q, 1, D]
             ks = k[b, :, lo:stop].double().repeat_interleave(group, dim=0)  # [H_q, n, D]
@@ -64,11 +66,15 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
                 else:
                     scores = scores.masked_fill(~attn, -math.inf)
             row_lse = torch.logsumexp(scores, dim=-1)[:, 0]  # [H_q]
-            if case.softcap is None:
+            if sinks is not None:  # SDPA has no sink: each query's softmax over [scores, sink], written out
+                sink = sinks.double().cpu()
+                row_lse = torch.logaddexp(row_lse, sink)
+                o = (torch.exp(scores - row_lse[:, None, None]) @ vs)[:, 0]
+            elif case.softcap is None:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn, scale=scale)[:, 0]
             else:  # SDPA has no softcap: the softmax of the capped (and masked) scores, written out
                 o = (torch.softmax(scores, dim=-1) @ vs)[:, 0]
-            seen = torch.isfinite(row_lse)
+            seen = torch.isfinite(torch.logsumexp(scores, dim=-1)[:, 0])  # some key visible
             out[b, :, t] = torch.where(seen[:, None], o, 0.0)  # SDPA gives NaN where nothing is visible
             lse[b, :, t] = row_lse
     return out, lse
@@ -78,7 +84,7 @@ def sdpa_exact_slice(case: Case, q, k, v, seq_lens, kv_start, mask):
 def test_reference_matches_sdpa_on_exact_slice(case):
     x = make_inputs(case, "cpu")
     out, lse = reference_decode_attention(x.q, x.k, x.v, x.seq_lens, **x.kwargs())
-    exp_out, exp_lse = sdpa_exact_slice(case, x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask)
+    exp_out, exp_lse = sdpa_exact_slice(case, x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, x.sinks)
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), case.repro()
     err = relative_l2_error(out, exp_out)

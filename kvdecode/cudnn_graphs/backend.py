@@ -48,6 +48,8 @@ def problem_reason(problem: DecodeProblem) -> str | None:
         return f"a {problem.mask_kind} mask is given; the cuDNN graph takes lengths only"
     if problem.has_kv_start:
         return "kv_start (left padding) is given; cuDNN's padding mask covers right padding only"
+    if problem.has_sinks:
+        return "attention sinks are given; the capacity graph has no sink term"
     if problem.softcap is not None:
         return "a logit softcap is given; the capacity graph applies none"
     if problem.window is not None:

@@ -93,7 +93,7 @@ class SplitKVLauncher:
         self._split_tail = [
             p.scale * LOG2E_CONST, p.capacity, p.window or 0, p.softcap or 1.0, splits, splits == 1, *common,
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
-            _MASK_KIND[p.mask_kind],
+            p.has_sinks, _MASK_KIND[p.mask_kind],
         ]  # fmt: skip
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND
         self._split_end = [
@@ -113,22 +113,25 @@ class SplitKVLauncher:
             dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
         )  # fmt: skip
         bucket = merge_bucket(splits)
-        self._merge_tail = [splits, *common, bucket, block_d]  # then WRITE_LSE, INTERP_BF16, USE_PDL
+        # then WRITE_LSE, INTERP_BF16, USE_PDL
+        self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
         self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
         self._merge = BoundKernel(
             merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
         )
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
+    def __call__(
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+    ) -> None:
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
-                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales)
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
             return
-        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales)
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales) -> None:
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
         write_lse = lse is not None
         if self.n_part:  # owned by this call: concurrent calls never share partials
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
@@ -141,21 +144,22 @@ class SplitKVLauncher:
         kv_start = kv_start if kv_start is not None else seq_lens
         mask = mask if mask is not None else seq_lens
         k_scale, v_scale = scales if scales is not None else (seq_lens, seq_lens)
+        sinks = sinks if sinks is not None else seq_lens
         # the partials come from the caching allocator (512-byte aligned) at a fixed offset: their alignment
         # never changes, so only the callers' pointers and strides decide the specialization
-        ptrs = (out, lse_t, q, k_cache, v_cache, seq_lens, kv_start, mask, k_scale, v_scale)
+        ptrs = (out, lse_t, q, k_cache, v_cache, seq_lens, kv_start, mask, k_scale, v_scale, sinks)
         spec = (write_lse, *o_strides, *lse_strides, *[t.data_ptr() % 16 == 0 for t in ptrs])
         self._split(
             self.split_grid,
             [out, *o_strides, lse_t, *lse_strides, part, part_lse, q, *self._q_strides, k_cache,
              *self._k_strides, v_cache, *self._v_strides, seq_lens, kv_start, mask, *self._mask_strides,
-             k_scale, v_scale, *self._split_tail, write_lse, *self._split_end],
+             k_scale, v_scale, sinks, *self._split_tail, write_lse, *self._split_end],
             spec,
         )  # fmt: skip
         if self.n_part:
             self._merge(
                 self.merge_grid,
-                [out, *o_strides, lse_t, *lse_strides, part, part_lse, *self._merge_tail, write_lse,
+                [out, *o_strides, lse_t, *lse_strides, part, part_lse, sinks, *self._merge_tail, write_lse,
                  self._interp_bf16, self.use_pdl],
                 spec,
             )  # fmt: skip

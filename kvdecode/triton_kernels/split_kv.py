@@ -15,7 +15,8 @@ base 2 (``exp2``/``log2`` are the fast hardware paths; ``1.44269504 = 1/ln 2`` c
 
 and the merge combines the splits with LSE weights::
 
-    LSE2_i = log2 sum_s 2^LSE2_si,   out_i = sum_s 2^(LSE2_si - LSE2_i) O_si
+    LSE2_i = log2 (sum_s 2^LSE2_si  (+ 2^(log2(e) sink_h) with attention sinks)),
+    out_i  = sum_s 2^(LSE2_si - LSE2_i) O_si
 
 Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``p = seq_lens[b] - T_q + t``; it
 sees keys ``kv_start[b] <= j <= p`` (bottom-right causal), and with a sliding window only
@@ -53,6 +54,16 @@ def _tanh(x):
     small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))  # error < x^9 / 45
     large = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # e^(2x) = 2^(2x log2(e))
     return tl.where(tl.abs(x) < 0.125, small, large)
+
+
+@triton.jit
+def _with_sink(lse2, sink):
+    """``(log2(2^lse2 + e^sink), 2^(lse2 - that))``: the LSE with a sink logit in the denominator, and
+    the share the keys keep (0 where ``lse2 = -inf``: nothing visible, the sink takes all)."""
+    sink2 = sink.to(tl.float32) * 1.4426950408889634
+    top = tl.maximum(lse2, sink2)  # finite: the sink is
+    total = top + tl.log2(tl.exp2(lse2 - top) + tl.exp2(sink2 - top))
+    return total, tl.exp2(lse2 - total)
 
 
 @triton.jit
@@ -205,6 +216,7 @@ def split_kv_kernel(
     stride_mn,  # broadcast view [B, H_q, T_q, capacity]
     KScale,  # float32 [1] or [H_kv]: dequantizes fp8 K (used when SCALE_KIND > 0)
     VScale,  # float32 [1] or [H_kv]: dequantizes fp8 V
+    Sinks,  # float32 [H_q]: attention sinks (used when HAS_SINKS, by this kernel when SINGLE)
     qk_scale,  # scale * log2(e)
     capacity,
     window,  # sliding window (keys a query sees, itself included); used when HAS_WINDOW
@@ -221,6 +233,7 @@ def split_kv_kernel(
     HAS_KV_START: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     MASK_KIND: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     INTERP_BF16: tl.constexpr,
@@ -328,6 +341,9 @@ def split_kv_kernel(
         o = o * v_scale  # the merge is linear in the partials: scaling them scales the output
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
     if SINGLE:
+        if HAS_SINKS:  # the sink joins the denominator: o keeps its share 2^(lse2 - total)
+            lse2, share = _with_sink(lse2, tl.load(Sinks + head, mask=m_ok, other=0.0))
+            o = o * share[:, None]
         out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
         tl.store(
             out_ptrs + offs_d[None, :],
@@ -356,6 +372,7 @@ def merge_kernel(
     stride_lh,  # float32 [B, H_q, T_q]
     PartO,  # float32 [B * H_kv, M, num_splits, D]
     PartLse,  # float32 [B * H_kv, M, num_splits]
+    Sinks,  # float32 [H_q]; used when HAS_SINKS
     num_splits,  # 2..SPLITS_P2, run time
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
@@ -363,6 +380,7 @@ def merge_kernel(
     HEAD_DIM: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -388,8 +406,13 @@ def merge_kernel(
     lse_s = tl.load(PartLse + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     lse_max = tl.max(lse_s, axis=0)
     lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    if HAS_SINKS:  # a sink logit joins the denominator (and the reference point: it is finite)
+        sink2 = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
+        lse_ref = tl.maximum(lse_max, sink2)
     w = tl.exp2(lse_s - lse_ref)  # 0 for empty splits
     w_sum = tl.sum(w, axis=0)
+    if HAS_SINKS:
+        w_sum = w_sum + tl.exp2(sink2 - lse_ref)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
     out_ptrs = Out + b * stride_ob + head * stride_oh + tok * stride_ot + offs_d
     tl.store(out_ptrs, _to_out(o, Out.dtype.element_ty, INTERP_BF16), mask=offs_d < HEAD_DIM)

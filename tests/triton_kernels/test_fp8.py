@@ -45,7 +45,7 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
     scales = {} if kind == "none" else dict(k_scale=k_scale, v_scale=v_scale)
     out, lse = kvdecode.decode_attention(
         x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
-        backend="triton", return_lse=True, window=x.window, softcap=x.softcap, **scales,
+        backend="triton", return_lse=True, window=x.window, softcap=x.softcap, sinks=x.sinks, **scales,
     )  # fmt: skip
     ref, ref_lse = reference_decode_attention(
         x.q,
@@ -57,6 +57,7 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
         mask=x.mask,
         window=x.window,
         softcap=x.softcap,
+        sinks=x.sinks,
         **scales,
     )
     problem = kvdecode.DecodeProblem.from_tensors(x.q, k8, v8, x.seq_lens, kv_start=x.kv_start,
@@ -64,8 +65,7 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
     check_close(out, ref, case.dtype, problem.name, case.seed, repro=repr(case))
     check_lse(lse, ref_lse, case.dtype, problem.name, case.seed, repro=repr(case))
     if kind != "none":  # the quantization's own error, against the unquantized K/V: reported
-        exact, _ = reference_decode_attention(x.q, x.k, x.v, x.seq_lens, scale=x.scale,
-                                              kv_start=x.kv_start, mask=x.mask)  # fmt: skip
+        exact, _ = reference_decode_attention(x.q, x.k, x.v, x.seq_lens, **x.kwargs())
         print(f"{problem.name}: rel L2 vs unquantized K/V {relative_l2_error(out, exact):.2e}")
 
 
@@ -228,10 +228,12 @@ def test_gpu_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, 
     out, lse = kvdecode.decode_attention(
         x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
         k_scale=k_scale, v_scale=v_scale, return_lse=True, window=x.window, softcap=x.softcap,
+        sinks=x.sinks,
     )  # fmt: skip
     ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start,
                                               mask=x.mask, k_scale=k_scale, v_scale=v_scale,
-                                              window=x.window, softcap=x.softcap)  # fmt: skip
+                                              window=x.window, softcap=x.softcap,
+                                              sinks=x.sinks)  # fmt: skip
     check_close(out, ref, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
     check_lse(lse, ref_lse, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
 

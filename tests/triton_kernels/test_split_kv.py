@@ -139,7 +139,7 @@ def test_split_count_invariance(device, data):
         launch = TritonBackend().make_launcher(problem, config=cfg)
         out = make_out(case, device)
         lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
-        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse)
+        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse, sinks=x.sinks)
         try:
             check_all(case, out, lse, ref_out, ref_lse)
         except AssertionError as e:
@@ -162,7 +162,7 @@ def test_split_count_invariance(device, data):
 def empty_row_cases(draw, device: str) -> Case:
     """Rows (or single queries) that see nothing: seq_lens < T_q (0 and negative included), kv_start
     past the query position, kv_start < 0; the contract defines each (README.md, "The call")."""
-    case = draw(cases(device, masks=False, kv_start=False))
+    case = draw(cases(device, masks=False, kv_start=False, sinks=False))  # sinks: the LSE is the sink
     lens, starts = [], []
     for n in case.seq_lens:
         kind = draw(st.sampled_from(("keep", "short", "zero", "negative", "late_start", "neg_start")))
@@ -286,6 +286,27 @@ def test_a_window_as_long_as_the_rows_changes_nothing(device):
         x.out.fill_(math.nan)
         out, lse = run_triton(with_(case, window=window), x, window=window)
         assert torch.equal(out, base) and torch.equal(lse, base_lse), window
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sinks_take_their_share_and_nothing_else(device, splits):
+    """gpt-oss sinks: out = (keys' softmax output) * (1 - sink share), LSE = logaddexp(keys' LSE, sink);
+    a row that sees nothing gives zeros and LSE = the sink, for one split and for merged splits."""
+    case = Case(3, 4, 2, 32, 1, 64, torch.float32, (0, 9, 64), seed=12)
+    x = make_inputs(case, device)
+    sinks = torch.tensor([0.0, 2.5, -3.0, 40.0], device=device)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, sinks=sinks)
+    launch = TritonBackend().make_launcher(problem, config=SplitKVConfig(num_splits=splits, block_n=16))
+    out, lse = make_out(case, device), torch.full((3, 4, 1), math.nan, device=device)
+    launch(x.q, x.k, x.v, x.seq_lens, None, None, out, lse, sinks=sinks)
+    plain, plain_lse = reference(x)
+    total = torch.logaddexp(plain_lse, sinks.double().cpu()[None, :, None])
+    share = torch.exp(plain_lse - total).nan_to_num(0.0)  # 0 where nothing is visible
+    torch.testing.assert_close(lse.double().cpu(), total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), plain * share[..., None], rtol=1e-5, atol=1e-6)
+    assert (out[0] == 0).all() and torch.equal(lse[0, :, 0].cpu(), sinks.cpu())  # row 0 sees nothing
+    assert out[1:, 3].abs().max() < 1e-12  # a sink of 40 takes (almost) all of head 3's attention
 
 
 def test_a_window_caps_the_split_count_at_its_tiles():
