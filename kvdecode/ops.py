@@ -10,7 +10,8 @@ implementation runs once per shape while CUDA graphs are recorded, plans are loo
 The op returns nothing; it writes ``out``::
 
     torch.ops.kvdecode.decode_attention(q, k_cache, v_cache, seq_lens, kv_start, mask, out,
-                                         scale, max_seq_len)
+                                         scale, max_seq_len, k_scale=None, v_scale=None,
+                                         window=-1, softcap=0.0, sinks=None)
 
 Shapes (the public contract of :func:`kvdecode.decode_attention`)::
 
@@ -22,6 +23,10 @@ Shapes (the public contract of :func:`kvdecode.decode_attention`)::
     out       [B, H_q, T_q, D]          written in place
     scale     float                     > 0 (pass 1/sqrt(D) for the default)
     max_seq_len int                     an upper bound of seq_lens (T_q..capacity), or -1 for none
+    k_scale, v_scale  Tensor? ()/[H_kv] fp8 caches' dequantization scales
+    window    int                       sliding window (keys a query sees), or -1 for none
+    softcap   float                     logit softcap (> 0), or 0.0 for none
+    sinks     float32 [H_q] or None     attention sinks (a logit per query head in the denominator)
 
 :func:`decode_attention_op` is the Python wrapper (optional arguments, an ``out`` allocated when not
 given); :func:`kvdecode.sdpa` and :mod:`kvdecode.hf` call it.
@@ -35,6 +40,7 @@ import torch
 
 from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
+from .problem import check_softcap, check_window
 
 __all__ = ["OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
 
@@ -42,7 +48,8 @@ OP_NAME = "kvdecode::decode_attention"
 
 _SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? kv_start, Tensor? mask, "
-    "Tensor(a!) out, float scale, int max_seq_len, Tensor? k_scale=None, Tensor? v_scale=None) -> ()"
+    "Tensor(a!) out, float scale, int max_seq_len, Tensor? k_scale=None, Tensor? v_scale=None, "
+    "int window=-1, float softcap=0.0, Tensor? sinks=None) -> ()"
 )
 
 
@@ -58,6 +65,9 @@ def _decode_attention_impl(
     max_seq_len: int,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     _decode_attention(
         q,
@@ -71,6 +81,9 @@ def _decode_attention_impl(
         max_seq_len=None if max_seq_len == -1 else max_seq_len,
         k_scale=k_scale,
         v_scale=v_scale,
+        window=None if window == -1 else window,
+        softcap=None if softcap == 0.0 else softcap,
+        sinks=sinks,
     )
 
 
@@ -79,8 +92,9 @@ _op = torch.library.custom_op(OP_NAME, _decode_attention_impl, mutates_args=("ou
 
 @_op.register_fake
 def _decode_attention_fake(
-    q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len, k_scale=None, v_scale=None
-) -> None:
+    q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len, k_scale=None, v_scale=None,
+    window=-1, softcap=0.0, sinks=None,
+) -> None:  # fmt: skip
     # Shapes only (fake tensors have no data): the real call validates everything else.
     if tuple(out.shape) != tuple(q.shape):
         raise KVDecodeError(
@@ -102,6 +116,9 @@ def decode_attention_op(
     max_seq_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r""":func:`kvdecode.decode_attention` through ``torch.ops.kvdecode.decode_attention``.
 
@@ -131,6 +148,8 @@ def decode_attention_op(
         lengths on the host.
     k_scale, v_scale : float32 Tensor ``()`` or ``[H_kv]``, optional
         Dequantization scales of fp8 caches (see :func:`kvdecode.decode_attention`).
+    window, softcap, sinks : optional
+        Sliding window, logit softcap and attention sinks (see :func:`kvdecode.decode_attention`).
 
     Returns
     -------
@@ -159,8 +178,13 @@ def decode_attention_op(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     bound = -1 if max_seq_len is None else max_seq_len
+    # None travels as the schema's "none" values; a bad window / softcap reaches the checks unchanged
+    # (only None, ints and finite positive floats have a schema form: others raise KVDecodeError here)
+    check_window(window)
+    softcap = check_softcap(softcap)
     op = torch.ops.kvdecode.decode_attention
-    op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound, k_scale, v_scale)
+    op(q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound, k_scale, v_scale,
+       -1 if window is None else window, 0.0 if softcap is None else softcap, sinks)  # fmt: skip
     return out
 
 

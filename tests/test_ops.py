@@ -40,6 +40,29 @@ def test_opcheck_cpu(t, extras):
     torch.library.opcheck(OP, (q, k, v, lens, kv_start, mask, out, 0.25, k.shape[2]))
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_opcheck_cpu_with_window_softcap_and_sinks(t):
+    q, k, v, lens, start = _inputs(t=t)
+    sinks = torch.linspace(-2.0, 2.0, q.shape[1])
+    out = torch.empty_like(q)
+    torch.library.opcheck(
+        OP, (q, k, v, lens, start, None, out, 0.25, k.shape[2]), dict(window=9, softcap=3.0, sinks=sinks)
+    )
+
+
+def test_op_takes_window_softcap_and_sinks_like_decode_attention():
+    q, k, v, lens, start = _inputs(t=2)
+    extras = dict(window=7, softcap=2.5, sinks=torch.linspace(-1.0, 1.0, q.shape[1]))
+    got = decode_attention_op(q, k, v, lens, kv_start=start, max_seq_len=k.shape[2], **extras)
+    want = kvdecode.decode_attention(q, k, v, lens, kv_start=start, **extras)
+    ref, _ = reference_decode_attention(q, k, v, lens, kv_start=start, **extras)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(got, ref.to(got.dtype), atol=1e-5, rtol=1e-5)
+    for bad, match in ((dict(window=0), "window must be"), (dict(softcap=-1.0), "softcap must be")):
+        with pytest.raises(kvdecode.KVDecodeError, match=match):
+            decode_attention_op(q, k, v, lens, **bad)
+
+
 def test_op_matches_decode_attention_and_reference():
     q, k, v, lens, start = _inputs(t=2)
     got = decode_attention_op(q, k, v, lens, kv_start=start, max_seq_len=k.shape[2])
