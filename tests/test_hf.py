@@ -26,6 +26,7 @@ import kvdecode.hf  # noqa: E402  (after kvdecode: the interpreter switch comes 
 from kvdecode.generate_cmd import TINY_SHAPE  # noqa: E402
 from kvdecode.hf import attention as hf_attention  # noqa: E402
 from kvdecode.hf.mask import MARKER_COLUMNS, kvdecode_mask  # noqa: E402
+from kvdecode.reference import reference_decode_attention  # noqa: E402
 
 TINY = dict(TINY_SHAPE, num_hidden_layers=2, max_position_embeddings=256)  # the CLI's CPU model
 
@@ -206,13 +207,41 @@ def test_unsupported_features_run_sdpa_and_warn_once(monkeypatch, case, key):
 
 
 @pytest.mark.parametrize(
+    "feature",
+    [dict(softcap=3.0), dict(s_aux=torch.linspace(-1, 1, 4)), dict(sinks=torch.linspace(-1, 1, 4)),
+     dict(softcap=3.0, s_aux=torch.linspace(-1, 1, 4).to(torch.bfloat16))],
+)  # fmt: skip
+def test_softcap_and_sinks_of_decode_steps_run_the_kernel(monkeypatch, feature):
+    """Gemma 2's softcap and gpt-oss's sinks (s_aux, kept in the model dtype) go to the kernel with the
+    step: no fallback, the result of the float64 reference with them."""
+    q, k, v, mask = _step_tensors()
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    EAGER_CALLS.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, _ = kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25, **feature)
+    assert _fallbacks(record) == [] and EAGER_CALLS == [] and ops.q_lens == [1]
+    sinks = feature.get("s_aux", feature.get("sinks"))
+    seq_lens, kv_start = kvdecode.hf.lengths_from_mask(mask[..., :24], 1)
+    ref, _ = reference_decode_attention(
+        q, k, v, seq_lens, scale=0.25, kv_start=kv_start, mask=mask[..., :24], softcap=feature.get("softcap"),
+        sinks=None if sinks is None else sinks.float(),
+    )  # fmt: skip
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
     "feature", [dict(softcap=30.0), dict(s_aux=torch.zeros(4)), dict(sinks=torch.zeros(4))]
 )
-def test_softcap_and_sinks_run_the_models_eager_attention(feature):
+def test_softcap_and_sinks_outside_a_decode_step_run_the_models_eager_attention(feature):
+    """A sliding-window layer (or a prefill) with a softcap or sinks: torch SDPA has neither, so the
+    model's eager attention runs it, with an additive mask."""
     q, k, v, mask = _step_tensors()
     EAGER_CALLS.clear()
     with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning):
-        out, _ = kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25, **feature)
+        out, _ = kvdecode.hf.kvdecode_attention_forward(
+            _Attn(), q, k, v, mask, scaling=0.25, sliding_window=8, **feature
+        )
     assert out.shape == (2, 1, 4, 16)
     assert len(EAGER_CALLS) == 1 and EAGER_CALLS[0]["mask_dtype"] == torch.float32  # additive, not bool
     assert set(feature) <= set(EAGER_CALLS[0])
@@ -228,7 +257,9 @@ def test_softcap_without_an_eager_function_raises():
         pytest.warns(kvdecode.hf.KVDecodeFallbackWarning),
         pytest.raises(kvdecode.KVDecodeError, match="eager"),
     ):
-        kvdecode.hf.kvdecode_attention_forward(Foreign(), q, k, v, mask, scaling=0.25, softcap=5.0)
+        kvdecode.hf.kvdecode_attention_forward(
+            Foreign(), q, k, v, mask, scaling=0.25, softcap=5.0, sliding_window=8
+        )
 
 
 # ---- the mask function and the lengths ----
@@ -329,6 +360,62 @@ def test_softcap_prefill_without_a_mask_stays_causal_in_eager():
             warnings.simplefilter("ignore", kvdecode.hf.KVDecodeFallbackWarning)
             logits[impl] = model(input_ids=ids).logits
     torch.testing.assert_close(logits["kvdecode"], logits["eager"], atol=1e-5, rtol=0)
+
+
+def test_gemma2_softcap_decodes_through_the_kernel_and_matches_eager(monkeypatch):
+    """Gemma 2 (a sliding layer, a global layer, logit softcap 5): the global layer runs the kernel with
+    the softcap, the sliding layer the model's eager attention (warned once); a left-padded prompt and
+    six greedy steps give eager's logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(**TINY, sliding_window=8, attn_logit_softcapping=5.0)
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
+    results = {}
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    for impl in ("eager", "kvdecode"):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(cfg).eval()
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[impl] = _decode(model, ids, mask, 6)
+    assert (
+        ops.q_lens == [12] + [1] * 6
+    )  # the global layer: the 12-token prompt (<= 16 runs it too), each step
+    assert len(_fallbacks(record)) == 1 and "softcap" in _fallbacks(record)[0]
+    torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
+    assert torch.equal(results["kvdecode"][0], results["eager"][0])
+
+
+def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
+    """gpt-oss (a sliding layer, a full layer, attention sinks passed as s_aux in the model dtype): the
+    full layer runs the kernel with the sinks, the sliding one eager attention; eager's logits."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    shape = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    cfg = GptOssConfig(
+        **shape, sliding_window=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32
+    )
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
+    results = {}
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    for impl in ("eager", "kvdecode"):
+        torch.manual_seed(0)
+        model = GptOssForCausalLM(cfg).eval()
+        model.set_attn_implementation(impl)
+        with torch.no_grad():  # sinks far from zero, so that a sink the kernel ignored would show
+            gen = torch.Generator().manual_seed(1)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape, generator=gen))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[impl] = _decode(model, ids, mask, 6)
+    assert ops.q_lens == [12] + [1] * 6
+    assert len(_fallbacks(record)) == 1 and "sinks" in _fallbacks(record)[0]
+    torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
+    assert torch.equal(results["kvdecode"][0], results["eager"][0])
 
 
 def test_generate_under_inference_mode():

@@ -9,13 +9,16 @@ transformers calls it once per layer with the layer's queries and its **whole** 
 
 A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
 the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
-stay exact). Everything else is handed on, each reason warned once (:class:`KVDecodeFallbackWarning`):
+stay exact); a layer's logit softcap (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to the
+kernel with it. Everything else is handed on, each reason warned once
+(:class:`KVDecodeFallbackWarning`):
 
 * prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
-* logit softcapping, attention sinks: the model's own ``eager_attention_forward``;
 * sliding window, dropout, autograd, non-causal attention, a position bias, a mask kvdecode did not mark
   (a dynamic cache, a 4-D mask made elsewhere), unsupported dtypes or head dims: torch SDPA
-  (transformers' ``sdpa`` integration) with the unmarked mask.
+  (transformers' ``sdpa`` integration) with the unmarked mask;
+* any of those in a layer with a logit softcap or attention sinks, which torch SDPA lacks: the model's
+  own ``eager_attention_forward``.
 """
 
 from __future__ import annotations
@@ -63,16 +66,31 @@ class _Call:
     kwargs: dict
 
 
-def _needs_eager(c: _Call) -> Fallback | None:
+def _refuse_sparse(c: _Call) -> None:
     if c.kwargs.get("indices") is not None:  # DeepSeek-V3.2's sparse attention: its indexer reads the mask
         raise KVDecodeError(
             "sparse attention with indices= (DeepSeek-V3.2) is not supported by attn_implementation="
             "'kvdecode', got indices; load the model with attn_implementation='sdpa' or 'eager'"
         )
+
+
+def _sinks(kwargs: dict) -> torch.Tensor | None:
+    """A layer's attention sinks: gpt-oss passes ``s_aux``, inkling2 ``sinks`` (``[H_q]``)."""
+    found = kwargs.get("s_aux")
+    return found if found is not None else kwargs.get("sinks")
+
+
+def _needs_eager(c: _Call) -> Fallback | None:
+    """Where kvdecode does not run a layer with a softcap or sinks, torch SDPA cannot either."""
+    where = "a call kvdecode does not run (a sliding window, a prefill, ...)"
     if c.kwargs.get("softcap") is not None:
-        return Fallback("softcap", "logit softcapping: the model's eager attention serves it", "eager")
-    if c.kwargs.get("s_aux") is not None or c.kwargs.get("sinks") is not None:  # gpt-oss / inkling2 names
-        return Fallback("sinks", "attention sinks (s_aux): the model's eager attention serves them", "eager")
+        return Fallback(
+            "softcap", f"logit softcapping in {where}: the model's eager attention serves it", "eager"
+        )
+    if _sinks(c.kwargs) is not None:
+        return Fallback(
+            "sinks", f"attention sinks in {where}: the model's eager attention serves them", "eager"
+        )
     return None
 
 
@@ -120,9 +138,8 @@ def _unsupported_shape(c: _Call) -> Fallback | None:
     return None
 
 
-# Checked in this order; the first answer wins.
+# Checked in this order; the first answer wins (sent to eager when the layer has a softcap or sinks).
 _CHECKS: tuple[Callable[[_Call], Fallback | None], ...] = (
-    _needs_eager,
     _prefill,
     _model_feature,
     _unmarked,
@@ -142,10 +159,11 @@ def fallback_reason(
 ) -> Fallback | None:
     """Why this call does not run kvdecode, or ``None`` when it does (host-side checks only)."""
     call = _Call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    _refuse_sparse(call)
     for check in _CHECKS:
         found = check(call)
         if found is not None:
-            return found
+            return _needs_eager(call) or found
     return None
 
 
@@ -216,7 +234,7 @@ class _LengthsMemo:
 _LENGTHS = _LengthsMemo()
 
 
-def _decode_step(module, query, key, value, attention_mask, scaling) -> torch.Tensor:
+def _decode_step(module, query, key, value, attention_mask, scaling, softcap, sinks) -> torch.Tensor:
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
     mask = attention_mask[..., :capacity]
@@ -235,6 +253,8 @@ def _decode_step(module, query, key, value, attention_mask, scaling) -> torch.Te
         max_seq_len=capacity,
         k_scale=k_scale,
         v_scale=v_scale,
+        softcap=softcap,
+        sinks=None if sinks is None else sinks.to(torch.float32),  # gpt-oss keeps them in the model dtype
     )
     return out
 
@@ -310,7 +330,8 @@ def kvdecode_attention_forward(
     if reason is None:
         if kwargs.get("output_attentions"):
             warn_once("output-attentions", "output_attentions is not supported; attention weights are None")
-        return _decode_step(module, query, key, value, attention_mask, scaling), None
+        softcap, sinks = kwargs.get("softcap"), _sinks(kwargs)
+        return _decode_step(module, query, key, value, attention_mask, scaling, softcap, sinks), None
     if reason.message is not None:
         warn_once(reason.key, reason.message)
     mask = strip_marker(attention_mask, key)
