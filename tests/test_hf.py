@@ -363,9 +363,10 @@ def test_softcap_prefill_without_a_mask_stays_causal_in_eager():
 
 
 def test_gemma2_softcap_decodes_through_the_kernel_and_matches_eager(monkeypatch):
-    """Gemma 2 (a sliding layer, a global layer, logit softcap 5): the global layer runs the kernel with
-    the softcap, the sliding layer the model's eager attention (warned once); a left-padded prompt and
-    six greedy steps give eager's logits."""
+    """Gemma 2 (a sliding layer, a global layer, logit softcap 5): every decode step of both layers runs
+    the kernel with the softcap (the sliding one over its rolling buffer under the model's mask); only the
+    sliding layer's 12-token prompt goes to the model's eager attention (warned once). A left-padded
+    prompt and six greedy steps give eager's logits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(**TINY, sliding_window=8, attn_logit_softcapping=5.0)
@@ -380,17 +381,38 @@ def test_gemma2_softcap_decodes_through_the_kernel_and_matches_eager(monkeypatch
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             results[impl] = _decode(model, ids, mask, 6)
-    assert (
-        ops.q_lens == [12] + [1] * 6
-    )  # the global layer: the 12-token prompt (<= 16 runs it too), each step
+    assert ops.q_lens == [12] + [1] * 12  # the global layer's prompt (<= 16 tokens), both layers each step
     assert len(_fallbacks(record)) == 1 and "softcap" in _fallbacks(record)[0]
     torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
     assert torch.equal(results["kvdecode"][0], results["eager"][0])
 
 
+def test_mistral_sliding_window_steps_run_the_kernel_over_the_rolling_buffer(monkeypatch):
+    """Mistral with a window of 8 (every layer sliding: transformers keeps an 8-slot rolling buffer per
+    layer): 14 greedy steps past a 12-token left-padded prompt, so the buffer wraps; each one-query step
+    runs the kernel over the 8 slots under the model's mask, and the logits are sdpa's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**TINY, sliding_window=8)
+    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
+    results = {}
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    for impl in ("sdpa", "kvdecode"):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(cfg).eval()
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[impl] = _decode(model, ids, mask, 14, capacity=40)
+    assert ops.q_lens == [1] * (14 * TINY["num_hidden_layers"])  # the prompt (12 queries) ran SDPA
+    assert len(_fallbacks(record)) == 1 and "sliding-window" in _fallbacks(record)[0]
+    torch.testing.assert_close(results["kvdecode"][1], results["sdpa"][1], atol=1e-5, rtol=0)
+    assert torch.equal(results["kvdecode"][0], results["sdpa"][0])
+
+
 def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
-    """gpt-oss (a sliding layer, a full layer, attention sinks passed as s_aux in the model dtype): the
-    full layer runs the kernel with the sinks, the sliding one eager attention; eager's logits."""
+    """gpt-oss (a sliding layer, a full layer, attention sinks passed as s_aux in the model dtype): every
+    decode step of both layers runs the kernel with the sinks; eager's logits."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     shape = {k: v for k, v in TINY.items() if k != "intermediate_size"}
@@ -412,8 +434,8 @@ def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             results[impl] = _decode(model, ids, mask, 6)
-    assert ops.q_lens == [12] + [1] * 6
-    assert len(_fallbacks(record)) == 1 and "sinks" in _fallbacks(record)[0]
+    assert ops.q_lens == [12] + [1] * 12
+    assert len(_fallbacks(record)) == 1 and "sinks" in _fallbacks(record)[0]  # the sliding layer's prompt
     torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
     assert torch.equal(results["kvdecode"][0], results["eager"][0])
 
@@ -456,6 +478,31 @@ def test_attention_traces_as_one_graph_on_cpu():
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # functionalized: out is a view
     torch.testing.assert_close(compiled(q, k, v, mask), step(q, k, v, mask), atol=0, rtol=0)
+
+
+def test_a_sliding_window_step_traces_as_one_graph_on_cpu():
+    """A sliding layer's one-query step (an 8-slot rolling buffer and the model's own bool mask, with a
+    softcap and sinks) compiles with no graph break and gives the eager result."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((2, 4, 1, 16), (2, 2, 8, 16), (2, 2, 8, 16)))
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    mask[0, :, :, 5:] = False  # row 0: a buffer not yet full
+    extras = dict(sliding_window=8, softcap=4.0, s_aux=torch.linspace(-1, 1, 4))
+
+    def step(q, k, v, mask):
+        return kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, v, mask, scaling=0.25, **extras)[0]
+
+    explained = torch._dynamo.explain(step)(q, k, v, mask)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager = step(q, k, v, mask)
+    torch.testing.assert_close(compiled(q, k, v, mask), eager, atol=0, rtol=0)
+    lens = torch.full((2,), 8, dtype=torch.int32)
+    ref, _ = reference_decode_attention(
+        q, k, v, lens, scale=0.25, mask=mask, softcap=4.0, sinks=extras["s_aux"]
+    )
+    torch.testing.assert_close(eager.transpose(1, 2).double(), ref, atol=1e-5, rtol=1e-5)
 
 
 # ---- registration and imports ----

@@ -10,13 +10,14 @@ transformers calls it once per layer with the layer's queries and its **whole** 
 A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
 the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
 stay exact); a layer's logit softcap (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to the
-kernel with it. Everything else is handed on, each reason warned once
-(:class:`KVDecodeFallbackWarning`):
+kernel with it. A sliding-window layer's one-query step runs the kernel over the layer's rolling buffer
+under the model's own mask (:func:`_window_step`). Everything else is handed on, each reason warned
+once (:class:`KVDecodeFallbackWarning`):
 
 * prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
-* sliding window, dropout, autograd, non-causal attention, a position bias, a mask kvdecode did not mark
-  (a dynamic cache, a 4-D mask made elsewhere), unsupported dtypes or head dims: torch SDPA
-  (transformers' ``sdpa`` integration) with the unmarked mask;
+* sliding-window steps of 2..16 queries, dropout, autograd, non-causal attention, a position bias, a
+  mask kvdecode did not mark (a dynamic cache, a 4-D mask made elsewhere), unsupported dtypes or head
+  dims: torch SDPA (transformers' ``sdpa`` integration) with the unmarked mask;
 * any of those in a layer with a logit softcap or attention sinks, which torch SDPA lacks: the model's
   own ``eager_attention_forward``.
 """
@@ -98,9 +99,30 @@ def _prefill(c: _Call) -> Fallback | None:
     return Fallback("prefill", None) if c.query.shape[2] > MAX_DECODE_Q_LEN else None
 
 
+def _window_step(c: _Call) -> bool:
+    """A one-query step of a sliding-window layer with the model's bool mask over every cache slot
+    (transformers keeps these layers in a rolling buffer, slot order != position order). Attending every
+    slot ``j <= kv_len - 1`` under that mask is exactly what torch SDPA computes from it, so the kernel
+    runs it with ``seq_lens = kv_len``: it reads the buffer, i.e. the window, whatever the filled length."""
+    m = c.attention_mask
+    return (
+        c.kwargs.get("sliding_window") is not None
+        and c.query.shape[2] == 1
+        and isinstance(m, torch.Tensor)
+        and m.dtype == torch.bool
+        and m.dim() == 4
+        and m.shape[1] == 1
+        and m.shape[2] == 1
+        and m.shape[0] in (1, c.query.shape[0])
+        and m.shape[-1] == c.key.shape[-2]
+    )
+
+
 def _model_feature(c: _Call) -> Fallback | None:
-    if c.kwargs.get("sliding_window") is not None:
-        return Fallback("sliding-window", "sliding-window attention layers run torch SDPA")
+    if c.kwargs.get("sliding_window") is not None and not _window_step(c):
+        return Fallback(
+            "sliding-window", "sliding-window layers run torch SDPA where a step has more than one query"
+        )
     if c.dropout and c.dropout > 0.0:
         return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (c.query, c.key, c.value)):
@@ -113,7 +135,7 @@ def _model_feature(c: _Call) -> Fallback | None:
 
 
 def _unmarked(c: _Call) -> Fallback | None:
-    if is_marked(c.attention_mask, c.key):
+    if is_marked(c.attention_mask, c.key) or _window_step(c):
         return None
     return Fallback(
         "unmarked-mask",
@@ -238,7 +260,11 @@ def _decode_step(module, query, key, value, attention_mask, scaling, softcap, si
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
     mask = attention_mask[..., :capacity]
-    seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
+    if is_marked(attention_mask, key):
+        seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
+    else:  # a sliding layer's one-query step (_window_step): every slot, the model's mask decides
+        seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=query.device)
+        kv_start = None
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
     k_scale, v_scale = fp8_scales(key) if key.dtype in FP8_DTYPES else (None, None)
     decode_attention_op(
