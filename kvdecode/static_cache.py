@@ -281,23 +281,30 @@ class StaticKVCache:
         mask: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of ``q`` ``[B, H_q, T_q, D]`` over layer ``layer`` with the device lengths.
 
         Runs a :class:`~kvdecode.DecodePlan` made on the first call for this query shape (and mask and
-        ``out`` kind); later calls only check and launch. Arguments as in :func:`kvdecode.decode_attention`.
+        ``out`` kind); later calls only check and launch. Arguments as in :func:`kvdecode.decode_attention`;
+        ``sinks`` (float32 ``[H_q]``) are the layer's attention sinks, passed per call since layers differ.
         """
         k, v = self.keys(layer), self.values(layer)
-        the_plan = self.plan_for(q, mask=mask, out=out)
+        the_plan = self.plan_for(q, mask=mask, out=out, sinks=sinks)
         if self._validating():
             check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
         return the_plan.run(
             q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse,
-            k_scale=self.k_scale, v_scale=self.v_scale,
+            k_scale=self.k_scale, v_scale=self.v_scale, sinks=sinks,
         )  # fmt: skip
 
     def plan_for(
-        self, q: torch.Tensor, *, mask: torch.Tensor | None = None, out: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> DecodePlan:
         """The plan :meth:`attend` runs for this query (and mask); from the shared plan cache.
 
@@ -308,7 +315,7 @@ class StaticKVCache:
             raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}; pass [B, H_q, T_q, D]")
         problem = problem_for_tensors(
             q, self._keys[0], self._values[0], self.seq_lens, self.scale, self.kv_start, mask,
-            self.k_scale, self.v_scale, self.window, self.softcap,
+            self.k_scale, self.v_scale, self.window, self.softcap, sinks,
         )  # fmt: skip
         backend, deterministic = self.backend, self.deterministic
         return plan(problem, backend=backend, deterministic=deterministic, max_seq_len=self.capacity)

@@ -226,6 +226,13 @@ def test_window_and_softcap_reach_attend():
     plain, _ = reference_decode_attention(q, cache.keys(1), cache.values(1), cache.seq_lens)
     assert not torch.allclose(out.double(), plain, atol=1e-3)  # both took effect
     assert cache.plan_for(q).problem.window == 5 and cache.plan_for(q).problem.softcap == 2.0
+    sinks = torch.tensor([0.5, -1.0, 2.0])  # a layer's attention sinks, one per query head
+    out = cache.attend(1, q, sinks=sinks)
+    ref, _ = reference_decode_attention(
+        q, cache.keys(1), cache.values(1), cache.seq_lens, window=5, softcap=2.0, sinks=sinks
+    )
+    check_close(out, ref, torch.float32, "window 5, softcap 2, sinks", 8)
+    assert cache.plan_for(q, sinks=sinks).problem.has_sinks
 
 
 def test_attend_with_a_query_the_cache_cannot_serve_raises():
