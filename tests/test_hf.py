@@ -362,6 +362,26 @@ def test_softcap_prefill_without_a_mask_stays_causal_in_eager():
     torch.testing.assert_close(logits["kvdecode"], logits["eager"], atol=1e-5, rtol=0)
 
 
+def _against(ref_impl, make_model, monkeypatch, steps, capacity=None):
+    """A left-padded 12-token prompt and ``steps`` greedy steps with ``ref_impl`` and with kvdecode
+    (``make_model()`` seeded alike for both); returns (ref, got) as ``(tokens, logits)``, the q_len of
+    every kernel call and the fallback warnings of the kvdecode run."""
+    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
+    results = {}
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    for impl in (ref_impl, "kvdecode"):
+        torch.manual_seed(0)
+        model = make_model().eval()
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[impl] = _decode(model, ids, mask, steps, capacity=capacity)
+    ref, got = results[ref_impl], results["kvdecode"]
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
+    assert torch.equal(got[0], ref[0])
+    return ops.q_lens, _fallbacks(record)
+
+
 def test_gemma2_softcap_decodes_through_the_kernel_and_matches_eager(monkeypatch):
     """Gemma 2 (a sliding layer, a global layer, logit softcap 5): every decode step of both layers runs
     the kernel with the softcap (the sliding one over its rolling buffer under the model's mask); only the
@@ -371,20 +391,9 @@ def test_gemma2_softcap_decodes_through_the_kernel_and_matches_eager(monkeypatch
 
     cfg = Gemma2Config(**TINY, sliding_window=8, attn_logit_softcapping=5.0)
     assert cfg.layer_types == ["sliding_attention", "full_attention"]
-    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
-    results = {}
-    ops = _Spy(monkeypatch, "decode_attention_op")
-    for impl in ("eager", "kvdecode"):
-        torch.manual_seed(0)
-        model = Gemma2ForCausalLM(cfg).eval()
-        model.set_attn_implementation(impl)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            results[impl] = _decode(model, ids, mask, 6)
-    assert ops.q_lens == [12] + [1] * 12  # the global layer's prompt (<= 16 tokens), both layers each step
-    assert len(_fallbacks(record)) == 1 and "softcap" in _fallbacks(record)[0]
-    torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
-    assert torch.equal(results["kvdecode"][0], results["eager"][0])
+    q_lens, fallbacks = _against("eager", lambda: Gemma2ForCausalLM(cfg), monkeypatch, 6)
+    assert q_lens == [12] + [1] * 12  # the global layer's prompt (<= 16 tokens), both layers each step
+    assert len(fallbacks) == 1 and "softcap" in fallbacks[0]
 
 
 def test_mistral_sliding_window_steps_run_the_kernel_over_the_rolling_buffer(monkeypatch):
@@ -394,20 +403,9 @@ def test_mistral_sliding_window_steps_run_the_kernel_over_the_rolling_buffer(mon
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(**TINY, sliding_window=8)
-    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
-    results = {}
-    ops = _Spy(monkeypatch, "decode_attention_op")
-    for impl in ("sdpa", "kvdecode"):
-        torch.manual_seed(0)
-        model = MistralForCausalLM(cfg).eval()
-        model.set_attn_implementation(impl)
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            results[impl] = _decode(model, ids, mask, 14, capacity=40)
-    assert ops.q_lens == [1] * (14 * TINY["num_hidden_layers"])  # the prompt (12 queries) ran SDPA
-    assert len(_fallbacks(record)) == 1 and "sliding-window" in _fallbacks(record)[0]
-    torch.testing.assert_close(results["kvdecode"][1], results["sdpa"][1], atol=1e-5, rtol=0)
-    assert torch.equal(results["kvdecode"][0], results["sdpa"][0])
+    q_lens, fallbacks = _against("sdpa", lambda: MistralForCausalLM(cfg), monkeypatch, 14, capacity=40)
+    assert q_lens == [1] * (14 * TINY["num_hidden_layers"])  # the prompt (12 queries) ran SDPA
+    assert len(fallbacks) == 1 and "sliding-window" in fallbacks[0]
 
 
 def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
@@ -420,24 +418,18 @@ def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
         **shape, sliding_window=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32
     )
     assert cfg.layer_types == ["sliding_attention", "full_attention"]
-    ids, mask = _prompt(length=12, pad=(3, 0), seed=4)
-    results = {}
-    ops = _Spy(monkeypatch, "decode_attention_op")
-    for impl in ("eager", "kvdecode"):
-        torch.manual_seed(0)
-        model = GptOssForCausalLM(cfg).eval()
-        model.set_attn_implementation(impl)
+
+    def make_model():
+        model = GptOssForCausalLM(cfg)
         with torch.no_grad():  # sinks far from zero, so that a sink the kernel ignored would show
             gen = torch.Generator().manual_seed(1)
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape, generator=gen))
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            results[impl] = _decode(model, ids, mask, 6)
-    assert ops.q_lens == [12] + [1] * 12
-    assert len(_fallbacks(record)) == 1 and "sinks" in _fallbacks(record)[0]  # the sliding layer's prompt
-    torch.testing.assert_close(results["kvdecode"][1], results["eager"][1], atol=1e-5, rtol=0)
-    assert torch.equal(results["kvdecode"][0], results["eager"][0])
+        return model
+
+    q_lens, fallbacks = _against("eager", make_model, monkeypatch, 6)
+    assert q_lens == [12] + [1] * 12
+    assert len(fallbacks) == 1 and "sinks" in fallbacks[0]  # the sliding layer's prompt
 
 
 def test_generate_under_inference_mode():
