@@ -497,6 +497,19 @@ def test_a_sliding_window_step_traces_as_one_graph_on_cpu():
     torch.testing.assert_close(eager.transpose(1, 2).double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_sliding_step_over_a_buffer_shorter_than_the_window_runs_sdpa(monkeypatch):
+    """A dynamic cache still growing (5 keys, window 8) would need a new plan every step: torch SDPA
+    serves it (warned once); at exactly the window's slots the kernel does."""
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    sdpa, ops = _Spy(monkeypatch, "sdpa_attention_forward"), _Spy(monkeypatch, "decode_attention_op")
+    with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning, match="sliding-window"):
+        kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, mask, scaling=0.25, sliding_window=8)
+    assert sdpa.q_lens == [1] and ops.q_lens == []
+    kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, mask, scaling=0.25, sliding_window=5)
+    assert ops.q_lens == [1]
+
+
 # ---- registration and imports ----
 
 

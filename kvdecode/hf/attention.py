@@ -103,10 +103,14 @@ def _window_step(c: _Call) -> bool:
     """A one-query step of a sliding-window layer with the model's bool mask over every cache slot
     (transformers keeps these layers in a rolling buffer, slot order != position order). Attending every
     slot ``j <= kv_len - 1`` under that mask is exactly what torch SDPA computes from it, so the kernel
-    runs it with ``seq_lens = kv_len``: it reads the buffer, i.e. the window, whatever the filled length."""
+    runs it with ``seq_lens = kv_len``: it reads the buffer, i.e. the window, whatever the filled length.
+    Only buffers of exactly ``sliding_window`` slots: a static cache's rolling layer (a dynamic cache
+    that is still growing would make a new plan every step; it runs torch SDPA until it is full)."""
     m = c.attention_mask
+    window = c.kwargs.get("sliding_window")
     return (
-        c.kwargs.get("sliding_window") is not None
+        isinstance(window, int)
+        and c.key.shape[-2] == window
         and c.query.shape[2] == 1
         and isinstance(m, torch.Tensor)
         and m.dtype == torch.bool
@@ -121,7 +125,9 @@ def _window_step(c: _Call) -> bool:
 def _model_feature(c: _Call) -> Fallback | None:
     if c.kwargs.get("sliding_window") is not None and not _window_step(c):
         return Fallback(
-            "sliding-window", "sliding-window layers run torch SDPA where a step has more than one query"
+            "sliding-window",
+            "sliding-window layers run torch SDPA for steps of several queries and for caches that do not "
+            "hold exactly the window (a dynamic cache still growing)",
         )
     if c.dropout and c.dropout > 0.0:
         return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
