@@ -111,11 +111,7 @@ def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask
     _same("k_cache", k_cache, p.cache_dtype, p.k_strides, kv_shape, p)
     _same("v_cache", v_cache, p.cache_dtype, p.v_strides, kv_shape, p)
     _lengths("seq_lens", seq_lens, p)
-    if (kv_start is not None) != p.has_kv_start:
-        raise KVDecodeError(
-            f"kv_start is {'given' if kv_start is not None else 'None'} but the plan was made "
-            f"{'with' if p.has_kv_start else 'without'} it; make a new plan"
-        )
+    _as_planned("kv_start is", "it", kv_start is not None, p.has_kv_start)
     if kv_start is not None:
         _lengths("kv_start", kv_start, p)
     _mask(mask, p)
@@ -123,12 +119,9 @@ def check_inputs(p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask
 
 def check_scales(p: DecodeProblem, k_scale, v_scale) -> None:
     """``k_scale``/``v_scale`` as ``DecodeProblem.from_tensors`` checks them, and of the planned kind."""
-    given, planned = k_scale is not None or v_scale is not None, p.kv_scale_kind != "none"
-    if given != planned:
-        raise KVDecodeError(
-            f"k_scale/v_scale are {'given' if given else 'None'} but the plan was made "
-            f"{'with' if planned else 'without'} them; make a new plan"
-        )
+    _as_planned(
+        "k_scale/v_scale are", "them", k_scale is not None or v_scale is not None, p.kv_scale_kind != "none"
+    )
     kind = check_kv_scales(k_scale, v_scale, p.cache_dtype, p.num_kv_heads, p.device)
     if kind != p.kv_scale_kind:
         raise KVDecodeError(
@@ -139,13 +132,18 @@ def check_scales(p: DecodeProblem, k_scale, v_scale) -> None:
 
 def check_sinks_given(p: DecodeProblem, sinks) -> None:
     """``sinks`` given exactly when planned, and as ``DecodeProblem.from_tensors`` checks them."""
-    if (sinks is not None) != p.has_sinks:
-        raise KVDecodeError(
-            f"sinks is {'given' if sinks is not None else 'None'} but the plan was made "
-            f"{'with' if p.has_sinks else 'without'} them; make a new plan"
-        )
+    _as_planned("sinks is", "them", sinks is not None, p.has_sinks)
     if sinks is not None:
         check_sinks(sinks, p.num_q_heads, p.device)
+
+
+def _as_planned(subject: str, pronoun: str, given: bool, planned: bool) -> None:
+    """An optional input is given exactly when the plan was made with it."""
+    if given != planned:
+        raise KVDecodeError(
+            f"{subject} {'given' if given else 'None'} but the plan was made "
+            f"{'with' if planned else 'without'} {pronoun}; make a new plan"
+        )
 
 
 def check_buffers(p: DecodeProblem, out, lse) -> None:
@@ -226,7 +224,7 @@ def _same(name: str, t: object, dtype: torch.dtype, strides: tuple, shape: tuple
 class Signature:
     """What the per-call fast checks compare, derived once from a problem (:func:`signature`):
     ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE, the lengths' dtype and
-    shape, the device index (-1 off CUDA), whether the problem is plain (no kv_start, mask or scales)
+    shape, the device index (-1 off CUDA), whether the problem is plain (no kv_start, mask, scales, sinks)
     and the byte extents of q, k, v, out and lse from their ``data_ptr``."""
 
     q: tuple

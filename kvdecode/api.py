@@ -128,9 +128,10 @@ def decode_attention(
     problem = problem_for_tensors(
         q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap, sinks
     )
-    # a contiguous out of a plain call in a few comparisons (the inputs made the problem); else in full
-    plain = kv_start is None and mask is None and k_scale is None and v_scale is None and sinks is None
-    if out is not None and not (plain and outputs_ok(signature(problem), q, k_cache, v_cache, seq_lens, out)):
+    # a contiguous out of a plain call in a few comparisons (the inputs made the problem, so its
+    # signature says whether the call is plain); anything else is checked in full
+    sig = signature(problem)
+    if out is not None and not (sig.plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out)):
         check_out(out, q)
         inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale), sinks)
         check_outputs_disjoint({"out": out}, inputs)
