@@ -15,6 +15,10 @@ Modes, all in the same run and process:
 * ``compiled``: ``torch.compile(mode="reduce-overhead")`` of the step (what ``generate`` does), only on
   the headline row by default (``--compile``) and only while the time budget allows.
 
+The sliding-window row (``--window``, default 4096; 0 leaves it out) runs the same shape as a
+``MistralForCausalLM`` whose every layer attends the last ``window`` positions: transformers keeps a
+rolling buffer of ``window`` slots per layer, so every backend reads ``window`` keys a step whatever L is.
+
 A backend that fails in a row is recorded with its error and the run goes on. Results: JSON and
 markdown under ``--out`` (default ``bench/results/``) and a PNG plot of ms/step vs L when matplotlib is
 importable. ``--quick`` runs two rows without compilation (about a minute on an H200).
@@ -39,6 +43,7 @@ import torch
 import kvdecode
 import kvdecode.hf  # registers attn_implementation="kvdecode"
 from kvdecode.generate_cmd import random_llama
+from kvdecode.quant import FP8_DTYPES
 
 ROWS = (
     (1, 2048, 1024),
@@ -50,6 +55,7 @@ ROWS = (
 )
 QUICK_ROWS = ((1, 32768, 1024), (8, 32768, 16384))
 HEADLINE = (8, 32768, 16384)
+WINDOW_ROWS = ((8, 32768, 16384),)  # with --window (both --quick and full runs)
 BACKENDS = ("sdpa", "flex_attention", "kvdecode", "kvdecode-fp8")
 FP8_BACKEND = "kvdecode-fp8"  # attn_implementation "kvdecode" on a kvdecode.hf.FP8StaticCache (e4m3, scale 1)
 MODES = ("eager", "captured", "compiled")
@@ -72,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--budget-s", type=float, default=225.0, help="skip compiled runs past this (s)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and cache (CPU smoke run)")
+    p.add_argument(
+        "--window", type=int, default=4096, help="sliding window of the Mistral-shaped row (0: no such row)"
+    )
     p.add_argument("--render", type=Path, help="write the .md (and .png) of an earlier run's JSON; no run")
     return p.parse_args(argv)
 
@@ -94,9 +103,11 @@ def environment() -> dict:
     )
 
 
-def build_model(layers: int, tiny: bool, device: torch.device):
-    """Random-weights Llama built directly on the device in bf16 (fp32 on CPU)."""
-    return random_llama(layers, device, tiny=tiny, max_positions=TINY_POSITIONS if tiny else 131072)
+def build_model(layers: int, tiny: bool, device: torch.device, window: int = 0):
+    """Random-weights Llama (a sliding-window Mistral with ``window``) built directly on the device in
+    bf16 (fp32 on CPU)."""
+    positions = TINY_POSITIONS if tiny else 131072
+    return random_llama(layers, device, tiny=tiny, max_positions=positions, sliding_window=window or None)
 
 
 def _set_length(cache, length: int) -> None:
@@ -106,7 +117,9 @@ def _set_length(cache, length: int) -> None:
                 f"{type(layer).__name__} has no cumulative_length; this transformers version tracks the "
                 "static cache length differently"
             )
-        layer.cumulative_length.fill_(length)
+        layer.cumulative_length.fill_(min(length, layer.max_cache_len))
+        if hasattr(layer, "cumulative_length_int"):  # a sliding layer: its branch (full or not) reads this
+            layer.cumulative_length_int = length
 
 
 def make_cache(model, batch: int, capacity: int, filled: int, *, fp8: bool = False):
@@ -123,8 +136,8 @@ def make_cache(model, batch: int, capacity: int, filled: int, *, fp8: bool = Fal
     gen = torch.Generator(device=model.device).manual_seed(0)
     for layer in cache.layers:
         for buf in (layer.keys, layer.values):
-            if fp8:  # no normal_ for fp8: quantize bf16 randoms
-                shape = (batch, cfg.num_key_value_heads, filled, cfg.head_dim)
+            if buf.dtype in FP8_DTYPES:  # no normal_ for fp8: quantize bf16 randoms
+                shape = buf[:, :, :filled].shape  # a sliding layer has fewer slots than filled
                 rand = torch.randn(shape, generator=gen, device=model.device, dtype=model.dtype)
                 buf[:, :, :filled].copy_(rand.to(buf.dtype))
             else:
@@ -227,20 +240,19 @@ def _error(exc: BaseException) -> str:
 
 
 def run_row(model, row, backends, modes, args, device) -> list[dict]:
-    """Every backend and mode of one (B, capacity, L) row; failures are recorded, not raised."""
-    batch, capacity, filled = row
+    """Every backend and mode of one (B, capacity, L, window) row (window 0: none); failures are
+    recorded, not raised."""
+    batch, capacity, filled, window = row
+    key = dict(batch=batch, capacity=capacity, filled=filled, window=window)
     records = []
     try:
         cache = make_cache(model, batch, capacity, filled)
     except Exception as exc:  # e.g. out of memory: the row is recorded as failed
-        return [
-            dict(backend=b, batch=batch, capacity=capacity, filled=filled, error=_error(exc))
-            for b in backends
-        ]
+        return [dict(backend=b, **key, error=_error(exc)) for b in backends]
     cache8 = None
     for backend in backends:
         for mode in modes:
-            rec = dict(backend=backend, batch=batch, capacity=capacity, filled=filled, mode=mode)
+            rec = dict(backend=backend, **key, mode=mode)
             t0 = time.perf_counter()
             try:
                 if backend == FP8_BACKEND:
@@ -263,11 +275,16 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
 
 
 def _line(rec: dict) -> str:
-    head = f"B {rec['batch']:>2} cap {rec['capacity']:>6} L {rec['filled']:>6} {rec['backend']:>14}"
+    head = f"B {rec['batch']:>2} cap {rec['capacity']:>6} L {rec['filled']:>6} {_window(rec):>11}"
+    head += f" {rec['backend']:>14}"
     head += f" {rec.get('mode', '-'):>8}"
     if "error" in rec:
         return f"{head}  FAILED {rec['error']}"
     return f"{head}  {rec['ms_per_step']:8.3f} ms/step  {rec['tokens_per_s']:9.1f} tok/s  ({rec['wall_s']} s)"
+
+
+def _window(rec: dict) -> str:
+    return f"window {rec['window']}" if rec.get("window") else ""
 
 
 def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
@@ -287,7 +304,7 @@ def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
         ]
     for mode in MODES:
         cells = {
-            (r["batch"], r["capacity"], r["filled"], r["backend"]): r
+            (r.get("window", 0), r["batch"], r["capacity"], r["filled"], r["backend"]): r
             for r in records
             if r.get("mode") == mode
         }
@@ -296,13 +313,13 @@ def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
         lines += [
             f"## {mode}: ms per step (tokens/s)",
             "",
-            "| B | capacity | L | " + " | ".join(backends) + " |",
+            "| B | capacity | L | window | " + " | ".join(backends) + " |",
         ]
-        lines.append("|---|---|---|" + "---|" * len(backends))
-        for b, cap, n in sorted({k[:3] for k in cells}):
+        lines.append("|---|---|---|---|" + "---|" * len(backends))
+        for w, b, cap, n in sorted({k[:4] for k in cells}):
             row = []
             for be in backends:
-                r = cells.get((b, cap, n, be))
+                r = cells.get((w, b, cap, n, be))
                 row.append(
                     "–"
                     if r is None
@@ -310,7 +327,7 @@ def markdown(records: list[dict], env: dict, layers: int, backends) -> str:
                     if "error" in r
                     else f"{r['ms_per_step']:.2f} ({r['tokens_per_s']:.0f})"
                 )
-            lines.append(f"| {b} | {cap} | {n} | " + " | ".join(row) + " |")
+            lines.append(f"| {b} | {cap} | {n} | {w or '–'} | " + " | ".join(row) + " |")
         lines.append("")
     failed = [r for r in records if "error" in r]
     if failed:
@@ -335,12 +352,12 @@ def plot(records: list[dict], path: Path) -> bool:
         series: dict[tuple, list] = {}
         for r in records:
             if r.get("mode") == mode and "error" not in r:
-                series.setdefault((r["backend"], r["batch"], r["capacity"]), []).append(
-                    (r["filled"], r["ms_per_step"])
-                )
-        for (backend, b, cap), pts in sorted(series.items()):
+                key = (r["backend"], r["batch"], r["capacity"], r.get("window", 0))
+                series.setdefault(key, []).append((r["filled"], r["ms_per_step"]))
+        for (backend, b, cap, w), pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} B{b} cap{cap}")
+            label = f"{backend} B{b} cap{cap}" + (f" win{w}" if w else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set(xscale="log", yscale="log", xlabel="filled length L", ylabel="ms / decode step", title=mode)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -352,7 +369,7 @@ def plot(records: list[dict], path: Path) -> bool:
 
 def _modes_for(row, args, started: float) -> list[str]:
     modes = ["eager", "captured"]
-    want = args.compile == "all" or (args.compile == "headline" and tuple(row) == HEADLINE)
+    want = args.compile == "all" or (args.compile == "headline" and tuple(row) == (*HEADLINE, 0))
     if want and not args.quick and time.perf_counter() - started < args.budget_s - 60:
         modes.append("compiled")
     return modes
@@ -377,15 +394,21 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = ((2, 64, 32), (2, 64, 60)) if args.tiny else QUICK_ROWS if args.quick else ROWS
+    rows = [(*row, 0) for row in rows]
+    if args.window:  # --tiny: a window of at most 16 in its 64-slot cache, so that it slides
+        window = min(args.window, 16) if args.tiny else args.window
+        rows += [(*row, window) for row in (((2, 64, 60),) if args.tiny else WINDOW_ROWS)]
     started = time.perf_counter()
-    model = build_model(args.layers, args.tiny, device)
-    print(
-        f"model: {args.layers} layers, {model.dtype}, built in {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
-    records = []
+    records, model = [], None
     for row in rows:
-        records += run_row(model, row, backends, _modes_for(row, args, started), args, device)
+        if model is None or getattr(model.config, "sliding_window", None) != (row[3] or None):
+            del model
+            model = build_model(args.layers, args.tiny, device, window=row[3])
+            name = f"{type(model).__name__}, {args.layers} layers, {model.dtype}"
+            print(f"model: {name}, built at {time.perf_counter() - started:.1f} s", flush=True)
+        # FP8StaticCache keeps sliding layers in the model's dtype: on a window row it is kvdecode again
+        row_backends = [b for b in backends if not (row[3] and b == FP8_BACKEND)]
+        records += run_row(model, row, row_backends, _modes_for(row, args, started), args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (

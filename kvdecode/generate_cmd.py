@@ -108,14 +108,32 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def random_llama(layers: int, device, *, tiny: bool, seed: int | None = None, max_positions: int = 131072):
+def random_llama(
+    layers: int,
+    device,
+    *,
+    tiny: bool,
+    seed: int | None = None,
+    max_positions: int = 131072,
+    sliding_window: int | None = None,
+):
     """A ``LlamaForCausalLM`` with random weights built on ``device``: the Llama-3-8B shape
-    (:data:`LLAMA3_8B_SHAPE`) or a tiny one, bf16 on CUDA and fp32 elsewhere, in eval mode, no grads."""
+    (:data:`LLAMA3_8B_SHAPE`) or a tiny one, bf16 on CUDA and fp32 elsewhere, in eval mode, no grads.
+    With ``sliding_window``, a ``MistralForCausalLM`` of the same shape whose every layer attends only
+    the last ``sliding_window`` positions (transformers keeps that many slots per layer)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     shape = TINY_SHAPE if tiny else LLAMA3_8B_SHAPE
-    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max_positions, **shape)
+    if sliding_window is None:
+        config_class, model_class, extra = LlamaConfig, LlamaForCausalLM, {}
+    else:
+        config_class, model_class, extra = (
+            MistralConfig,
+            MistralForCausalLM,
+            {"sliding_window": sliding_window},
+        )
+    cfg = config_class(num_hidden_layers=layers, max_position_embeddings=max_positions, **shape, **extra)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if seed is not None:
         torch.manual_seed(seed)
@@ -123,7 +141,7 @@ def random_llama(layers: int, device, *, tiny: bool, seed: int | None = None, ma
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = model_class(cfg)
     finally:
         torch.set_default_dtype(previous)
     return model.eval().requires_grad_(False)

@@ -607,6 +607,88 @@ def test_gpu_generate_static_cache_compiled_matches_sdpa():
     assert torch.equal(got, ref)
 
 
+def _family(name: str):
+    """(reference attn_implementation, config) of a random-weight model with the attention shape of a
+    real one (heads, KV heads, head dim, scaling, softcap, sinks) at small width and depth, and a window
+    of 16 so that 32 steps past a 24-token prompt wrap the sliding layers' rolling buffers."""
+    from transformers import Gemma2Config, GptOssConfig, MistralConfig
+
+    small = dict(hidden_size=256, intermediate_size=512, vocab_size=512, max_position_embeddings=256)
+    if name == "gemma2":  # Gemma-2-9B: 16/8 heads of 256, query_pre_attn_scalar 256, softcap 50
+        return "eager", Gemma2Config(
+            **small, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+            query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            sliding_window=16,
+        )  # fmt: skip
+    if name == "mistral":  # Mistral-7B-v0.1: 32/8 heads of 128, every layer sliding
+        return "sdpa", MistralConfig(
+            **small, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+            sliding_window=16,
+        )  # fmt: skip
+    # gpt-oss-20b: 64/8 heads of 64, sinks, sliding and full layers alternating, mixture of experts
+    small.pop("intermediate_size")
+    return "eager", GptOssConfig(
+        **small, intermediate_size=128, num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=64, sliding_window=16, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+
+
+def _family_model(name: str):
+    ref_impl, cfg = _family(name)
+    model_class = {"gemma2": "Gemma2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        name, "GptOssForCausalLM"
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(cfg).to("cuda").eval()
+    if name == "gpt_oss":  # sinks far from zero, so that a sink the kernel ignored would show
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    return ref_impl, model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gemma2", "mistral", "gpt_oss"])
+def test_gpu_sliding_softcap_sinks_models_match_their_reference_over_32_steps(monkeypatch, name):
+    """Issue 19's GPU check. A left-padded batch of 3 (24-token prompt), 32 greedy steps, with the model's
+    reference attention (Gemma 2 and gpt-oss: eager; Mistral: sdpa) and with kvdecode, whose decode steps
+    all run the kernel (sliding layers over their 16-slot rolling buffers, which wrap).
+
+    float32: every step's logits within the tolerance table's float32 relative L2 of the reference's,
+    and the same tokens. bf16 (what these models run in), fed the float32 tokens: kvdecode's logits are
+    no further from the float32 reference than twice the reference's own bf16 logits are."""
+    import copy
+
+    from kvdecode.reference import relative_l2_error, tolerance_for
+
+    ref_impl, model = _family_model(name)
+    ids, mask = _prompt(batch=3, length=24, pad=(0, 5, 13), vocab=512, device="cuda", seed=6)
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model if dtype == torch.float32 else copy.deepcopy(model).to(torch.bfloat16)
+        forced = None if dtype == torch.float32 else runs[ref_impl, torch.float32][0]
+        for impl in (ref_impl, "kvdecode"):
+            m.set_attn_implementation(impl)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", kvdecode.hf.KVDecodeFallbackWarning)
+                runs[impl, dtype] = _decode(m, ids, mask, 32, forced=forced)
+    layers = model.config.num_hidden_layers
+    assert ops.q_lens.count(1) == 2 * 32 * layers  # every decode step of every layer, in both dtypes
+
+    def per_step(impl, dtype):
+        truth = runs[ref_impl, torch.float32][1]
+        return [relative_l2_error(runs[impl, dtype][1][:, i], truth[:, i]) for i in range(33)]
+
+    fp32 = per_step("kvdecode", torch.float32)
+    assert torch.equal(runs["kvdecode", torch.float32][0], runs[ref_impl, torch.float32][0])
+    assert max(fp32) <= tolerance_for(torch.float32).rel_l2, fp32
+    ours, theirs = per_step("kvdecode", torch.bfloat16), per_step(ref_impl, torch.bfloat16)
+    worst = f"fp32 worst {max(fp32):.2e}; bf16 worst kvdecode {max(ours):.2e}, {ref_impl} {max(theirs):.2e}"
+    print(f"{name}: {worst}")  # in the GPU log (-rP / -s)
+    assert max(ours) <= 2 * max(theirs), (ours, theirs)
+
+
 def test_lengths_are_derived_once_per_forward_and_again_when_the_mask_changes(monkeypatch):
     """Every layer of a forward gets the same mask: its lengths are computed at layer 0 and reused by the
     others; a new forward (layer 0 again) or a mask written in place recomputes them."""
