@@ -3,9 +3,9 @@
 Profiles: ``cpu`` keeps the Triton interpreter runs within CI's budget; ``gpu`` runs >= 500 examples per
 property; ``gpu-smoke`` is a quicker GPU pass (50 examples), run sharded over processes so that it ends
 within 5 minutes on one GPU (kernel compiles are host work):
-``HYPOTHESIS_PROFILE=gpu-smoke python -m pytest -m gpu -n 8 --dist load``; tests marked ``slow`` run
-first. ``gpu`` is loaded when CUDA is available, else ``cpu``; ``HYPOTHESIS_PROFILE=<name>`` overrides.
-Tests marked ``gpu`` are skipped without CUDA.
+``HYPOTHESIS_PROFILE=gpu-smoke python -m pytest -m gpu -n 8 --dist loadgroup``; tests marked ``slow``
+run first, one per worker. ``gpu`` is loaded when CUDA is available, else ``cpu``;
+``HYPOTHESIS_PROFILE=<name>`` overrides. Tests marked ``gpu`` are skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ settings.load_profile(PROFILE)
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
-        # The slow ones first: under ``-n 8 --dist load`` xdist deals the first tests round-robin, so each
-        # worker starts on one of them instead of one worker meeting them all at the end (a run in which
-        # they came last took > 280 s; bench/results/h200-2026-12-04/gpu-test-times-run2.txt)
+        # The slow ones first, under ``-n 8 --dist loadgroup``: with no xdist_group marks every test is a
+        # work unit of its own and the first units are dealt one per worker, so each worker starts on one
+        # slow test. ``--dist load`` deals consecutive chunks (3 tests at -n 8 with ~100 tests): one
+        # worker got three slow tests in a row and the pass took 317 s
+        # (bench/results/h200-2026-12-04b/gpu-tests-dist-load.log); had they come last, > 280 s
+        # (bench/results/h200-2026-12-04/gpu-test-times-run2.txt).
         items.sort(key=lambda item: "slow" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

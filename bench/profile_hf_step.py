@@ -1,0 +1,59 @@
+"""Where an eager Hugging Face decode step spends its time, per backend: torch.profiler over a few steps
+of ``bench_generate.py``'s model and cache (same builders), top ops by self CPU time and by CUDA time.
+
+    python3 bench/profile_hf_step.py --window 4096 [--batch 8 --capacity 32768 --filled 16384]
+
+For finding what makes one backend's eager step slower than another's (a host sync shows as a large
+``cudaStreamSynchronize`` / ``aten::item`` self CPU time; a slow kernel as its CUDA time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import build_model, make_cache, make_step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--capacity", type=int, default=32768)
+    p.add_argument("--filled", type=int, default=16384)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--backends", default="sdpa,kvdecode")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rows", type=int, default=18, help="ops listed per table")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = device.type != "cuda"
+    model = build_model(args.layers, tiny, device, window=args.window)
+    cache = make_cache(model, args.batch, args.capacity, args.filled)
+    for backend in args.backends.split(","):
+        step = make_step(model, cache, args.batch, args.filled, backend)
+        with torch.no_grad():
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            t0 = time.perf_counter()
+            with torch.profiler.profile() as prof:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize() if device.type == "cuda" else None
+            ms = (time.perf_counter() - t0) * 1e3 / args.steps
+        print(f"\n=== {backend}: {ms:.2f} ms per step under the profiler ({args.steps} steps) ===")
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if device.type == "cuda":
+            print(table.table(sort_by="cuda_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
