@@ -2,6 +2,7 @@
 of ``bench_generate.py``'s model and cache (same builders), top ops by self CPU time and by CUDA time.
 
     python3 bench/profile_hf_step.py --window 4096 [--batch 8 --capacity 32768 --filled 16384]
+    python3 bench/profile_hf_step.py --backends kvdecode,kvdecode-fp8 --compiled   # reduce-overhead
 
 For finding what makes one backend's eager step slower than another's (a host sync shows as a large
 ``cudaStreamSynchronize`` / ``aten::item`` self CPU time; a slow kernel as its CUDA time).
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import build_model, make_cache, make_step
+from bench_generate import FP8_BACKEND, build_model, make_cache, make_step
 
 
 def main(argv=None) -> int:
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--capacity", type=int, default=32768)
     p.add_argument("--filled", type=int, default=16384)
     p.add_argument("--window", type=int, default=0)
-    p.add_argument("--backends", default="sdpa,kvdecode")
+    p.add_argument("--backends", default="sdpa,kvdecode", help=f"attn_implementations, or {FP8_BACKEND}")
+    p.add_argument("--compiled", action="store_true", help="torch.compile(mode='reduce-overhead') the step")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=18, help="ops listed per table")
     args = p.parse_args(argv)
@@ -36,7 +38,14 @@ def main(argv=None) -> int:
     model = build_model(args.layers, tiny, device, window=args.window)
     cache = make_cache(model, args.batch, args.capacity, args.filled)
     for backend in args.backends.split(","):
-        step = make_step(model, cache, args.batch, args.filled, backend)
+        if backend == FP8_BACKEND:
+            fp8 = make_cache(model, args.batch, args.capacity, args.filled, fp8=True)
+            step = make_step(model, fp8, args.batch, args.filled, "kvdecode")
+        else:
+            step = make_step(model, cache, args.batch, args.filled, backend)
+        if args.compiled:
+            torch._dynamo.reset()
+            step = torch.compile(step, mode="reduce-overhead")
         with torch.no_grad():
             for _ in range(3):
                 step()
@@ -47,7 +56,13 @@ def main(argv=None) -> int:
                     step()
                 torch.cuda.synchronize() if device.type == "cuda" else None
             ms = (time.perf_counter() - t0) * 1e3 / args.steps
-        print(f"\n=== {backend}: {ms:.2f} ms per step under the profiler ({args.steps} steps) ===")
+        how = "compiled" if args.compiled else "eager"
+        print(f"\n=== {backend} {how}: {ms:.2f} ms per step under the profiler ({args.steps} steps) ===")
+        if args.compiled:
+            from torch._dynamo.utils import counters
+
+            print("dynamo:", {k: dict(v) for k, v in counters.items() if k in ("graph_break", "stats")})
+            counters.clear()
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
         if device.type == "cuda":
