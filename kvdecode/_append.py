@@ -9,7 +9,8 @@ Shape legend::
 
     k_cache, v_cache  [B, H_kv, capacity, D]   any strides with unit stride on D
     k_new, v_new      [B, H_kv, T_q, D]        any strides
-    seq_lens          int32 [B]                filled length, the T_q new tokens included
+    seq_lens          int32 or int64 [B]       filled length, the T_q new tokens included; or one
+                                               value (0-d or [1]) for every row
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _append_kv_kernel(
     stride_vnt,
     stride_vnd,
     Seq_lens,
+    stride_sl,  # 0: one length for every row
     KScale,  # float32 [1] or [H_kv]; used when QUANT
     VScale,
     q_len,
@@ -75,7 +77,7 @@ def _append_kv_kernel(
     pid_t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    seq_len = tl.load(Seq_lens + b)
+    seq_len = tl.load(Seq_lens + b * stride_sl)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     pos = seq_len - q_len + t
@@ -158,6 +160,7 @@ def append_kv(
             v_new,
             *v_new.stride(),
             seq_lens,
+            0 if seq_lens.numel() == 1 else seq_lens.stride(0),
             *(scales if scales is not None else (seq_lens, seq_lens)),
             q_len,
             capacity,

@@ -42,7 +42,7 @@ from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
 from .problem import check_softcap, check_window
 
-__all__ = ["OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
+__all__ = ["APPEND_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
 
 OP_NAME = "kvdecode::decode_attention"
 
@@ -217,3 +217,31 @@ _sdpa_op = torch.library.custom_op(SDPA_OP_NAME, _sdpa_impl, mutates_args=(), sc
 @_sdpa_op.register_fake
 def _sdpa_fake(query, key, value, is_causal, scale, enable_gqa, backend) -> torch.Tensor:
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+# ---- kvdecode::append_kv: the append kernel as one op (kvdecode.hf.FP8StaticCache's quantizing write) ----
+
+APPEND_OP_NAME = "kvdecode::append_kv"
+_APPEND_SCHEMA = (
+    "(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor seq_lens, "
+    "Tensor? k_scale=None, Tensor? v_scale=None) -> ()"
+)
+
+
+def _append_impl(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale=None) -> None:
+    """``k_cache[b, h, seq_lens[b] - T + t] = k_new[b, h, t]`` (and V), quantized to the caches' fp8
+    dtype with the scales when given; one launch, no host sync (see :mod:`kvdecode._append`). The
+    caller checks shapes and dtypes: the op is for kvdecode's own caches."""
+    from ._append import append_kv  # imports Triton: deferred like the static cache's
+
+    append_kv(k_cache, v_cache, k_new, v_new, seq_lens, None if k_scale is None else (k_scale, v_scale))
+
+
+_append_op = torch.library.custom_op(
+    APPEND_OP_NAME, _append_impl, mutates_args=("k_cache", "v_cache"), schema=_APPEND_SCHEMA
+)
+
+
+@_append_op.register_fake
+def _append_fake(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale=None) -> None:
+    return None

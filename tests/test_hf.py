@@ -19,6 +19,7 @@ import torch
 import kvdecode
 
 transformers = pytest.importorskip("transformers")
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 from transformers.masking_utils import causal_mask_function, sdpa_mask  # noqa: E402
 
@@ -807,3 +808,64 @@ def test_fp8_static_cache_refuses_what_it_cannot_store():
         layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     with pytest.raises(kvdecode.KVDecodeError, match="without its scales"):
         kvdecode.hf.cache.fp8_scales(torch.zeros(1, 2, 4, 16, dtype=torch.float8_e4m3fn))
+    bf16 = dict(dtype=torch.bfloat16)
+    layer.update(torch.zeros(1, 2, 3, 16, **bf16), torch.zeros(1, 2, 3, 16, **bf16))  # sets [1, 2, ., 16]
+    for k, v in (
+        (torch.zeros(2, 2, 1, 16, **bf16), torch.zeros(2, 2, 1, 16, **bf16)),  # another batch
+        (torch.zeros(1, 2, 1, 16, **bf16), torch.zeros(1, 2, 1, 8, **bf16)),  # value head dim
+        (torch.zeros(1, 2, 1, 16, **bf16), torch.zeros(1, 2, 1, 16)),  # value in float32
+        (torch.zeros(1, 2, 16, **bf16), torch.zeros(1, 2, 16, **bf16)),  # 3-D
+    ):
+        with pytest.raises(kvdecode.KVDecodeError, match=r"must be \[B, H_kv, n, D\] = \[1, 2, n, 16\]"):
+            layer.update(k, v)
+    assert int(layer.cumulative_length) == 3  # nothing written by the refused calls
+
+
+class _AtenCalls(TorchDispatchMode):
+    """The names of the ops a block dispatches (custom ops included, as ``kvdecode.append_kv``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp8_static_cache_writes_both_caches_in_one_op_and_compiles_to_one_graph():
+    """The quantizing update is one ``kvdecode.append_kv`` per layer (it was an arange, two quantizes
+    and two index_copy_ per layer); a decode step on the cache compiles as one graph (fullgraph), and
+    the compiled step's logits and stored bytes are eager's."""
+    ids, mask = _prompt(length=10, pad=(0, 3), seed=8)
+    step_mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
+    pos, nxt = mask.sum(-1, keepdim=True), torch.full((2, 1), 5)
+    results, seen = {}, _AtenCalls()
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = _model("kvdecode", dtype=torch.bfloat16)
+        cache = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=16, k_scale=0.01, v_scale=0.02)
+        _decode(model, ids, mask, 0, cache=cache)  # the prefill, eager
+
+        def step(nxt, step_mask, pos, model=model, cache=cache):
+            return model(
+                input_ids=nxt, attention_mask=step_mask, position_ids=pos, **{CACHE_KW: cache}
+            ).logits
+
+        with torch.no_grad():
+            if compiled:
+                logits = torch.compile(step, fullgraph=True)(nxt, step_mask, pos)
+            else:
+                with seen:
+                    logits = step(nxt, step_mask, pos)
+        results[compiled] = logits, [layer.keys.clone() for layer in cache.layers]
+    assert seen.names.count("kvdecode.append_kv") == TINY["num_hidden_layers"]
+    assert "aten.index_copy_" not in seen.names and "aten.index_copy" not in seen.names
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-2, rtol=0)
+    for got, want in zip(results[True][1], results[False][1]):
+        # the prefill's 10 slots are eager's bytes in both runs, slots 11.. are untouched; slot 10 holds
+        # the step's key, which inductor computes with other bf16 roundings: the same within one fp8 step
+        others = [i for i in range(got.shape[2]) if i != 10]
+        assert torch.equal(got[:, :, others].view(torch.uint8), want[:, :, others].view(torch.uint8))
+        assert not got[:, :, 11:].view(torch.uint8).any()
+        torch.testing.assert_close(got[:, :, 10].float(), want[:, :, 10].float(), rtol=0.125, atol=2**-9)

@@ -7,12 +7,14 @@
 Each layer keeps ``[B, H_kv, max_cache_len, D]`` keys and values in ``float8_e4m3fn`` (or
 ``float8_e5m2``): half the bytes of bf16, so a decode step reads half as much. New K/V are quantized as
 they are written, ``saturate(k / k_scale)``, with fixed scales (one value, or one per KV head) chosen at
-construction; the attention (``attn_implementation="kvdecode"``) reads the fp8 cache directly and folds
-the scales into the kernel. Prefill and the other fallbacks attend a dequantized copy through torch SDPA.
+construction, by one kernel per layer and step for K and V together (``torch.ops.kvdecode.append_kv``);
+the attention (``attn_implementation="kvdecode"``) reads the fp8 cache directly and folds the scales
+into the kernel. Prefill and the other fallbacks attend a dequantized copy through torch SDPA.
 
 The scales of a layer's cache are found from the cache tensors themselves (:func:`fp8_scales`), in
-Python: eager steps and CUDA-graph capture are tested; ``torch.compile`` of a step is not.
-Sliding-window layers stay in the model's dtype (kvdecode does not serve them; they run torch SDPA).
+Python, at trace time under ``torch.compile``. Eager steps, CUDA-graph capture and compiled steps (one
+graph, ``fullgraph=True``) are tested. Sliding-window layers keep transformers' own rolling buffers in
+the model's dtype (kvdecode attends them on one-query steps).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from .. import ops  # noqa: F401  (registers torch.ops.kvdecode.append_kv)
 from ..errors import KVDecodeError
-from ..quant import FP8_DTYPES, FP8_Q_DTYPES, cache_scales, quantize
+from ..quant import FP8_DTYPES, FP8_Q_DTYPES, cache_scales
 
 __all__ = ["FP8StaticCache", "FP8StaticLayer", "fp8_scales"]
 
@@ -91,17 +94,33 @@ class FP8StaticLayer(StaticLayer):
         _register(self.keys, (self.k_scale, self.v_scale))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Quantize and write ``[B, H_kv, n, D]`` new K/V at the layer's length; returns the fp8 caches."""
+        """Quantize and write ``[B, H_kv, n, D]`` new K/V at the layer's length; returns the fp8 caches.
+
+        One kernel writes K and V (``torch.ops.kvdecode.append_kv``: divide by the scale, saturate,
+        store fp8) at positions ``length .. length + n - 1``, after the length (a device tensor) has
+        moved on; no host sync, so steps capture in CUDA graphs and compile to one op. Tokens that would
+        land at or past ``max_cache_len`` are not written (``generate`` refuses to run past it)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        position = torch.arange(n, device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(n)
-        k8 = quantize(key_states, self.k_scale, self.fp8_dtype)
-        v8 = quantize(value_states, self.v_scale, self.fp8_dtype)
-        # index_copy_ has no fp8 kernels: copy the bytes
-        self.keys.view(torch.uint8).index_copy_(2, position, k8.view(torch.uint8))
-        self.values.view(torch.uint8).index_copy_(2, position, v8.view(torch.uint8))
+        want = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            got = (t.shape[0], t.shape[1], t.shape[3]) if t.dim() == 4 else None
+            if got != want or t.dtype not in FP8_Q_DTYPES or t.device != self.keys.device:
+                raise KVDecodeError(
+                    f"{name} must be [B, H_kv, n, D] = [{want[0]}, {want[1]}, n, {want[2]}] float16 or "
+                    f"bfloat16 on {self.keys.device}, like the first states this layer stored; got "
+                    f"{tuple(t.shape)} {t.dtype} on {t.device}"
+                )
+        self.cumulative_length.add_(key_states.shape[-2])
+        torch.ops.kvdecode.append_kv(
+            self.keys,
+            self.values,
+            key_states,
+            value_states,
+            self.cumulative_length,
+            self.k_scale,
+            self.v_scale,
+        )
         return self.keys, self.values
 
 
