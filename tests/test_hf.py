@@ -409,6 +409,59 @@ def test_mistral_sliding_window_steps_run_the_kernel_over_the_rolling_buffer(mon
     assert len(fallbacks) == 1 and "sliding-window" in fallbacks[0]
 
 
+@torch.no_grad()
+def _decode_chunks(model, ids, mask, chunks, capacity):
+    """Prefill, then ``chunks`` (a list of ``[B, n]`` token tensors) fed ``n`` at a time, as a
+    speculative decoder verifies its drafts; returns the logits of every position fed, ``[B, *, V]``."""
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{CACHE_KW: cache})
+    logits = [out.logits.float()]
+    for chunk in chunks:
+        n = chunk.shape[1]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=-1)
+        pos = pos[:, -1:] + torch.arange(1, n + 1)
+        out = model(input_ids=chunk, attention_mask=mask, position_ids=pos, **{CACHE_KW: cache})
+        logits.append(out.logits.float())
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize(
+    "prompt, sizes",
+    [
+        # a 12-token prompt fills the 8-slot buffer (its 12 keys run SDPA); every step then gets the
+        # buffer's last 7 keys and its own: 7 + n
+        (12, [3, 2, 4, 1, 3]),
+        # a 3-token prompt and steps of 2 fill the buffer in place (8 slots: 3, 5, 7 used), then 7 + 2 = 9
+        # keys as it becomes full, then 7 + n: every call is a kernel step, the prompt too
+        (3, [2, 2, 2, 2, 3]),
+    ],
+)
+def test_mistral_sliding_steps_of_several_queries_run_the_kernel(monkeypatch, prompt, sizes):
+    """Mistral, window 8, a left-padded prompt, then steps of 1-4 tokens (a speculative decoder's
+    verification): every step of every layer runs the kernel, over the rolling buffer or over the
+    buffer's tail and the step that transformers hands over, under the model's mask; sdpa's logits."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**TINY, sliding_window=8)
+    ids, mask = _prompt(length=prompt, pad=(1, 0), seed=9)
+    g = torch.Generator().manual_seed(2)
+    chunks = [torch.randint(3, 96, (2, n), generator=g) for n in sizes]
+    results = {}
+    ops = _Spy(monkeypatch, "decode_attention_op")
+    for impl in ("sdpa", "kvdecode"):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(cfg).eval()
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[impl] = _decode_chunks(model, ids, mask, chunks, capacity=prompt + sum(sizes) + 2)
+    torch.testing.assert_close(results["kvdecode"], results["sdpa"], atol=1e-5, rtol=0)
+    steps = sizes if prompt > cfg.sliding_window else [prompt, *sizes]
+    assert ops.q_lens == [n for n in steps for _ in range(TINY["num_hidden_layers"])]
+    assert len(_fallbacks(record)) == (prompt > cfg.sliding_window)  # the long prompt: SDPA, warned
+
+
 def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
     """gpt-oss (a sliding layer, a full layer, attention sinks passed as s_aux in the model dtype): every
     decode step of both layers runs the kernel with the sinks; eager's logits."""

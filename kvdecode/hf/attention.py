@@ -10,14 +10,15 @@ transformers calls it once per layer with the layer's queries and its **whole** 
 A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
 the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
 stay exact); a layer's logit softcap (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to the
-kernel with it. A sliding-window layer's one-query step runs the kernel over the layer's rolling buffer
-under the model's own mask (:func:`_window_step`). Everything else is handed on, each reason warned
-once (:class:`KVDecodeFallbackWarning`):
+kernel with it. A sliding-window layer's decode step runs the kernel over the keys the layer hands
+over (its rolling buffer, or the buffer's tail and the step) under the model's own mask
+(:func:`_window_step`). Everything else is handed on, each reason warned once
+(:class:`KVDecodeFallbackWarning`):
 
 * prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
-* sliding-window steps of 2..16 queries, dropout, autograd, non-causal attention, a position bias, a
-  mask kvdecode did not mark (a dynamic cache, a 4-D mask made elsewhere), unsupported dtypes or head
-  dims: torch SDPA (transformers' ``sdpa`` integration) with the unmarked mask;
+* sliding-window steps over keys of another length, dropout, autograd, non-causal attention, a
+  position bias, a mask kvdecode did not mark (a dynamic cache, a 4-D mask made elsewhere), unsupported
+  dtypes or head dims: torch SDPA (transformers' ``sdpa`` integration) with the unmarked mask;
 * any of those in a layer with a logit softcap or attention sinks, which torch SDPA lacks: the model's
   own ``eager_attention_forward``.
 """
@@ -100,25 +101,33 @@ def _prefill(c: _Call) -> Fallback | None:
 
 
 def _window_step(c: _Call) -> bool:
-    """A one-query step of a sliding-window layer with the model's bool mask over every cache slot
-    (transformers keeps these layers in a rolling buffer, slot order != position order). Attending every
-    slot ``j <= kv_len - 1`` under that mask is exactly what torch SDPA computes from it, so the kernel
-    runs it with ``seq_lens = kv_len``: it reads the buffer, i.e. the window, whatever the filled length.
-    Only buffers of exactly ``sliding_window`` slots: a static cache's rolling layer (a dynamic cache
-    that is still growing would make a new plan every step; it runs torch SDPA until it is full)."""
+    """A decode step (1..16 queries) of a sliding-window layer with the model's bool mask over every key
+    it is given. Attending every key ``j <= kv_len - q_len + t`` under that mask is exactly what torch
+    SDPA computes from it, so the kernel runs it with ``seq_lens = kv_len``: it reads the keys it is
+    given, i.e. the window, whatever the filled length. Two lengths qualify, each one plan per q_len:
+
+    * ``kv_len == sliding_window``: a static cache's rolling buffer (one query when full; any number
+      while it fills, the new tokens at slots ``length .. length + q_len - 1``, which the bottom-right
+      range ``<= window - q_len + t`` still covers);
+    * ``kv_len == sliding_window - 1 + q_len``: the buffer's last ``window - 1`` tokens followed by the
+      step's (a full static buffer given several queries, and a dynamic cache's sliding layer).
+
+    Other lengths (the one step that fills a buffer from part-way, a dynamic cache still growing) would
+    make a plan per length: torch SDPA runs them."""
     m = c.attention_mask
     window = c.kwargs.get("sliding_window")
+    q_len, kv_len = c.query.shape[2], c.key.shape[-2]
     return (
         isinstance(window, int)
-        and c.key.shape[-2] == window
-        and c.query.shape[2] == 1
+        and 1 <= q_len <= MAX_DECODE_Q_LEN
+        and kv_len in (window, window - 1 + q_len)
         and isinstance(m, torch.Tensor)
         and m.dtype == torch.bool
         and m.dim() == 4
         and m.shape[1] == 1
-        and m.shape[2] == 1
+        and m.shape[2] == q_len
         and m.shape[0] in (1, c.query.shape[0])
-        and m.shape[-1] == c.key.shape[-2]
+        and m.shape[-1] == kv_len
     )
 
 
@@ -126,8 +135,9 @@ def _model_feature(c: _Call) -> Fallback | None:
     if c.kwargs.get("sliding_window") is not None and not _window_step(c):
         return Fallback(
             "sliding-window",
-            "sliding-window layers run torch SDPA for steps of several queries and for caches that do not "
-            "hold exactly the window (a dynamic cache still growing)",
+            "sliding-window layers run torch SDPA for prefill and for steps whose keys are neither the "
+            "window nor the window plus the step (the step that fills a rolling buffer from part-way, a "
+            "dynamic cache still growing)",
         )
     if c.dropout and c.dropout > 0.0:
         return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
@@ -268,7 +278,7 @@ def _decode_step(module, query, key, value, attention_mask, scaling, softcap, si
     mask = attention_mask[..., :capacity]
     if is_marked(attention_mask, key):
         seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
-    else:  # a sliding layer's one-query step (_window_step): every slot, the model's mask decides
+    else:  # a sliding layer's step (_window_step): every key it was given, the model's mask decides
         seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=query.device)
         kv_start = None
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants

@@ -14,7 +14,7 @@ into the kernel. Prefill and the other fallbacks attend a dequantized copy throu
 The scales of a layer's cache are found from the cache tensors themselves (:func:`fp8_scales`), in
 Python, at trace time under ``torch.compile``. Eager steps, CUDA-graph capture and compiled steps (one
 graph, ``fullgraph=True``) are tested. Sliding-window layers keep transformers' own rolling buffers in
-the model's dtype (kvdecode attends them on one-query steps).
+the model's dtype (kvdecode attends them on decode steps).
 """
 
 from __future__ import annotations
