@@ -462,6 +462,50 @@ def test_mistral_sliding_steps_of_several_queries_run_the_kernel(monkeypatch, pr
     assert len(_fallbacks(record)) == (prompt > cfg.sliding_window)  # the long prompt: SDPA, warned
 
 
+def test_sliding_layers_of_a_cache_shorter_than_the_window_run_the_kernel_from_the_prompt(monkeypatch):
+    """``generate(cache_implementation="static")`` sizes the cache to the prompt and the new tokens, often
+    below the window (Mistral-7B and Gemma-2 slide over 4096): a sliding layer then keeps
+    ``max_cache_len`` slots that never wrap, and its mask (window included) is marked like a full
+    layer's. Mistral (every layer sliding) and Gemma 2 (softcap, sliding and full layers) with window 64
+    in a 40-slot cache: the 12-token prompt and every step run the kernel, nothing falls back, and the
+    logits are sdpa's / eager's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    layers = TINY["num_hidden_layers"]
+    mistral = MistralConfig(**TINY, sliding_window=64)
+    q_lens, fallbacks = _against("sdpa", lambda: MistralForCausalLM(mistral), monkeypatch, 20, capacity=40)
+    assert q_lens == [12] * layers + [1] * (20 * layers) and fallbacks == []
+    gemma = Gemma2Config(**TINY, sliding_window=64, attn_logit_softcapping=5.0)
+    q_lens, fallbacks = _against("eager", lambda: Gemma2ForCausalLM(gemma), monkeypatch, 6, capacity=40)
+    assert q_lens == [12] * layers + [1] * (6 * layers) and fallbacks == []
+
+
+def test_a_window_mask_is_marked_only_while_its_buffer_has_not_wrapped():
+    """A sliding layer's mask (local_size) is marked with two columns while the buffer has free slots
+    past the step (slot j is position j), and holds the window; a wrapped buffer (kv_offset > 0) and a
+    dynamic cache (exactly q_offset + q_len keys) stay unmarked; a sliding layer refuses a mask marked
+    without a window."""
+    from transformers.masking_utils import and_masks, sliding_window_overlay
+
+    from kvdecode.hf.mask import WINDOW_MARKER_COLUMNS, carries_window
+
+    window = and_masks(causal_mask_function, sliding_window_overlay(4))
+    kw = dict(batch_size=1, mask_function=window, local_size=4, device="cpu")
+    marked = kvdecode_mask(q_length=2, kv_length=12, q_offset=6, **kw)
+    k = torch.zeros(1, 1, 12, 8)
+    assert marked.shape == (1, 1, 2, 12 + WINDOW_MARKER_COLUMNS) and carries_window(marked, k)
+    expected = sdpa_mask(q_length=2, kv_length=12, q_offset=6, allow_is_causal_skip=False, **kw)
+    assert torch.equal(marked[..., :12], expected)
+    assert marked[0, 0, 1, :12].tolist() == [False] * 4 + [True] * 4 + [False] * 4  # positions 4..7
+    for q_offset, kv_offset, kv_length in ((10, 0, 12), (6, 2, 9)):  # the step fills it; wrapped
+        unmarked = kvdecode_mask(
+            q_length=2, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset, **kw
+        )
+        assert unmarked is None or unmarked.shape[-1] == kv_length
+    plain = kvdecode_mask(batch_size=1, q_length=1, kv_length=12, q_offset=torch.tensor(6), device="cpu")
+    assert not carries_window(plain, k)  # a full layer's marked mask: no window in it
+
+
 def test_gpt_oss_sinks_decode_through_the_kernel_and_match_eager(monkeypatch):
     """gpt-oss (a sliding layer, a full layer, attention sinks passed as s_aux in the model dtype): every
     decode step of both layers runs the kernel with the sinks; eager's logits."""
@@ -764,6 +808,10 @@ def test_lengths_are_derived_once_per_forward_and_again_when_the_mask_changes(mo
     assert len(calls) == 2 and kv_start.tolist() == [5, 0]
     memo.get(layers[0], mask, 32, 1)  # the next forward starts over
     assert len(calls) == 3
+    window_mask = torch.ones(2, 1, 1, 34, dtype=torch.bool)  # a sliding layer's, between full ones
+    for layer, m in zip(layers, (mask, window_mask, mask)):
+        memo.get(layer, m, 32, 1)
+    assert len(calls) == 5  # once per mask and forward, not per layer
 
 
 def test_sparse_attention_indices_are_refused_not_ignored():

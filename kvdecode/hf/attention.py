@@ -38,7 +38,7 @@ from ..ops import decode_attention_op
 from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from ..quant import FP8_DTYPES, FP8_Q_DTYPES, dequantize
 from .cache import fp8_scales
-from .mask import MAX_DECODE_Q_LEN, is_marked, strip_marker
+from .mask import MAX_DECODE_Q_LEN, carries_window, is_marked, strip_marker
 from .warn import warn_once
 
 __all__ = ["Fallback", "fallback_reason", "kvdecode_attention_forward", "lengths_from_mask"]
@@ -132,12 +132,13 @@ def _window_step(c: _Call) -> bool:
 
 
 def _model_feature(c: _Call) -> Fallback | None:
-    if c.kwargs.get("sliding_window") is not None and not _window_step(c):
+    sliding_ok = carries_window(c.attention_mask, c.key) or _window_step(c)
+    if c.kwargs.get("sliding_window") is not None and not sliding_ok:
         return Fallback(
             "sliding-window",
-            "sliding-window layers run torch SDPA for prefill and for steps whose keys are neither the "
-            "window nor the window plus the step (the step that fills a rolling buffer from part-way, a "
-            "dynamic cache still growing)",
+            "sliding-window layers run torch SDPA for prefill and for steps over keys that are neither "
+            "a static buffer nor its last window - 1 tokens and the step's (the step that fills a "
+            "rolling buffer from part-way, a dynamic cache still growing)",
         )
     if c.dropout and c.dropout > 0.0:
         return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
@@ -244,11 +245,12 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
 
 
 class _LengthsMemo:
-    """The lengths of the last mask seen: every layer of a forward gets the same mask object, so in eager
-    mode they are derived once per step instead of once per layer (~10 small kernels each). Recomputed at
-    the first layer of every forward (``module.layer_idx == 0``, so a mask updated in place by a replayed
-    CUDA graph is never read stale across steps) and whenever the mask object or its version counter
-    differ; a thread sees only its own memo. Not used while compiling: the compiler traces the ops."""
+    """The lengths of the masks seen in this forward: every layer of a type (full, sliding) gets the same
+    mask object, so in eager mode they are derived once per mask and step instead of once per layer
+    (~10 small kernels each). Forgotten at the first layer of every forward (``module.layer_idx == 0``,
+    so a mask updated in place by a replayed CUDA graph is never read stale across steps) and recomputed
+    whenever a mask's version counter differs; a thread sees only its own memo. Not used while
+    compiling: the compiler traces the ops."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -257,15 +259,17 @@ class _LengthsMemo:
         if torch.compiler.is_compiling():
             return lengths_from_mask(attention_mask[..., :capacity], q_len)
         # Tensors made under torch.inference_mode() have no version counter (reading it raises); the
-        # identity check and the recompute at layer 0 still hold for them.
+        # identity check and the reset at layer 0 still hold for them.
         version = None if attention_mask.is_inference() else attention_mask._version
         key = (version, capacity, q_len)
         memo = getattr(self._local, "memo", None)
-        first_layer = getattr(module, "layer_idx", 0) == 0
-        if not first_layer and memo is not None and memo[0] is attention_mask and memo[1] == key:
-            return memo[2]
+        if memo is None or getattr(module, "layer_idx", 0) == 0 or len(memo) >= 8:  # (a stage w/o layer 0)
+            memo = self._local.memo = {}
+        entry = memo.get(id(attention_mask))
+        if entry is not None and entry[0] is attention_mask and entry[1] == key:
+            return entry[2]
         found = lengths_from_mask(attention_mask[..., :capacity], q_len)
-        self._local.memo = (attention_mask, key, found)
+        memo[id(attention_mask)] = (attention_mask, key, found)  # the mask is held: its id stays its own
         return found
 
 

@@ -3,18 +3,21 @@
 It returns what ``sdpa`` would (torch SDPA's bool mask ``[B, 1, q_len, kv_len]``, True = attend, or
 ``None`` where ``is_causal`` does), except on a **static-cache decode step**: a static cache layer
 (transformers passes its filled length as a 0-d device tensor ``q_offset``; other caches pass an int),
-``1 <= q_len <= 16``, the model's plain causal mask pattern (the first forward into a static cache not
-allocated yet, which passes ``q_offset`` 0 as an int but more slots than tokens, counts too). There it
-always materializes the mask (padding included) and appends one **marker column**::
+``1 <= q_len <= 16``, the model's causal or sliding-window mask pattern. A layer that passes its
+length as an int counts when it has free slots past the step (``q_offset + q_len < kv_len``: a sliding
+layer's static buffer that has not wrapped, or the first forward into a static cache not allocated
+yet); a dynamic cache never has. There it always materializes the mask (padding, window included) and
+appends one **marker column**::
 
-    mask  bool [B, 1, q_len, capacity + 1]
-    mask[..., :capacity]  the sdpa mask          mask[..., capacity]  True (the marker)
+    mask  bool [B, 1, q_len, capacity + 1]      (capacity + 2 for a sliding window's mask)
+    mask[..., :capacity]  the sdpa mask          mask[..., capacity:]  True (the marker)
 
 The attention function takes the extra column as the sign that the step may run kvdecode (a host-side
 shape check, static under ``torch.compile``) and reads the lengths from the mask on the device: no host
 sync. Anything that strips the column (a model slicing the mask to the key length) just sends the step
-to torch SDPA. Masks of other patterns (sliding window, chunked, packed sequences, bidirectional blocks)
-are never marked: kvdecode's bottom-right causal range cannot express them, so SDPA serves them.
+to torch SDPA. Masks of other patterns (chunked, packed sequences, bidirectional blocks) are never
+marked, nor is a sliding layer's buffer once it wraps (slot order is no longer position order): the
+attention function serves that step from the model's own mask (``kvdecode.hf.attention._window_step``).
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 
 from .warn import warn_once
 
-__all__ = ["MARKER_COLUMNS", "MAX_DECODE_Q_LEN", "is_marked", "kvdecode_mask", "strip_marker"]
+__all__ = [
+    "MARKER_COLUMNS",
+    "MAX_DECODE_Q_LEN",
+    "WINDOW_MARKER_COLUMNS",
+    "carries_window",
+    "is_marked",
+    "kvdecode_mask",
+    "strip_marker",
+]
 
 MAX_DECODE_Q_LEN = 16  # decode steps (T_q 1, or up to 16 when speculating); longer calls are prefill
 MARKER_COLUMNS = 1
+WINDOW_MARKER_COLUMNS = 2  # a sliding-window mask: the attention function of a sliding layer needs this one
 
 
 def _is_static_decode(q_length: int, q_offset: object, kv_offset: object, kv_length: int) -> bool:
@@ -39,9 +51,10 @@ def _is_static_decode(q_length: int, q_offset: object, kv_offset: object, kv_len
         return False
     if isinstance(q_offset, torch.Tensor):  # a static cache layer's filled length, on the device
         return True
-    # The first forward into a static cache that is not allocated yet: offset 0 as an int, but more
-    # slots than tokens (a dynamic cache always has exactly q_offset + q_length).
-    return isinstance(q_offset, int) and q_offset == 0 and kv_length > q_length
+    # Free slots past the step: a static layer whose length transformers passes as an int (a sliding
+    # layer's buffer that has not wrapped yet, so slot j holds position j; the first forward into a
+    # static cache not allocated yet). A dynamic cache always has exactly q_offset + q_length keys.
+    return isinstance(q_offset, int) and q_offset + q_length < kv_length
 
 
 def kvdecode_mask(
@@ -67,11 +80,11 @@ def kvdecode_mask(
     kv_offset : int
         Position of the first key.
     mask_function : callable
-        The model's mask pattern; only ``causal_mask_function`` itself is marked.
+        The model's mask pattern: ``causal_mask_function`` itself, or any with a ``local_size``, is marked.
     attention_mask : bool Tensor ``[B, seen + q_len]``, optional
         The 2-D padding mask (left padding: zeros first).
     local_size : int, optional
-        A sliding window's size (never marked).
+        A sliding window's size.
     allow_is_causal_skip : bool
         Passed to ``sdpa_mask`` where the step is not marked.
     **kwargs
@@ -96,10 +109,12 @@ def kvdecode_mask(
     )
     if not _is_static_decode(q_length, q_offset, kv_offset, kv_length):
         return sdpa_mask(allow_is_causal_skip=allow_is_causal_skip, **common)
-    if mask_function is not causal_mask_function or local_size is not None:
-        # sliding-window layers and bidirectional (encoder, cross) attention are warned about by the
-        # attention function (a cross-attention mask of one decode query looks like a decode step here)
-        if local_size is None and mask_function is not bidirectional_mask_function:
+    if mask_function is not causal_mask_function and local_size is None:
+        # A sliding window (local_size) is marked: its buffer has not wrapped, so its keys sit in position
+        # order and the mask, read for the lengths and applied in the kernel, decides exactly.
+        # Bidirectional (encoder, cross) attention is warned about by the attention function (a
+        # cross-attention mask of one decode query looks like a decode step here).
+        if mask_function is not bidirectional_mask_function:
             warn_once(
                 "mask-pattern",
                 "the model's attention mask is not plain causal (chunked attention, packed sequences or "
@@ -108,22 +123,33 @@ def kvdecode_mask(
             )
         return sdpa_mask(allow_is_causal_skip=allow_is_causal_skip, **common)
     mask = sdpa_mask(allow_is_causal_skip=False, **common)
-    marker = torch.ones((*mask.shape[:-1], MARKER_COLUMNS), dtype=torch.bool, device=mask.device)
+    columns = MARKER_COLUMNS if local_size is None else WINDOW_MARKER_COLUMNS
+    marker = torch.ones((*mask.shape[:-1], columns), dtype=torch.bool, device=mask.device)
     return torch.cat([mask.to(torch.bool), marker], dim=-1)
 
 
 def is_marked(attention_mask: object, key: torch.Tensor) -> bool:
-    """True when ``attention_mask`` is kvdecode's marked static-cache decode mask for ``key``."""
+    """True when ``attention_mask`` is kvdecode's marked static-cache decode mask for ``key`` (with or
+    without a sliding window in it)."""
     return (
         isinstance(attention_mask, torch.Tensor)
         and attention_mask.dtype == torch.bool
         and attention_mask.dim() == 4
-        and attention_mask.shape[-1] == key.shape[-2] + MARKER_COLUMNS
+        and attention_mask.shape[-1] - key.shape[-2] in (MARKER_COLUMNS, WINDOW_MARKER_COLUMNS)
+    )
+
+
+def carries_window(attention_mask: object, key: torch.Tensor) -> bool:
+    """True when ``attention_mask`` is marked and was made for a sliding window (the window is in the
+    mask): the only marked mask a sliding layer may run on. A plain causal mask reaching a layer that
+    slides would lose the window."""
+    return (
+        is_marked(attention_mask, key) and attention_mask.shape[-1] - key.shape[-2] == WINDOW_MARKER_COLUMNS
     )
 
 
 def strip_marker(attention_mask: object, key: torch.Tensor) -> object:
-    """The sdpa mask without the marker column (other masks unchanged)."""
+    """The sdpa mask without the marker columns (other masks unchanged)."""
     if is_marked(attention_mask, key):
         return attention_mask[..., : key.shape[-2]]
     return attention_mask
