@@ -19,7 +19,8 @@ The sliding-window row (``--window``, default 4096; 0 leaves it out) runs the sa
 ``MistralForCausalLM`` whose every layer attends the last ``window`` positions: transformers keeps a
 rolling buffer of ``window`` slots per layer, so every backend reads ``window`` keys a step whatever L is.
 It runs eager and compiled (as the headline row, ``--compile``), not captured: the sliding layers'
-update makes a CPU tensor each step, which a raw CUDA-graph capture refuses.
+update builds a CUDA tensor from a Python list each step (a host-to-device copy), which a raw
+CUDA-graph capture refuses.
 
 A backend that fails in a row is recorded with its error and the run goes on. Results: JSON and
 markdown under ``--out`` (default ``bench/results/``) and a PNG plot of ms/step vs L when matplotlib is
@@ -371,8 +372,9 @@ def plot(records: list[dict], path: Path) -> bool:
 
 
 def _modes_for(row, args, started: float) -> list[str]:
-    # A sliding layer's update makes a CPU tensor (transformers' StaticSlidingWindowLayer, its index of
-    # the last slot), which a raw CUDA-graph capture refuses; torch.compile makes it a constant.
+    # A sliding layer's update builds its last slot's index from a Python list (transformers'
+    # StaticSlidingWindowLayer: a host-to-device copy), which a raw CUDA-graph capture refuses;
+    # torch.compile makes it a constant.
     modes = ["eager"] if row[3] else ["eager", "captured"]
     chosen = args.compile or ("none" if args.quick else "headline")
     want = chosen == "all" or (chosen == "headline" and tuple(row[:3]) == HEADLINE)

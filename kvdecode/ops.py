@@ -230,10 +230,17 @@ _APPEND_SCHEMA = (
 
 def _append_impl(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale=None) -> None:
     """``k_cache[b, h, seq_lens[b] - T + t] = k_new[b, h, t]`` (and V), quantized to the caches' fp8
-    dtype with the scales when given; one launch, no host sync (see :mod:`kvdecode._append`). The
-    caller checks shapes and dtypes: the op is for kvdecode's own caches."""
+    dtype with the scales when given; ``seq_lens`` int32/int64 ``[B]``, or one value (0-d or ``[1]``)
+    for every row. One launch, no host sync (see :mod:`kvdecode._append`); positions outside the cache
+    are not written. The caller checks shapes and dtypes: the op is for kvdecode's own caches."""
     from ._append import append_kv  # imports Triton: deferred like the static cache's
 
+    if (k_scale is None) != (v_scale is None):
+        raise KVDecodeError(
+            "k_scale and v_scale must be given together (an fp8 cache) or not at all, got "
+            f"k_scale {'None' if k_scale is None else 'a tensor'} and v_scale "
+            f"{'None' if v_scale is None else 'a tensor'}"
+        )
     append_kv(k_cache, v_cache, k_new, v_new, seq_lens, None if k_scale is None else (k_scale, v_scale))
 
 

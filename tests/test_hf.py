@@ -922,6 +922,32 @@ def test_fp8_static_cache_refuses_what_it_cannot_store():
     assert int(layer.cumulative_length) == 3  # nothing written by the refused calls
 
 
+def test_fp8_static_cache_refuses_an_eager_update_past_its_capacity():
+    """An eager update past max_cache_len raises (counted on the host, no sync; transformers' bf16
+    StaticCache raises an IndexError there); crop and reset give the room back. Another head dim for
+    the values (MLA) is refused when the layer is first written, and the append op wants both scales."""
+    model = _model("kvdecode")
+    layer = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=8).layers[0]
+    states = [torch.randn(1, 2, n, 16, dtype=torch.bfloat16) for n in (6, 3, 2)]
+    layer.update(states[0], states[0])
+    with pytest.raises(kvdecode.KVDecodeError, match=r"max_cache_len=8 tokens per layer; 3 more at length 6"):
+        layer.update(states[1], states[1])
+    assert int(layer.cumulative_length) == 6  # refused before anything moved
+    layer.update(states[2], states[2])  # 8: full
+    layer.crop(-3)  # transformers: a negative count of tokens to remove
+    layer.update(states[1], states[1])
+    assert int(layer.cumulative_length) == 8
+    layer.reset()
+    layer.update(states[0], states[0])
+    mla = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=8).layers[0]
+    with pytest.raises(kvdecode.KVDecodeError, match="one head dim"):
+        mla.update(states[0], torch.randn(1, 2, 6, 8, dtype=torch.bfloat16))
+    with pytest.raises(kvdecode.KVDecodeError, match="k_scale and v_scale must be given together"):
+        torch.ops.kvdecode.append_kv(
+            layer.keys, layer.values, states[2], states[2], layer.cumulative_length, layer.k_scale, None
+        )
+
+
 class _AtenCalls(TorchDispatchMode):
     """The names of the ops a block dispatches (custom ops included, as ``kvdecode.append_kv``)."""
 

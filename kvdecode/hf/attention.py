@@ -101,19 +101,22 @@ def _prefill(c: _Call) -> Fallback | None:
 
 
 def _window_step(c: _Call) -> bool:
-    """A decode step (1..16 queries) of a sliding-window layer with the model's bool mask over every key
-    it is given. Attending every key ``j <= kv_len - q_len + t`` under that mask is exactly what torch
-    SDPA computes from it, so the kernel runs it with ``seq_lens = kv_len``: it reads the keys it is
-    given, i.e. the window, whatever the filled length. Two lengths qualify, each one plan per q_len:
+    """A decode step (1..16 queries) of a sliding-window layer under an unmarked bool mask over every key
+    it is given (a buffer that has not wrapped gets a marked mask instead, :mod:`kvdecode.hf.mask`).
+    Attending every key ``j <= kv_len - q_len + t`` under that mask is exactly what torch SDPA computes
+    from it, so the kernel runs it with ``seq_lens = kv_len``: it reads the keys it is given, i.e. the
+    window, whatever the filled length. Two lengths qualify, each one plan per q_len:
 
-    * ``kv_len == sliding_window``: a static cache's rolling buffer (one query when full; any number
-      while it fills, the new tokens at slots ``length .. length + q_len - 1``, which the bottom-right
-      range ``<= window - q_len + t`` still covers);
+    * ``kv_len == sliding_window``: a full static buffer given one query (rolled so that slot order is
+      position order, the step last);
     * ``kv_len == sliding_window - 1 + q_len``: the buffer's last ``window - 1`` tokens followed by the
-      step's (a full static buffer given several queries, and a dynamic cache's sliding layer).
+      step's (a full static buffer given several queries, the step that fills one from ``window - 1``,
+      a dynamic cache's sliding layer).
 
-    Other lengths (the one step that fills a buffer from part-way, a dynamic cache still growing) would
-    make a plan per length: torch SDPA runs them."""
+    This assumes what transformers' sliding layers hand over: keys in position order with the step's
+    last (a model that appends other keys after them would need the mask alone). Other lengths (the
+    step that fills a buffer from elsewhere, a dynamic cache still growing) would make a plan per
+    length: torch SDPA runs them."""
     m = c.attention_mask
     window = c.kwargs.get("sliding_window")
     q_len, kv_len = c.query.shape[2], c.key.shape[-2]

@@ -60,6 +60,10 @@ def fp8_scales(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return found[1]
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class FP8StaticLayer(StaticLayer):
     """A ``StaticLayer`` holding fp8 keys and values, quantized on ``update`` with fixed scales.
 
@@ -78,12 +82,30 @@ class FP8StaticLayer(StaticLayer):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self.fp8_dtype = dtype
         self._scales_given = (k_scale, v_scale)
+        # Tokens written by eager updates, counted on the host so that an update past the capacity is
+        # refused without reading the device length (a sync). Not counted while compiling or capturing a
+        # CUDA graph (a replay never runs Python): there the kernel drops such tokens instead.
+        self._host_length = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self._host_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._host_length = max(0, self._host_length - abs(tokens_to_remove))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.dtype not in FP8_Q_DTYPES:
             raise KVDecodeError(
                 f"FP8StaticCache needs float16 or bfloat16 key states (the model's dtype), got "
                 f"{key_states.dtype}; load the model in torch.bfloat16"
+            )
+        if key_states.dim() != 4 or value_states.shape[-1] != key_states.shape[-1]:
+            raise KVDecodeError(
+                "FP8StaticCache needs [B, H_kv, n, D] key and value states of one head dim, got key "
+                f"{tuple(key_states.shape)} and value {tuple(value_states.shape)}; models whose values "
+                "have another head dim (MLA) need transformers' StaticCache"
             )
         super().lazy_initialization(  # allocates in the dtype of what it is given: fp8
             key_states[:, :, :0].to(self.fp8_dtype), value_states[:, :, :0].to(self.fp8_dtype)
@@ -98,8 +120,9 @@ class FP8StaticLayer(StaticLayer):
 
         One kernel writes K and V (``torch.ops.kvdecode.append_kv``: divide by the scale, saturate,
         store fp8) at positions ``length .. length + n - 1``, after the length (a device tensor) has
-        moved on; no host sync, so steps capture in CUDA graphs and compile to one op. Tokens that would
-        land at or past ``max_cache_len`` are not written (``generate`` refuses to run past it)."""
+        moved on; no host sync, so steps capture in CUDA graphs and compile to one op. An eager update
+        past ``max_cache_len`` raises :class:`~kvdecode.KVDecodeError` (the layer counts its tokens on
+        the host); in a compiled or captured step the kernel drops the tokens past it instead."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         want = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
@@ -111,7 +134,16 @@ class FP8StaticLayer(StaticLayer):
                     f"bfloat16 on {self.keys.device}, like the first states this layer stored; got "
                     f"{tuple(t.shape)} {t.dtype} on {t.device}"
                 )
-        self.cumulative_length.add_(key_states.shape[-2])
+        n = key_states.shape[-2]
+        if not torch.compiler.is_compiling() and not _capturing(key_states.device):
+            if self._host_length + n > self.max_cache_len:
+                raise KVDecodeError(
+                    f"FP8StaticCache holds max_cache_len={self.max_cache_len} tokens per layer; {n} more at "
+                    f"length {self._host_length} would pass it; make the cache larger or the generation "
+                    "shorter"
+                )
+            self._host_length += n
+        self.cumulative_length.add_(n)
         torch.ops.kvdecode.append_kv(
             self.keys,
             self.values,
