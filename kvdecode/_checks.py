@@ -134,7 +134,7 @@ def check_sinks_given(p: DecodeProblem, sinks) -> None:
     """``sinks`` given exactly when planned, and as ``DecodeProblem.from_tensors`` checks them."""
     _as_planned("sinks is", "them", sinks is not None, p.has_sinks)
     if sinks is not None:
-        check_sinks(sinks, p.num_q_heads, p.device)
+        check_sinks(sinks, p.num_q_heads, p.device, planned=p.sinks_dtype)
 
 
 def _as_planned(subject: str, pronoun: str, given: bool, planned: bool) -> None:

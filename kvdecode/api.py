@@ -68,10 +68,11 @@ def decode_attention(
     softcap : float, optional
         Logit softcapping (Gemma 2): ``cap(x) = softcap * tanh(x / softcap)`` on the scaled scores, before
         the mask (``cap(x) = x`` without it). Triton only, like ``window``.
-    sinks : float32 Tensor ``[H_q]``, optional
+    sinks : Tensor ``[H_q]``, optional
         Attention sinks (gpt-oss): one logit per query head added to the softmax's denominator (it takes
         a share of the attention and gives back no value); the LSE includes it, so a query that sees
-        nothing gets zeros and ``LSE = sinks[h]``. Triton only.
+        nothing gets zeros and ``LSE = sinks[h]``. float32, bfloat16 or float16 (read as float32).
+        Triton only.
     backend : {"auto", "triton", "cudnn", "reference"}
         ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
         :class:`~kvdecode.UnsupportedError`.

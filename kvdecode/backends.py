@@ -30,7 +30,8 @@ class Launcher(Protocol):
         out: torch.Tensor,
         lse: torch.Tensor | None,
         scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # fp8 caches: (k_scale, v_scale)
-        sinks: torch.Tensor | None = None,  # float32 [H_q] attention sinks (passed only when planned)
+        sinks: torch.Tensor
+        | None = None,  # [H_q] attention sinks (passed only when planned, in the planned dtype)
     ) -> None: ...
 
 

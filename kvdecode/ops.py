@@ -26,7 +26,8 @@ Shapes (the public contract of :func:`kvdecode.decode_attention`)::
     k_scale, v_scale  Tensor? ()/[H_kv] fp8 caches' dequantization scales
     window    int                       sliding window (keys a query sees), or -1 for none
     softcap   float                     logit softcap (> 0), or 0.0 for none
-    sinks     float32 [H_q] or None     attention sinks (a logit per query head in the denominator)
+    sinks     [H_q] or None             attention sinks (a logit per query head in the denominator;
+                                        float32, bfloat16 or float16)
 
 :func:`decode_attention_op` is the Python wrapper (optional arguments, an ``out`` allocated when not
 given); :func:`kvdecode.sdpa` and :mod:`kvdecode.hf` call it.

@@ -34,6 +34,7 @@ SUPPORTED_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "fp32",
 }
 MAX_HEAD_DIM = 256
+SINK_DTYPES = SUPPORTED_DTYPES  # attention sinks: any of them (read as float32 in the kernel)
 
 Strides = tuple[int, int, int, int]
 
@@ -75,7 +76,9 @@ class DecodeProblem:
     kv_scale_kind: ScaleKind = "none"  # fp8 K/V: one k_scale / v_scale value, or one per KV head
     window: int | None = None  # sliding window: query at p sees keys p - window + 1 .. p (and kv_start..)
     softcap: float | None = None  # logit softcapping: scores pass through softcap * tanh(s / softcap)
-    has_sinks: bool = False  # a float32 [H_q] sink logit per query head joins each softmax's denominator
+    # sinks: a [H_q] logit per query head joins each softmax's denominator; their dtype (float32,
+    # bfloat16 or float16: a model's own parameter, no cast per step) is compiled into the kernel
+    sinks_dtype: torch.dtype | None = None
 
     def __hash__(self) -> int:
         """The fields' hash, computed once: a problem keys the plan cache and its routes on every call."""
@@ -88,6 +91,11 @@ class DecodeProblem:
     def __getstate__(self) -> dict:
         # str hashes differ between processes: a copy or an unpickled problem computes its own
         return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    @property
+    def has_sinks(self) -> bool:
+        """Attention sinks are given (of dtype :attr:`sinks_dtype`)."""
+        return self.sinks_dtype is not None
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -130,7 +138,9 @@ class DecodeProblem:
         if self.softcap is not None:
             parts.append(f"softcap{self.softcap:g}")
         if self.has_sinks:
-            parts.append("sinks")
+            parts.append(
+                "sinks" + ("" if self.sinks_dtype == torch.float32 else SINK_DTYPES[self.sinks_dtype])
+            )
         return "_".join(parts)
 
     def kv_bytes(self, seq_len: int) -> int:
@@ -174,8 +184,9 @@ class DecodeProblem:
         softcap : float, optional
             Logit softcapping (Gemma 2): the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
             before the (additive) mask and the softmax; ``softcap > 0``.
-        sinks : float32 Tensor ``[H_q]``, optional
-            Attention sinks (gpt-oss): one logit per query head added to each softmax's denominator.
+        sinks : Tensor ``[H_q]``, optional
+            Attention sinks (gpt-oss): one logit per query head added to each softmax's denominator;
+            float32, bfloat16 or float16 (a plan is made for one of them).
 
         Returns
         -------
@@ -253,7 +264,7 @@ class DecodeProblem:
             kv_scale_kind=scale_kind,
             window=window,
             softcap=softcap,
-            has_sinks=sinks is not None,
+            sinks_dtype=None if sinks is None else sinks.dtype,
         )
 
 
@@ -436,15 +447,23 @@ def check_softcap(softcap: object) -> float | None:
     return float(softcap)
 
 
-def check_sinks(sinks: object, num_q_heads: int, device: torch.device) -> None:
-    """``sinks`` must be a contiguous float32 ``[H_q]`` tensor on q's device."""
+def check_sinks(
+    sinks: object, num_q_heads: int, device: torch.device, planned: torch.dtype | None = None
+) -> None:
+    """``sinks`` must be a contiguous float32, bfloat16 or float16 ``[H_q]`` tensor on q's device (of
+    the ``planned`` dtype when a plan was made for one)."""
     _check_tensor("sinks", sinks)
     assert isinstance(sinks, torch.Tensor)
-    if sinks.dtype != torch.float32 or tuple(sinks.shape) != (num_q_heads,) or sinks.device != device:
+    if sinks.dtype not in SINK_DTYPES or tuple(sinks.shape) != (num_q_heads,) or sinks.device != device:
         raise KVDecodeError(
-            f"sinks must be a float32 ({num_q_heads},) tensor (one logit per query head) on {device}, "
-            f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}; "
+            f"sinks must be a float32, bfloat16 or float16 ({num_q_heads},) tensor (one logit per query "
+            f"head) on {device}, got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}; "
             f"pass sinks.to({str(device)!r}, torch.float32)"
+        )
+    if planned is not None and sinks.dtype != planned:
+        raise KVDecodeError(
+            f"sinks must be {planned} as planned (the kernel reads that dtype), got {sinks.dtype}; pass "
+            f"sinks.to({planned}) or plan for {sinks.dtype} sinks"
         )
     if num_q_heads > 1 and sinks.stride(0) != 1:
         raise KVDecodeError(f"sinks.stride(0) must be 1, got {sinks.stride(0)}; pass sinks.contiguous()")

@@ -287,7 +287,8 @@ class StaticKVCache:
 
         Runs a :class:`~kvdecode.DecodePlan` made on the first call for this query shape (and mask and
         ``out`` kind); later calls only check and launch. Arguments as in :func:`kvdecode.decode_attention`;
-        ``sinks`` (float32 ``[H_q]``) are the layer's attention sinks, passed per call since layers differ.
+        ``sinks`` (``[H_q]``, float32, bfloat16 or float16) are the layer's attention sinks, passed per
+        call since layers differ.
         """
         k, v = self.keys(layer), self.values(layer)
         the_plan = self.plan_for(q, mask=mask, out=out, sinks=sinks)

@@ -90,11 +90,13 @@ class Case:
     window: int | None = None
     softcap: float | None = None
     sinks: bool = False  # attention sinks: randn * 2 per query head, drawn after everything else
+    sinks_dtype: torch.dtype = torch.float32  # or q's dtype (gpt-oss keeps its sinks in the model's)
 
     @property
     def name(self) -> str:
         """Same format as ``DecodeProblem.name`` plus the layouts, for failure messages."""
-        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype]
+        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+        dt = names[self.dtype]
         parts = [
             f"b{self.batch}_hq{self.num_q_heads}_hkv{self.num_kv_heads}_d{self.head_dim}",
             f"tq{self.q_len}_cap{self.capacity}_{dt}",
@@ -108,7 +110,7 @@ class Case:
         if self.softcap is not None:
             parts.append(f"softcap{self.softcap:g}")
         if self.sinks:
-            parts.append("sinks")
+            parts.append("sinks" + ("" if self.sinks_dtype == torch.float32 else names[self.sinks_dtype]))
         parts.append(f"kv{self.kv_layout}_q{self.q_layout}_out{self.out_layout}")
         return "_".join(parts)
 
@@ -209,7 +211,7 @@ def make_inputs(case: Case, device: str) -> Inputs:
         kv_start = torch.tensor(case.kv_start, dtype=torch.int32, device=device)
     mask = _mask_tensor(case, gen, device)
     out = make_out(case, device)
-    sinks = (_randn(gen, case.num_q_heads) * 2.0).to(device) if case.sinks else None
+    sinks = (_randn(gen, case.num_q_heads) * 2.0).to(device, case.sinks_dtype) if case.sinks else None
     return Inputs(q, k, v, seq_lens, kv_start, mask, out, case.scale, case.window, case.softcap, sinks)
 
 
@@ -348,8 +350,8 @@ def cases(
 ) -> Case:
     """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``), a third
     of them with a sliding window (1, tile and split edges, T_q, the capacity and past it) and a quarter
-    with a logit softcap (``windows=False`` leaves out both) and a quarter with attention sinks
-    (``sinks=False`` leaves them out)."""
+    with a logit softcap (``windows=False`` leaves out both) and a quarter with attention sinks, float32
+    or of q's dtype (``sinks=False`` leaves them out)."""
     sz = sizes_for(device)
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
@@ -390,7 +392,8 @@ def cases(
         seed=draw(st.integers(0, 2**31 - 1)),
         window=window,
         softcap=softcap,
-        sinks=sinks and draw(st.integers(0, 3)) == 0,
+        sinks=(with_sinks := sinks and draw(st.integers(0, 3)) == 0),
+        sinks_dtype=draw(st.sampled_from((torch.float32, dtype))) if with_sinks else torch.float32,
         **spec,
     )
 

@@ -377,8 +377,11 @@ def test_sinks_are_given_exactly_when_planned_and_checked():
         with_sinks.run(q, k, v, lens)
     with pytest.raises(KVDecodeError, match="sinks is given but the plan was made without them"):
         _plan(q, k, v, lens).run(q, k, v, lens, sinks=sinks)
-    with pytest.raises(KVDecodeError, match=r"sinks must be a float32 \(4,\) tensor"):
+    with pytest.raises(KVDecodeError, match=r"sinks must be a float32, bfloat16 or float16 \(4,\) tensor"):
         with_sinks.run(q, k, v, lens, sinks=torch.zeros(4, dtype=torch.float64))
+    # the kernel is compiled for the planned sinks' dtype: another one is refused, not misread
+    with pytest.raises(KVDecodeError, match=r"sinks must be torch.float32 as planned .* got torch.bfloat16"):
+        with_sinks.run(q, k, v, lens, sinks=torch.zeros(4, dtype=torch.bfloat16))
     buf = torch.zeros(2 * 4 * 1 * 16)
     with pytest.raises(KVDecodeError, match="out must not share memory with sinks"):
         with_sinks.run(q, k, v, lens, sinks=buf[:4], out=buf.view(2, 4, 1, 16))

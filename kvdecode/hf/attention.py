@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..errors import KVDecodeError
 from ..ops import decode_attention_op
-from ..problem import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..problem import MAX_HEAD_DIM, SINK_DTYPES, SUPPORTED_DTYPES
 from ..quant import FP8_DTYPES, FP8_Q_DTYPES, dequantize
 from .cache import fp8_scales
 from .mask import MAX_DECODE_Q_LEN, carries_window, is_marked, strip_marker
@@ -279,6 +279,14 @@ class _LengthsMemo:
 _LENGTHS = _LengthsMemo()
 
 
+def _sink_logits(sinks: torch.Tensor) -> torch.Tensor:
+    """A layer's sinks as the kernel reads them: gpt-oss keeps them in the model dtype, which the kernel
+    reads directly (no cast per step); another dtype (float64) or a strided view is converted."""
+    if sinks.dtype in SINK_DTYPES and (sinks.numel() <= 1 or sinks.stride(-1) == 1):
+        return sinks
+    return sinks.to(torch.float32).contiguous()
+
+
 def _decode_step(module, query, key, value, attention_mask, scaling, softcap, sinks) -> torch.Tensor:
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
@@ -303,7 +311,7 @@ def _decode_step(module, query, key, value, attention_mask, scaling, softcap, si
         k_scale=k_scale,
         v_scale=v_scale,
         softcap=softcap,
-        sinks=None if sinks is None else sinks.to(torch.float32),  # gpt-oss keeps them in the model dtype
+        sinks=None if sinks is None else _sink_logits(sinks),
     )
     return out
 

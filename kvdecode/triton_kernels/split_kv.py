@@ -216,7 +216,7 @@ def split_kv_kernel(
     stride_mn,  # broadcast view [B, H_q, T_q, capacity]
     KScale,  # float32 [1] or [H_kv]: dequantizes fp8 K (used when SCALE_KIND > 0)
     VScale,  # float32 [1] or [H_kv]: dequantizes fp8 V
-    Sinks,  # float32 [H_q]: attention sinks (used when HAS_SINKS, by this kernel when SINGLE)
+    Sinks,  # [H_q] fp32/bf16/fp16: attention sinks (used when HAS_SINKS, by this kernel when SINGLE)
     qk_scale,  # scale * log2(e)
     capacity,
     window,  # sliding window (keys a query sees, itself included); used when HAS_WINDOW
@@ -372,7 +372,7 @@ def merge_kernel(
     stride_lh,  # float32 [B, H_q, T_q]
     PartO,  # float32 [B * H_kv, M, num_splits, D]
     PartLse,  # float32 [B * H_kv, M, num_splits]
-    Sinks,  # float32 [H_q]; used when HAS_SINKS
+    Sinks,  # [H_q] fp32/bf16/fp16, read as fp32; used when HAS_SINKS
     num_splits,  # 2..SPLITS_P2, run time
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,

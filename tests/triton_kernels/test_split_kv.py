@@ -309,6 +309,33 @@ def test_sinks_take_their_share_and_nothing_else(device, splits):
     assert out[1:, 3].abs().max() < 1e-12  # a sink of 40 takes (almost) all of head 3's attention
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("sink_dtype", [torch.bfloat16, torch.float16])
+def test_sinks_in_16_bits_read_as_their_float32_values(device, splits, sink_dtype):
+    """gpt-oss keeps its sinks in the model's dtype; the kernel reads them as they are (no cast per
+    step): the same values in bf16 / fp16 and in float32 give the same result, bit for bit, from plans
+    made for each dtype (a kernel compiled for float32 sinks never reads 16-bit ones)."""
+    case = Case(2, 4, 2, 32, 1, 64, torch.bfloat16, (40, 64), seed=13)
+    x = make_inputs(case, device)
+    sinks32 = torch.tensor([0.0, 2.5, -3.0, 40.0], device=device)  # exact in bf16 and fp16
+    results = []
+    for sinks in (sinks32, sinks32.to(sink_dtype)):
+        problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, sinks=sinks)
+        launch = TritonBackend().make_launcher(problem, config=SplitKVConfig(num_splits=splits, block_n=16))
+        out, lse = make_out(case, device), torch.full((2, 4, 1), math.nan, device=device)
+        launch(x.q, x.k, x.v, x.seq_lens, None, None, out, lse, sinks=sinks)
+        results.append((problem.name, out, lse))
+    (name32, out32, lse32), (name16, out16, lse16) = results
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[sink_dtype]
+    assert name32.endswith("_sinks") and name16.endswith(f"_sinks{short}"), (name32, name16)
+    assert torch.equal(out16, out32) and torch.equal(lse16, lse32)
+    ref, _ = reference_decode_attention(
+        x.q, x.k, x.v, x.seq_lens, sinks=sinks32.to(sink_dtype)
+    )  # the float64 reference takes any dtype
+    check_close(out16, ref, case.dtype, case.name, case.seed)
+
+
 def test_a_window_caps_the_split_count_at_its_tiles():
     """The configuration is sized for the window's tiles, not the capacity's: a short window in a long
     cache gets the splits of a short row (the split loop then starts at the window's first tile)."""
