@@ -10,10 +10,10 @@ transformers calls it once per layer with the layer's queries and its **whole** 
 A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
 the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
 stay exact); a layer's logit softcap (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to the
-kernel with it. A sliding-window layer's decode step runs the kernel over the keys the layer hands
-over (its rolling buffer, or the buffer's tail and the step) under the model's own mask
-(:func:`_window_step`). Everything else is handed on, each reason warned once
-(:class:`KVDecodeFallbackWarning`):
+kernel with it. A sliding-window layer is marked too until its static buffer wraps (its mask holds the
+window); after that its decode steps run the kernel over the keys the layer hands over (the rolled
+buffer, or its tail and the step) under the model's own mask (:func:`_window_step`). Everything else
+is handed on, each reason warned once (:class:`KVDecodeFallbackWarning`):
 
 * prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
 * sliding-window steps over keys of another length, dropout, autograd, non-causal attention, a

@@ -7,14 +7,15 @@ It returns what ``sdpa`` would (torch SDPA's bool mask ``[B, 1, q_len, kv_len]``
 length as an int counts when it has free slots past the step (``q_offset + q_len < kv_len``: a sliding
 layer's static buffer that has not wrapped, or the first forward into a static cache not allocated
 yet); a dynamic cache never has. There it always materializes the mask (padding, window included) and
-appends one **marker column**::
+appends **marker columns** (one; two for a sliding window's mask, so that only a mask with the window in
+it runs a sliding layer)::
 
     mask  bool [B, 1, q_len, capacity + 1]      (capacity + 2 for a sliding window's mask)
     mask[..., :capacity]  the sdpa mask          mask[..., capacity:]  True (the marker)
 
-The attention function takes the extra column as the sign that the step may run kvdecode (a host-side
+The attention function takes the extra columns as the sign that the step may run kvdecode (a host-side
 shape check, static under ``torch.compile``) and reads the lengths from the mask on the device: no host
-sync. Anything that strips the column (a model slicing the mask to the key length) just sends the step
+sync. Anything that strips the columns (a model slicing the mask to the key length) just sends the step
 to torch SDPA. Masks of other patterns (chunked, packed sequences, bidirectional blocks) are never
 marked, nor is a sliding layer's buffer once it wraps (slot order is no longer position order): the
 attention function serves that step from the model's own mask (``kvdecode.hf.attention._window_step``).
