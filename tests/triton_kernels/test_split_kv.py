@@ -121,10 +121,8 @@ def test_split_count_invariance(device, data):
     """Different split counts and tile sizes (including more splits than tiles, so some splits are
     empty) all match the reference and each other; NaN-poisoned out and lse prove every element is written."""
     case = data.draw(cases(device), label="case")
-    if device == "cuda":
-        splits = sorted(
-            {1, 2, data.draw(st.integers(3, 8), label="s"), data.draw(st.integers(9, MAX_SPLITS))}
-        )
+    if device == "cuda":  # each count past 1 compiles a merge kernel for its bucket: three counts, not four
+        splits = sorted({1, data.draw(st.integers(2, 8), label="s"), data.draw(st.integers(9, MAX_SPLITS))})
     else:  # the interpreter pays for every program, empty ones included
         splits = sorted(
             {1, data.draw(st.integers(2, 5), label="s"), data.draw(st.integers(9, 16), label="S")}
