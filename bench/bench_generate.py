@@ -124,6 +124,8 @@ def _set_length(cache, length: int) -> None:
         layer.cumulative_length.fill_(min(length, layer.max_cache_len))
         if hasattr(layer, "cumulative_length_int"):  # a sliding layer: its branch (full or not) reads this
             layer.cumulative_length_int = length
+        if hasattr(layer, "_host_length"):  # kvdecode's FP8StaticLayer counts eager writes on the host
+            layer._host_length = length
 
 
 def make_cache(model, batch: int, capacity: int, filled: int, *, fp8: bool = False):
