@@ -705,10 +705,11 @@ def test_gpu_generate_static_cache_compiled_matches_sdpa():
     assert torch.equal(got, ref)
 
 
-def _family(name: str):
+def _family(name: str, window: int):
     """(reference attn_implementation, config) of a random-weight model with the attention shape of a
-    real one (heads, KV heads, head dim, scaling, softcap, sinks) at small width and depth, and a window
-    of 16 so that 32 steps past a 24-token prompt wrap the sliding layers' rolling buffers."""
+    real one (heads, KV heads, head dim, scaling, softcap, sinks) at small width and depth, and a sliding
+    ``window`` (16: 32 steps past a 24-token prompt wrap the sliding layers' rolling buffers; the real
+    4096: the cache is shorter than the window, the buffers never wrap)."""
     from transformers import Gemma2Config, GptOssConfig, MistralConfig
 
     small = dict(hidden_size=256, intermediate_size=512, vocab_size=512, max_position_embeddings=256)
@@ -716,23 +717,23 @@ def _family(name: str):
         return "eager", Gemma2Config(
             **small, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
             query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-            sliding_window=16,
+            sliding_window=window,
         )  # fmt: skip
     if name == "mistral":  # Mistral-7B-v0.1: 32/8 heads of 128, every layer sliding
         return "sdpa", MistralConfig(
             **small, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-            sliding_window=16,
+            sliding_window=window,
         )  # fmt: skip
     # gpt-oss-20b: 64/8 heads of 64, sinks, sliding and full layers alternating, mixture of experts
     small.pop("intermediate_size")
     return "eager", GptOssConfig(
         **small, intermediate_size=128, num_hidden_layers=4, num_attention_heads=64, num_key_value_heads=8,
-        head_dim=64, sliding_window=16, num_local_experts=4, num_experts_per_tok=2,
+        head_dim=64, sliding_window=window, num_local_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
 
 
-def _family_model(name: str):
-    ref_impl, cfg = _family(name)
+def _family_model(name: str, window: int):
+    ref_impl, cfg = _family(name, window)
     model_class = {"gemma2": "Gemma2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
         name, "GptOssForCausalLM"
     )
@@ -746,11 +747,13 @@ def _family_model(name: str):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("window", [16, 4096])
 @pytest.mark.parametrize("name", ["gemma2", "mistral", "gpt_oss"])
-def test_gpu_sliding_softcap_sinks_models_match_their_reference_over_32_steps(monkeypatch, name):
+def test_gpu_sliding_softcap_sinks_models_match_their_reference_over_32_steps(monkeypatch, name, window):
     """Issue 19's GPU check. A left-padded batch of 3 (24-token prompt), 32 greedy steps, with the model's
     reference attention (Gemma 2 and gpt-oss: eager; Mistral: sdpa) and with kvdecode, whose decode steps
-    all run the kernel (sliding layers over their 16-slot rolling buffers, which wrap).
+    all run the kernel: window 16, sliding layers over their 16-slot rolling buffers, which wrap; window
+    4096, sliding layers of a 59-slot cache marked like full ones (the buffer never wraps).
 
     float32: every step's logits within the tolerance table's float32 relative L2 of the reference's,
     and the same tokens. bf16 (what these models run in), fed the float32 tokens: kvdecode's logits are
@@ -759,7 +762,7 @@ def test_gpu_sliding_softcap_sinks_models_match_their_reference_over_32_steps(mo
 
     from kvdecode.reference import relative_l2_error, tolerance_for
 
-    ref_impl, model = _family_model(name)
+    ref_impl, model = _family_model(name, window)
     ids, mask = _prompt(batch=3, length=24, pad=(0, 5, 13), vocab=512, device="cuda", seed=6)
     ops = _Spy(monkeypatch, "decode_attention_op")
     runs = {}
@@ -783,7 +786,7 @@ def test_gpu_sliding_softcap_sinks_models_match_their_reference_over_32_steps(mo
     assert max(fp32) <= tolerance_for(torch.float32).rel_l2, fp32
     ours, theirs = per_step("kvdecode", torch.bfloat16), per_step(ref_impl, torch.bfloat16)
     worst = f"fp32 worst {max(fp32):.2e}; bf16 worst kvdecode {max(ours):.2e}, {ref_impl} {max(theirs):.2e}"
-    print(f"{name}: {worst}")  # in the GPU log (-rP / -s)
+    print(f"{name} window {window}: {worst}")  # in the GPU log (-rP / -s)
     assert max(ours) <= 2 * max(theirs), (ours, theirs)
 
 
