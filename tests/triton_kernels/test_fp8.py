@@ -44,24 +44,10 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
         k8, v8, k_scale, v_scale = x.k.clamp(-200, 200).to(fp8), x.v.clamp(-200, 200).to(fp8), None, None
     scales = {} if kind == "none" else dict(k_scale=k_scale, v_scale=v_scale)
     out, lse = kvdecode.decode_attention(
-        x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
-        backend="triton", return_lse=True, window=x.window, softcap=x.softcap, sinks=x.sinks, **scales,
-    )  # fmt: skip
-    ref, ref_lse = reference_decode_attention(
-        x.q,
-        k8,
-        v8,
-        x.seq_lens,
-        scale=x.scale,
-        kv_start=x.kv_start,
-        mask=x.mask,
-        window=x.window,
-        softcap=x.softcap,
-        sinks=x.sinks,
-        **scales,
+        x.q, k8, v8, x.seq_lens, out=x.out, backend="triton", return_lse=True, **x.kwargs(), **scales
     )
-    problem = kvdecode.DecodeProblem.from_tensors(x.q, k8, v8, x.seq_lens, kv_start=x.kv_start,
-                                                  mask=x.mask, **scales)  # fmt: skip
+    ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, **x.kwargs(), **scales)
+    problem = kvdecode.DecodeProblem.from_tensors(x.q, k8, v8, x.seq_lens, **x.kwargs(), **scales)
     check_close(out, ref, case.dtype, problem.name, case.seed, repro=repr(case))
     check_lse(lse, ref_lse, case.dtype, problem.name, case.seed, repro=repr(case))
     if kind != "none":  # the quantization's own error, against the unquantized K/V: reported
@@ -225,15 +211,11 @@ def test_gpu_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, 
     x = make_inputs(case, "cuda")
     k8, k_scale = quantize(x.k, fp8, per_head)
     v8, v_scale = quantize(x.v, fp8, per_head)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     out, lse = kvdecode.decode_attention(
-        x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start, mask=x.mask, out=x.out,
-        k_scale=k_scale, v_scale=v_scale, return_lse=True, window=x.window, softcap=x.softcap,
-        sinks=x.sinks,
-    )  # fmt: skip
-    ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, scale=x.scale, kv_start=x.kv_start,
-                                              mask=x.mask, k_scale=k_scale, v_scale=v_scale,
-                                              window=x.window, softcap=x.softcap,
-                                              sinks=x.sinks)  # fmt: skip
+        x.q, k8, v8, x.seq_lens, out=x.out, return_lse=True, **x.kwargs(), **scales
+    )
+    ref, ref_lse = reference_decode_attention(x.q, k8, v8, x.seq_lens, **x.kwargs(), **scales)
     check_close(out, ref, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
     check_lse(lse, ref_lse, case.dtype, f"gpu fp8 {fp8}", case.seed, repro=repr(case))
 
