@@ -223,9 +223,10 @@ def _same(name: str, t: object, dtype: torch.dtype, strides: tuple, shape: tuple
 @dataclass(frozen=True, eq=False)
 class Signature:
     """What the per-call fast checks compare, derived once from a problem (:func:`signature`):
-    ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE, the lengths' dtype and
-    shape, the device index (-1 off CUDA), whether the problem is plain (no kv_start, mask, scales, sinks)
-    and the byte extents of q, k, v, out and lse from their ``data_ptr``."""
+    ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE and the sinks (None without),
+    the lengths' dtype and shape, the device index (-1 off CUDA), whether the problem is plain (no
+    kv_start, mask or scales: sinks, one small tensor, are compared here too) and the byte extents of
+    q, k, v, out, lse and sinks from their ``data_ptr``."""
 
     q: tuple
     k: tuple
@@ -233,6 +234,7 @@ class Signature:
     lens: tuple
     out: tuple
     lse: tuple
+    sinks: tuple | None
     device_index: int
     plain: bool
     extents: tuple[int, ...]
@@ -256,6 +258,10 @@ def signature(p: DecodeProblem) -> Signature:
             (q_shape, out[2], elem), (q_shape[:3], lse[2], 4),
         )
     )  # fmt: skip
+    sinks = None
+    if p.has_sinks:
+        sinks = (p.sinks_dtype, torch.Size((p.num_q_heads,)), (1,))
+        extents += (p.num_q_heads * torch.empty((), dtype=p.sinks_dtype).element_size(),)
     return Signature(
         q=(p.dtype, torch.Size(q_shape), p.q_strides),
         k=(kv_dt, kv_shape, p.k_strides),
@@ -263,17 +269,27 @@ def signature(p: DecodeProblem) -> Signature:
         lens=(torch.int32, torch.Size((p.batch,))),
         out=out,
         lse=lse,
+        sinks=sinks,
         device_index=p.device.index if p.device.type == "cuda" else -1,
-        plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none" and not p.has_sinks,
+        plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none",
         extents=extents,
         lens_bytes=4 * p.batch,
     )
 
 
-def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens) -> bool:
+def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens, sinks=None) -> bool:
     """The common case in a few comparisons; False sends the caller to the checks that name the fault."""
     try:
         index = sig.device_index
+        if sinks is None:
+            if sig.sinks is not None:
+                return False
+        elif (
+            (sinks.dtype, sinks.shape, sinks.stride()) != sig.sinks
+            or sinks.get_device() != index
+            or (index < 0 and not sinks.is_cpu)
+        ):
+            return False
         return (
             (q.dtype, q.shape, q.stride()) == sig.q
             and (k_cache.dtype, k_cache.shape, k_cache.stride()) == sig.k
@@ -290,7 +306,7 @@ def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens) -> bool:
         return False
 
 
-def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None) -> bool:
+def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None, sinks=None) -> bool:
     """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs (which match
     ``sig``) and each other, in a few integer comparisons; False sends the caller to the full checks."""
     try:
@@ -305,6 +321,8 @@ def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None) -> 
             ranges.append((t.data_ptr(), ext))
         pointers = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seq_lens.data_ptr())
         inputs = list(zip(pointers, (*sig.extents[:3], sig.lens_bytes)))
+        if sinks is not None:  # (matching sig.sinks, which sized the last extent)
+            inputs.append((sinks.data_ptr(), sig.extents[5]))
         for i, (a, a_ext) in enumerate(ranges):
             for b, b_ext in [*ranges[i + 1 :], *inputs]:
                 if a < b + b_ext and b < a + a_ext:

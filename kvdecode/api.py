@@ -132,7 +132,9 @@ def decode_attention(
     # a contiguous out of a plain call in a few comparisons (the inputs made the problem, so its
     # signature says whether the call is plain); anything else is checked in full
     sig = signature(problem)
-    if out is not None and not (sig.plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out)):
+    if out is not None and not (
+        sig.plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, sinks=sinks)
+    ):
         check_out(out, q)
         inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale), sinks)
         check_outputs_disjoint({"out": out}, inputs)

@@ -99,15 +99,14 @@ class DecodePlan:
         """
         sig = self._sig
         plain = sig.plain and kv_start is None and mask is None and k_scale is None and v_scale is None
-        plain = plain and sinks is None
-        if not (plain and inputs_match(sig, q, k_cache, v_cache, seq_lens)):
+        if not (plain and inputs_match(sig, q, k_cache, v_cache, seq_lens, sinks)):
             check_inputs(self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask)
             check_scales(self.problem, k_scale, v_scale)
             check_sinks_given(self.problem, sinks)
         scales = None if k_scale is None else (k_scale, v_scale)
         if out is not None or lse is not None:
-            # the fast test knows q, the caches and seq_lens only: other inputs take the full check
-            if not (plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse)):
+            # the fast test knows q, the caches, seq_lens and sinks only: other inputs take the full check
+            if not (plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse, sinks)):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
                 inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)
@@ -127,11 +126,7 @@ class DecodePlan:
             out = torch.empty((p.batch, p.num_q_heads, p.q_len, p.head_dim), dtype=p.dtype, device=p.device)
         if lse is None and return_lse:
             lse = torch.empty((p.batch, p.num_q_heads, p.q_len), dtype=torch.float32, device=p.device)
-        extra = {} if sinks is None else {"sinks": sinks}  # launchers without sinks take none
-        if scales is None:
-            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, **extra)
-        else:
-            self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales, **extra)
+        self.launcher(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=scales, sinks=sinks)
         return (out, lse) if return_lse else out
 
 

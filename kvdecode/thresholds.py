@@ -353,4 +353,4 @@ def _without_table(
     if num_q_heads is None or num_kv_heads is None or sm_count is None or dtype_name not in ITEMSIZE:
         return Threshold(FALLBACK_THRESHOLD, f"flat fallback; {missing}", provisional=True)
     rule = no_table_threshold(head_dim, dtype_name, batch, num_q_heads, num_kv_heads, q_len, sm_count)
-    return Threshold(min(rule.value, NEVER), f"{rule.text}; {missing}", provisional=True)
+    return Threshold(rule.value, f"{rule.text}; {missing}", provisional=True)  # rule.value <= NEVER

@@ -368,6 +368,28 @@ def test_out_sharing_memory_with_kv_start_is_refused_by_run():
         kvdecode.decode_attention(q, k, v, lens, kv_start=starts, out=out, backend="reference")
 
 
+def test_a_plan_with_sinks_runs_on_the_fast_checks(monkeypatch):
+    """gpt-oss layers call with sinks every step: matching sinks take the few comparisons of the plain
+    path (no full check of the inputs or outputs), and the full checks still catch what they must."""
+    import sys
+
+    plan_module = sys.modules["kvdecode.plan"]  # (kvdecode.plan is also the function)
+
+    q, k, v, lens = _cpu_inputs()
+    sinks = torch.zeros(4)
+    with_sinks = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, v, lens, sinks=sinks),
+                               backend="reference")  # fmt: skip
+    full = []
+    for name in ("check_inputs", "check_buffers"):
+        real = getattr(plan_module, name)
+        monkeypatch.setattr(plan_module, name, lambda *a, _real=real, **kw: full.append(1) or _real(*a, **kw))
+    with_sinks.run(q, k, v, lens, sinks=sinks, out=torch.empty_like(q))
+    assert full == []
+    with pytest.raises(KVDecodeError, match=r"sinks must be torch\.float32 as planned"):
+        with_sinks.run(q, k, v, lens, sinks=sinks.to(torch.float16))
+    assert full == [1]
+
+
 def test_sinks_are_given_exactly_when_planned_and_checked():
     q, k, v, lens = _cpu_inputs()
     sinks = torch.zeros(4)

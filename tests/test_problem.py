@@ -37,7 +37,9 @@ class RecordingBackend:
     def make_launcher(self, problem, *, deterministic=False, config=None):
         self.made.append(problem)
 
-        def launch(q, k, v, seq_lens, kv_start, mask, out, lse):
+        def launch(
+            q, k, v, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+        ):  # the Launcher protocol
             self.launches.append(problem)
             out.zero_()
             if lse is not None:

@@ -186,10 +186,12 @@ class CudnnLauncher:
         self._graphs[lse] = built
         return built
 
-    def __call__(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None) -> None:
-        if kv_start is not None or mask is not None or scales is not None:
+    def __call__(
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+    ) -> None:
+        if kv_start is not None or mask is not None or scales is not None or sinks is not None:
             raise UnsupportedError(
-                "backend 'cudnn' takes no kv_start, mask or k/v scales; plan with another backend"
+                "backend 'cudnn' takes no kv_start, mask, k/v scales or sinks; plan with another backend"
             )
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
             if t.data_ptr() % 16:

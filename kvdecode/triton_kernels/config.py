@@ -153,10 +153,7 @@ def cap_splits(problem: DecodeProblem, splits: int, block_n: int) -> int:
 def row_tiles(problem: DecodeProblem, block_n: int) -> int:
     """The K/V tiles one row can touch: the capacity's, or a sliding window's (one more: a window need
     not start on a tile boundary)."""
-    tiles = triton.cdiv(problem.capacity, block_n)
-    if problem.window is None:
-        return tiles
-    return min(tiles, triton.cdiv(problem.reach, block_n) + 1)
+    return min(triton.cdiv(problem.capacity, block_n), triton.cdiv(problem.reach, block_n) + 1)
 
 
 def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
