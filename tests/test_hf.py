@@ -570,13 +570,28 @@ def test_attention_traces_as_one_graph_on_cpu():
     torch.testing.assert_close(compiled(q, k, v, mask), step(q, k, v, mask), atol=0, rtol=0)
 
 
+def _window_mask(kv_offset: int, q_offset: int, kv_length: int = 8, pad=(0, 0)):
+    """The mask kvdecode's mask function makes for a sliding layer (window 8) of a batch of 2, one query
+    at ``q_offset``, keys at positions ``kv_offset ..``; row ``b`` left-padded by ``pad[b]`` tokens."""
+    from transformers.masking_utils import and_masks, sliding_window_overlay
+
+    padding = torch.ones(2, q_offset + 1, dtype=torch.bool)
+    for row, n in enumerate(pad):
+        padding[row, :n] = False
+    window = and_masks(causal_mask_function, sliding_window_overlay(8))
+    return kvdecode_mask(
+        batch_size=2, q_length=1, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=window, local_size=8, attention_mask=padding, device="cpu",
+    )  # fmt: skip
+
+
 def test_a_sliding_window_step_traces_as_one_graph_on_cpu():
-    """A sliding layer's one-query step (an 8-slot rolling buffer and the model's own bool mask, with a
-    softcap and sinks) compiles with no graph break and gives the eager result."""
+    """A sliding layer's one-query step (an 8-slot rolled buffer holding positions 3..10 under the
+    window mask the mask function marks, row 0 left-padded into it, with a softcap and sinks) compiles
+    with no graph break and gives the eager result, the reference's on the same keys and mask."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(shape, generator=g) for shape in ((2, 4, 1, 16), (2, 2, 8, 16), (2, 2, 8, 16)))
-    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
-    mask[0, :, :, 5:] = False  # row 0: a buffer not yet full
+    mask = _window_mask(kv_offset=3, q_offset=10, pad=(6, 0))
     extras = dict(sliding_window=8, softcap=4.0, s_aux=torch.linspace(-1, 1, 4))
 
     def step(q, k, v, mask):
@@ -590,22 +605,30 @@ def test_a_sliding_window_step_traces_as_one_graph_on_cpu():
     torch.testing.assert_close(compiled(q, k, v, mask), eager, atol=0, rtol=0)
     lens = torch.full((2,), 8, dtype=torch.int32)
     ref, _ = reference_decode_attention(
-        q, k, v, lens, scale=0.25, mask=mask, softcap=4.0, sinks=extras["s_aux"]
+        q, k, v, lens, scale=0.25, mask=mask[..., :8], softcap=4.0, sinks=extras["s_aux"]
     )
     torch.testing.assert_close(eager.transpose(1, 2).double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_a_sliding_step_over_a_buffer_shorter_than_the_window_runs_sdpa(monkeypatch):
-    """A dynamic cache still growing (5 keys, window 8) would need a new plan every step: torch SDPA
-    serves it (warned once); at exactly the window's slots the kernel does."""
-    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
-    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    """A dynamic cache still growing (5 keys, window 8) would need a new plan every step: its mask is
+    not marked and torch SDPA serves it (warned once); once it holds the window (7 + the step), the
+    mask is marked and the kernel does. A sliding layer never runs on a mask marked without a window."""
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 8, 16)
+    growing = _window_mask(kv_offset=0, q_offset=4, kv_length=5, pad=(1, 0))
+    assert growing.shape[-1] == 5  # unmarked (padding makes sdpa_mask materialize it)
     sdpa, ops = _Spy(monkeypatch, "sdpa_attention_forward"), _Spy(monkeypatch, "decode_attention_op")
     with pytest.warns(kvdecode.hf.KVDecodeFallbackWarning, match="sliding-window"):
-        kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, mask, scaling=0.25, sliding_window=8)
+        kvdecode.hf.kvdecode_attention_forward(
+            _Attn(), q, k[:, :, :5], k[:, :, :5], growing, scaling=0.25, sliding_window=8
+        )
     assert sdpa.q_lens == [1] and ops.q_lens == []
-    kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, mask, scaling=0.25, sliding_window=5)
+    full = _window_mask(kv_offset=5, q_offset=12)
+    kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, full, scaling=0.25, sliding_window=8)
     assert ops.q_lens == [1]
+    plain = kvdecode_mask(batch_size=2, q_length=1, kv_length=8, q_offset=torch.tensor(7), device="cpu")
+    kvdecode.hf.kvdecode_attention_forward(_Attn(), q, k, k, plain, scaling=0.25, sliding_window=8)
+    assert sdpa.q_lens == [1, 1] and ops.q_lens == [1]
 
 
 # ---- registration and imports ----

@@ -10,13 +10,12 @@ transformers calls it once per layer with the layer's queries and its **whole** 
 A marked static-cache decode step runs ``torch.ops.kvdecode.decode_attention`` with lengths read from
 the mask on the device (:func:`lengths_from_mask`, no host sync) and the mask itself (so padding holes
 stay exact); a layer's logit softcap (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) go to the
-kernel with it. A sliding-window layer is marked too until its static buffer wraps (its mask holds the
-window); after that its decode steps run the kernel over the keys the layer hands over (the rolled
-buffer, or its tail and the step) under the model's own mask (:func:`_window_step`). Everything else
-is handed on, each reason warned once (:class:`KVDecodeFallbackWarning`):
+kernel with it. A sliding-window layer's step is marked too, with the window in its mask, whether
+its buffer has wrapped or not (:mod:`kvdecode.hf.mask`). Everything else is handed on, each reason
+warned once (:class:`KVDecodeFallbackWarning`):
 
 * prefill (``q_len > 16``): torch SDPA with the model's mask, silently (that is the plan);
-* sliding-window steps over keys of another length, dropout, autograd, non-causal attention, a
+* sliding-window steps the mask function did not mark, dropout, autograd, non-causal attention, a
   position bias, a mask kvdecode did not mark (a dynamic cache, a 4-D mask made elsewhere), unsupported
   dtypes or head dims: torch SDPA (transformers' ``sdpa`` integration) with the unmarked mask;
 * any of those in a layer with a logit softcap or attention sinks, which torch SDPA lacks: the model's
@@ -100,48 +99,13 @@ def _prefill(c: _Call) -> Fallback | None:
     return Fallback("prefill", None) if c.query.shape[2] > MAX_DECODE_Q_LEN else None
 
 
-def _window_step(c: _Call) -> bool:
-    """A decode step (1..16 queries) of a sliding-window layer under an unmarked bool mask over every key
-    it is given (a buffer that has not wrapped gets a marked mask instead, :mod:`kvdecode.hf.mask`).
-    Attending every key ``j <= kv_len - q_len + t`` under that mask is exactly what torch SDPA computes
-    from it, so the kernel runs it with ``seq_lens = kv_len``: it reads the keys it is given, i.e. the
-    window, whatever the filled length. Two lengths qualify, each one plan per q_len:
-
-    * ``kv_len == sliding_window``: a full static buffer given one query (rolled so that slot order is
-      position order, the step last);
-    * ``kv_len == sliding_window - 1 + q_len``: the buffer's last ``window - 1`` tokens followed by the
-      step's (a full static buffer given several queries, the step that fills one from ``window - 1``,
-      a dynamic cache's sliding layer).
-
-    This assumes what transformers' sliding layers hand over: keys in position order with the step's
-    last (a model that appends other keys after them would need the mask alone). Other lengths (the
-    step that fills a buffer from elsewhere, a dynamic cache still growing) would make a plan per
-    length: torch SDPA runs them."""
-    m = c.attention_mask
-    window = c.kwargs.get("sliding_window")
-    q_len, kv_len = c.query.shape[2], c.key.shape[-2]
-    return (
-        isinstance(window, int)
-        and 1 <= q_len <= MAX_DECODE_Q_LEN
-        and kv_len in (window, window - 1 + q_len)
-        and isinstance(m, torch.Tensor)
-        and m.dtype == torch.bool
-        and m.dim() == 4
-        and m.shape[1] == 1
-        and m.shape[2] == q_len
-        and m.shape[0] in (1, c.query.shape[0])
-        and m.shape[-1] == kv_len
-    )
-
-
 def _model_feature(c: _Call) -> Fallback | None:
-    sliding_ok = carries_window(c.attention_mask, c.key) or _window_step(c)
-    if c.kwargs.get("sliding_window") is not None and not sliding_ok:
+    if c.kwargs.get("sliding_window") is not None and not carries_window(c.attention_mask, c.key):
         return Fallback(
             "sliding-window",
-            "sliding-window layers run torch SDPA for prefill and for steps over keys that are neither "
-            "a static buffer nor its last window - 1 tokens and the step's (the step that fills a "
-            "rolling buffer from part-way, a dynamic cache still growing)",
+            "sliding-window layers run torch SDPA for prefill and for steps whose keys the mask function "
+            "did not mark (the step that fills a rolling buffer from part-way, a dynamic cache still "
+            "growing)",
         )
     if c.dropout and c.dropout > 0.0:
         return Fallback("dropout", f"attention dropout ({c.dropout}) runs torch SDPA (kvdecode has none)")
@@ -155,7 +119,7 @@ def _model_feature(c: _Call) -> Fallback | None:
 
 
 def _unmarked(c: _Call) -> Fallback | None:
-    if is_marked(c.attention_mask, c.key) or _window_step(c):
+    if is_marked(c.attention_mask, c.key):
         return None
     return Fallback(
         "unmarked-mask",
@@ -291,11 +255,7 @@ def _decode_step(module, query, key, value, attention_mask, scaling, softcap, si
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
     mask = attention_mask[..., :capacity]
-    if is_marked(attention_mask, key):
-        seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)
-    else:  # a sliding layer's step (_window_step): every key it was given, the model's mask decides
-        seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=query.device)
-        kv_start = None
+    seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)  # the mask is marked
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
     k_scale, v_scale = fp8_scales(key) if key.dtype in FP8_DTYPES else (None, None)
     decode_attention_op(

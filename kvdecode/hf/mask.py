@@ -6,9 +6,11 @@ It returns what ``sdpa`` would (torch SDPA's bool mask ``[B, 1, q_len, kv_len]``
 ``1 <= q_len <= 16``, the model's causal or sliding-window mask pattern. A layer that passes its
 length as an int counts when it has free slots past the step (``q_offset + q_len < kv_len``: a sliding
 layer's static buffer that has not wrapped, or the first forward into a static cache not allocated
-yet); a dynamic cache never has. There it always materializes the mask (padding, window included) and
-appends **marker columns** (one; two for a sliding window's mask, so that only a mask with the window in
-it runs a sliding layer)::
+yet); a dynamic cache never has. A sliding layer past its window counts when it hands over its last
+``window - 1`` tokens and the step's (``kv_offset > 0``, ``kv_len = window - 1 + q_len``: static and
+dynamic caches alike keep them in position order). There it always materializes the mask (padding,
+window included) and appends **marker columns** (one; two for a sliding window's mask, so that only a
+mask with the window in it runs a sliding layer)::
 
     mask  bool [B, 1, q_len, capacity + 1]      (capacity + 2 for a sliding window's mask)
     mask[..., :capacity]  the sdpa mask          mask[..., capacity:]  True (the marker)
@@ -16,9 +18,9 @@ it runs a sliding layer)::
 The attention function takes the extra columns as the sign that the step may run kvdecode (a host-side
 shape check, static under ``torch.compile``) and reads the lengths from the mask on the device: no host
 sync. Anything that strips the columns (a model slicing the mask to the key length) just sends the step
-to torch SDPA. Masks of other patterns (chunked, packed sequences, bidirectional blocks) are never
-marked, nor is a sliding layer's buffer once it wraps (slot order is no longer position order): the
-attention function serves that step from the model's own mask (``kvdecode.hf.attention._window_step``).
+to torch SDPA. Masks of other patterns (packed sequences, bidirectional blocks) are never marked, nor
+are the steps of a sliding layer whose keys have another length (a dynamic cache still growing, the step
+that fills a static buffer from part-way): each would need a plan per length.
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ MARKER_COLUMNS = 1
 WINDOW_MARKER_COLUMNS = 2  # a sliding-window mask: the attention function of a sliding layer needs this one
 
 
-def _is_static_decode(q_length: int, q_offset: object, kv_offset: object, kv_length: int) -> bool:
-    if not (
-        isinstance(kv_offset, int) and kv_offset == 0 and 1 <= q_length <= min(MAX_DECODE_Q_LEN, kv_length)
-    ):
+def _is_static_decode(
+    q_length: int, q_offset: object, kv_offset: object, kv_length: int, local_size: int | None
+) -> bool:
+    if not (isinstance(kv_offset, int) and 1 <= q_length <= min(MAX_DECODE_Q_LEN, kv_length)):
+        return False
+    if isinstance(local_size, int) and kv_length == local_size - 1 + q_length:
+        # A sliding (or chunked) layer at or past its window: transformers hands over its last
+        # window - 1 tokens and the step's (for one query, the rolled buffer), in position order, the
+        # step last; one length per q_len, so one plan.
+        return True
+    if kv_offset > 0:  # past the window with keys of another length (a buffer filled from part-way)
         return False
     if isinstance(q_offset, torch.Tensor):  # a static cache layer's filled length, on the device
         return True
@@ -94,8 +103,8 @@ def kvdecode_mask(
     Returns
     -------
     Tensor or None
-        bool ``[B, 1, q_len, kv_len + 1]`` with the marker on a static-cache decode step, else exactly
-        what ``sdpa_mask`` returns.
+        bool ``[B, 1, q_len, kv_len + 1]`` (``+ 2`` with a window) with the marker on a static-cache
+        decode step, else exactly what ``sdpa_mask`` returns.
     """
     common = dict(
         batch_size=batch_size,
@@ -108,11 +117,11 @@ def kvdecode_mask(
         local_size=local_size,
         **kwargs,
     )
-    if not _is_static_decode(q_length, q_offset, kv_offset, kv_length):
+    if not _is_static_decode(q_length, q_offset, kv_offset, kv_length, local_size):
         return sdpa_mask(allow_is_causal_skip=allow_is_causal_skip, **common)
     if mask_function is not causal_mask_function and local_size is None:
-        # A sliding window (local_size) is marked: its buffer has not wrapped, so its keys sit in position
-        # order and the mask, read for the lengths and applied in the kernel, decides exactly.
+        # A sliding window (local_size) is marked: its keys sit in position order (slot j is position
+        # kv_offset + j) and the mask, read for the lengths and applied in the kernel, decides exactly.
         # Bidirectional (encoder, cross) attention is warned about by the attention function (a
         # cross-attention mask of one decode query looks like a decode step here).
         if mask_function is not bidirectional_mask_function:
