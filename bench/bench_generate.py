@@ -58,7 +58,7 @@ ROWS = (
 )
 QUICK_ROWS = ((1, 32768, 1024), (8, 32768, 16384))
 HEADLINE = (8, 32768, 16384)
-WINDOW_ROWS = ((8, 32768, 16384),)  # with --window (both --quick and full runs)
+WINDOW_ROWS = (HEADLINE,)  # with --window (both --quick and full runs)
 BACKENDS = ("sdpa", "flex_attention", "kvdecode", "kvdecode-fp8")
 FP8_BACKEND = "kvdecode-fp8"  # attn_implementation "kvdecode" on a kvdecode.hf.FP8StaticCache (e4m3, scale 1)
 MODES = ("eager", "captured", "compiled")

@@ -16,12 +16,12 @@ and ``decode_attention(out=, backend="triton", max_seq_len=)``.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import kvdecode
 from kvdecode.plan import PLANS
+from kvdecode.timing import host_overhead_us
 
 B, HQ, HKV, D, CAP = 1, 32, 8, 128, 256
 
@@ -31,12 +31,8 @@ class _NoLaunch:
         pass
 
 
-def _per_call_us(fn, n: int = 20000) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e6
+def _per_call_us(fn) -> float:
+    return host_overhead_us(fn, n=20000)  # the project's one host timer (no CUDA here: no sync)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from hypothesis import strategies as st
 
+from kvdecode.problem import SUPPORTED_DTYPES
 from kvdecode.reference import TOLERANCES as TOLERANCES  # the one table, re-exported for the tests
 from kvdecode.reference import assert_close_to_reference, assert_lse_close
 
@@ -95,7 +96,7 @@ class Case:
     @property
     def name(self) -> str:
         """Same format as ``DecodeProblem.name`` plus the layouts, for failure messages."""
-        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+        names = SUPPORTED_DTYPES  # the library's short names: torch.bfloat16 -> "bf16"
         dt = names[self.dtype]
         parts = [
             f"b{self.batch}_hq{self.num_q_heads}_hkv{self.num_kv_heads}_d{self.head_dim}",

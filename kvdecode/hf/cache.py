@@ -28,6 +28,7 @@ from transformers.cache_utils import StaticLayer
 
 from .. import ops  # noqa: F401  (registers torch.ops.kvdecode.append_kv)
 from ..errors import KVDecodeError
+from ..problem import capturing
 from ..quant import FP8_DTYPES, FP8_Q_DTYPES, cache_scales
 
 __all__ = ["FP8StaticCache", "FP8StaticLayer", "fp8_scales"]
@@ -58,10 +59,6 @@ def fp8_scales(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             "fp8 caches for transformers come from kvdecode.hf.FP8StaticCache"
         )
     return found[1]
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class FP8StaticLayer(StaticLayer):
@@ -135,7 +132,7 @@ class FP8StaticLayer(StaticLayer):
                     f"{tuple(t.shape)} {t.dtype} on {t.device}"
                 )
         n = key_states.shape[-2]
-        if not torch.compiler.is_compiling() and not _capturing(key_states.device):
+        if not torch.compiler.is_compiling() and not capturing(key_states.device):
             if self._host_length + n > self.max_cache_len:
                 raise KVDecodeError(
                     f"FP8StaticCache holds max_cache_len={self.max_cache_len} tokens per layer; {n} more at "

@@ -30,6 +30,7 @@ from strategies import (
 
 import kvdecode
 from kvdecode import DecodeProblem, UnsupportedError, reference_decode_attention
+from kvdecode.problem import SUPPORTED_DTYPES
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend
 from kvdecode.triton_kernels.config import MAX_SPLITS, interpreter_active
 
@@ -325,7 +326,7 @@ def test_sinks_in_16_bits_read_as_their_float32_values(device, splits, sink_dtyp
         launch(x.q, x.k, x.v, x.seq_lens, None, None, out, lse, sinks=sinks)
         results.append((problem.name, out, lse))
     (name32, out32, lse32), (name16, out16, lse16) = results
-    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[sink_dtype]
+    short = SUPPORTED_DTYPES[sink_dtype]
     assert name32.endswith("_sinks") and name16.endswith(f"_sinks{short}"), (name32, name16)
     assert torch.equal(out16, out32) and torch.equal(lse16, lse32)
     ref, _ = reference_decode_attention(
