@@ -10,7 +10,10 @@ be compared in one sitting::
 
 Problem: B 1, H 32/8, D 128, bf16, capacity 256 on the CPU (the Triton interpreter's plan; its launches
 replaced by no-ops). Prints the best of 5 rounds of 20000 calls, µs per call, for ``DecodePlan.run(out=)``
-and ``decode_attention(out=, backend="triton", max_seq_len=)``.
+and ``decode_attention(out=, backend="triton", max_seq_len=)``; with ``--hf`` also (best of 3 rounds of
+5000) the call one layer of a transformers decode step makes, ``decode_attention_op`` with kv_start, a
+sliced bool mask and a BSHD out, and the whole attention function of that layer
+(``kvdecode_attention_forward`` with kvdecode's marked mask, not the first layer: lengths memoized).
 """
 
 from __future__ import annotations
@@ -57,6 +60,49 @@ def main() -> None:
     run_us, call_us = min(r for r, _ in rounds), min(c for _, c in rounds)
     print(f"{label}: DecodePlan.run {run_us:.2f} us, decode_attention {call_us:.2f} us", end="")
     print(" (best of 5 rounds, launches stubbed)")
+    if "--hf" in sys.argv:
+        _hf_layer(label, q, k, v)
+
+
+def _hf_layer(label: str, q, k, v) -> None:
+    from kvdecode.hf.attention import kvdecode_attention_forward
+    from kvdecode.hf.mask import kvdecode_mask
+    from kvdecode.ops import decode_attention_op
+
+    class Layer(torch.nn.Module):
+        is_causal, layer_idx, num_key_value_groups = True, 1, HQ // HKV
+
+    layer, scale = Layer(), D**-0.5
+    mask = kvdecode_mask(batch_size=B, q_length=1, kv_length=CAP, q_offset=torch.tensor(100), device="cpu")
+    lens, starts = torch.full((B,), 101, dtype=torch.int32), torch.zeros(B, dtype=torch.int32)
+    out = torch.empty(B, 1, HQ, D, dtype=q.dtype).transpose(1, 2)  # what the HF layer hands over
+    with torch.no_grad():
+        kvdecode_attention_forward(layer, q, k, v, mask, scaling=scale)  # plans made (interpreter launches)
+        for the_plan in PLANS._plans.values():
+            the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+        op_us = min(
+            host_overhead_us(
+                lambda: decode_attention_op(
+                    q,
+                    k,
+                    v,
+                    lens,
+                    scale=scale,
+                    kv_start=starts,
+                    mask=mask[..., :CAP],
+                    out=out,
+                    max_seq_len=CAP,
+                ),
+                n=5000,
+            )
+            for _ in range(3)
+        )
+        layer_us = min(
+            host_overhead_us(lambda: kvdecode_attention_forward(layer, q, k, v, mask, scaling=scale), n=5000)
+            for _ in range(3)
+        )
+    print(f"{label}: decode_attention_op as an HF layer calls it {op_us:.2f} us, ", end="")
+    print(f"kvdecode_attention_forward {layer_us:.2f} us (best of 3 rounds, launches stubbed)")
 
 
 if __name__ == "__main__":

@@ -223,22 +223,27 @@ def _same(name: str, t: object, dtype: torch.dtype, strides: tuple, shape: tuple
 @dataclass(frozen=True, eq=False)
 class Signature:
     """What the per-call fast checks compare, derived once from a problem (:func:`signature`):
-    ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE and the sinks (None without),
+    ``(dtype, shape, strides)`` of q, the caches, a contiguous out and LSE, an out that is a
+    contiguous ``[B, T_q, H_q, D]`` buffer seen as BHSD (``out_bshd``: what transformers' attention
+    functions return) and the sinks (None without),
     the lengths' dtype and shape, the device index (-1 off CUDA), whether the problem is plain (no
-    kv_start, mask or scales: sinks, one small tensor, are compared here too) and the byte extents of
-    q, k, v, out, lse and sinks from their ``data_ptr``."""
+    kv_start, mask or scales: sinks, one small tensor, are compared here too), the byte extents of
+    q, k, v, out, lse and sinks from their ``data_ptr``, and those of kv_start, the mask and the two
+    scales (``others``, 0 where the problem has none)."""
 
     q: tuple
     k: tuple
     v: tuple
     lens: tuple
     out: tuple
+    out_bshd: tuple
     lse: tuple
     sinks: tuple | None
     device_index: int
     plain: bool
     extents: tuple[int, ...]
     lens_bytes: int
+    others: tuple[int, int, int, int]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -250,6 +255,7 @@ def signature(p: DecodeProblem) -> Signature:
     kv_elem = torch.empty((), dtype=kv_dt).element_size()
     q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
     out = (p.dtype, torch.Size(q_shape), contiguous_strides(q_shape))
+    bshd = contiguous_strides((p.batch, p.q_len, p.num_q_heads, p.head_dim))
     lse = (torch.float32, torch.Size(q_shape[:3]), contiguous_strides(q_shape[:3]))
     extents = tuple(  # bytes from data_ptr to one past the last element: q, k, v, out, lse
         span(shape, strides, size)
@@ -262,18 +268,25 @@ def signature(p: DecodeProblem) -> Signature:
     if p.has_sinks:
         sinks = (p.sinks_dtype, torch.Size((p.num_q_heads,)), (1,))
         extents += (p.num_q_heads * torch.empty((), dtype=p.sinks_dtype).element_size(),)
+    mask = 0
+    if p.mask_kind != "none":  # the broadcast view spans what the mask itself spans (stride 0 adds nothing)
+        mask_elem = torch.empty((), dtype=p.mask_dtype).element_size()
+        mask = span((p.batch, p.num_q_heads, p.q_len, p.capacity), p.mask_strides, mask_elem)
+    scale = {"none": 0, "scalar": 4, "per_head": 4 * p.num_kv_heads}[p.kv_scale_kind]  # float32
     return Signature(
         q=(p.dtype, torch.Size(q_shape), p.q_strides),
         k=(kv_dt, kv_shape, p.k_strides),
         v=(kv_dt, kv_shape, p.v_strides),
         lens=(torch.int32, torch.Size((p.batch,))),
         out=out,
+        out_bshd=(p.dtype, torch.Size(q_shape), (bshd[0], bshd[2], bshd[1], bshd[3])),
         lse=lse,
         sinks=sinks,
         device_index=p.device.index if p.device.type == "cuda" else -1,
         plain=not p.has_kv_start and p.mask_kind == "none" and p.kv_scale_kind == "none",
         extents=extents,
         lens_bytes=4 * p.batch,
+        others=(4 * p.batch if p.has_kv_start else 0, mask, scale, scale),
     )
 
 
@@ -306,15 +319,22 @@ def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens, sinks=None) -> b
         return False
 
 
-def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None, sinks=None) -> bool:
-    """Contiguous outputs of the planned shapes, on the device, disjoint from the inputs (which match
-    ``sig``) and each other, in a few integer comparisons; False sends the caller to the full checks."""
+def outputs_ok(
+    sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None, sinks=None, others=(None,) * 4
+) -> bool:
+    """Outputs of the planned shapes (``out`` contiguous or a BSHD buffer's view, ``lse`` contiguous), on
+    the device, disjoint from the inputs (which match ``sig``) and each other, in a few integer
+    comparisons; False sends the caller to the full checks. ``others``: the call's kv_start, mask,
+    k_scale and v_scale (None where absent), which must be the problem's."""
     try:
         ranges = []
         for t, want, ext in ((out, sig.out, sig.extents[3]), (lse, sig.lse, sig.extents[4])):
             if t is None:
                 continue
-            if (t.dtype, t.shape, t.stride()) != want or t.get_device() != sig.device_index:
+            meta = (t.dtype, t.shape, t.stride())
+            if meta != want and not (t is out and meta == sig.out_bshd):  # (dense too: the same extent)
+                return False
+            if t.get_device() != sig.device_index:
                 return False
             if sig.device_index < 0 and not t.is_cpu:
                 return False
@@ -323,6 +343,11 @@ def outputs_ok(sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None, sin
         inputs = list(zip(pointers, (*sig.extents[:3], sig.lens_bytes)))
         if sinks is not None:  # (matching sig.sinks, which sized the last extent)
             inputs.append((sinks.data_ptr(), sig.extents[5]))
+        for t, ext in zip(others, sig.others):
+            if (t is None) != (ext == 0):
+                return False
+            if t is not None:
+                inputs.append((t.data_ptr(), ext))
         for i, (a, a_ext) in enumerate(ranges):
             for b, b_ext in [*ranges[i + 1 :], *inputs]:
                 if a < b + b_ext and b < a + a_ext:

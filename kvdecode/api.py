@@ -129,12 +129,11 @@ def decode_attention(
     problem = problem_for_tensors(
         q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap, sinks
     )
-    # a contiguous out of a plain call in a few comparisons (the inputs made the problem, so its
-    # signature says whether the call is plain); anything else is checked in full
+    # an out that is contiguous or laid out like q in a few comparisons (the inputs made the problem,
+    # so its signature sizes them all); anything else is checked in full
     sig = signature(problem)
-    if out is not None and not (
-        sig.plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, sinks=sinks)
-    ):
+    others = (kv_start, mask, k_scale, v_scale)
+    if out is not None and not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, None, sinks, others):
         check_out(out, q)
         inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale), sinks)
         check_outputs_disjoint({"out": out}, inputs)

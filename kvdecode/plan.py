@@ -105,8 +105,9 @@ class DecodePlan:
             check_sinks_given(self.problem, sinks)
         scales = None if k_scale is None else (k_scale, v_scale)
         if out is not None or lse is not None:
-            # the fast test knows q, the caches, seq_lens and sinks only: other inputs take the full check
-            if not (plain and outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse, sinks)):
+            # the inputs match the problem now (fast test or full checks), so its signature sizes them
+            others = (kv_start, mask, k_scale, v_scale)
+            if not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
                 inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)

@@ -363,7 +363,8 @@ def test_out_sharing_memory_with_kv_start_is_refused_by_run():
                              backend="reference")  # fmt: skip
     with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
         the_plan.run(q, k, v, lens, kv_start=starts, out=out)
-    # decode_attention takes the same fast output check (against the problem's signature): plain calls only
+    # decode_attention takes the same fast output check (against the problem's signature, kv_start's
+    # extent included)
     with pytest.raises(KVDecodeError, match="out must not share memory with kv_start"):
         kvdecode.decode_attention(q, k, v, lens, kv_start=starts, out=out, backend="reference")
 
@@ -407,3 +408,62 @@ def test_sinks_are_given_exactly_when_planned_and_checked():
     buf = torch.zeros(2 * 4 * 1 * 16)
     with pytest.raises(KVDecodeError, match="out must not share memory with sinks"):
         with_sinks.run(q, k, v, lens, sinks=buf[:4], out=buf.view(2, 4, 1, 16))
+
+
+def test_a_bshd_out_with_a_mask_and_kv_start_takes_the_fast_output_check(monkeypatch):
+    """transformers' decode step: kv_start, a sliced bool mask and an out that is a ``[B, T, H, D]``
+    buffer seen as BHSD. That call used to take the full overlap check (byte extents recomputed per
+    call, the larger part of its host time); the problem's signature now sizes kv_start, the mask and
+    the scales, so the fast check serves it, and an out overlapping any of them is still refused."""
+    q, k, v, lens = _cpu_inputs()
+    starts = torch.tensor([1, 0], dtype=torch.int32)
+    mask = torch.ones(2, 1, 1, k.shape[2] + 1, dtype=torch.bool)[..., : k.shape[2]]  # a marked mask, sliced
+    out = torch.empty(2, 1, 4, 16).transpose(1, 2)  # BSHD seen as BHSD
+    full = []
+    for module in (sys.modules["kvdecode.api"], sys.modules["kvdecode.plan"]):
+        real = module.check_outputs_disjoint
+        monkeypatch.setattr(
+            module, "check_outputs_disjoint", lambda *a, _real=real: full.append(1) or _real(*a)
+        )
+    for plan_or_call in ("call", "run"):
+        if plan_or_call == "call":
+            kvdecode.decode_attention(q, k, v, lens, kv_start=starts, mask=mask, out=out, backend="reference")
+        else:
+            problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens, kv_start=starts, mask=mask)
+            kvdecode.plan(problem, backend="reference").run(
+                q, k, v, lens, kv_start=starts, mask=mask, out=out
+            )
+        want, _ = kvdecode.reference_decode_attention(q, k, v, lens, kv_start=starts, mask=mask)
+        torch.testing.assert_close(out, want.to(out.dtype))
+    assert full == []
+    # out over the mask's bytes (and over kv_start's): refused by the fast check's extents, then named
+    buf = torch.zeros(2 * 4 * 16)
+    over_mask = buf.view(torch.bool)[: 2 * (k.shape[2] + 1)].view(2, 1, 1, k.shape[2] + 1)[..., : k.shape[2]]
+    over_mask.fill_(True)
+    with pytest.raises(KVDecodeError, match="out must not share memory with mask"):
+        kvdecode.decode_attention(
+            q, k, v, lens, kv_start=starts, mask=over_mask, out=buf.view(2, 4, 1, 16), backend="reference"
+        )
+    assert full == [1]
+
+
+def test_the_signature_sizes_kv_start_the_mask_and_the_scales():
+    """The fast check's extents of the extra inputs are those the full check computes per call."""
+    from kvdecode._checks import extent, signature
+
+    q, k, v, lens = _cpu_inputs()
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    q16 = q.to(torch.bfloat16)
+    starts = torch.zeros(2, dtype=torch.int32)
+    for mask in (
+        torch.ones(2, 1, 1, k.shape[2] + 1, dtype=torch.bool)[..., : k.shape[2]],
+        torch.zeros(1, 4, 1, k.shape[2]),
+        torch.ones(k.shape[2], dtype=torch.bool),
+    ):
+        for scales in ((torch.tensor(0.5), torch.tensor(2.0)), (torch.ones(2), torch.ones(2))):
+            p = kvdecode.DecodeProblem.from_tensors(
+                q16, k8, v8, lens, kv_start=starts, mask=mask, k_scale=scales[0], v_scale=scales[1]
+            )
+            assert signature(p).others == (extent(starts), extent(mask), extent(scales[0]), extent(scales[1]))
+    plain = signature(kvdecode.DecodeProblem.from_tensors(q, k, v, lens))
+    assert plain.others == (0, 0, 0, 0)
