@@ -829,7 +829,8 @@ def test_lengths_are_derived_once_per_forward_and_again_when_the_mask_changes(mo
     first = [memo.get(layer, mask, 32, 1) for layer in layers]
     assert len(calls) == 1 and all(f is first[0] for f in first)
     mask[0, 0, 0, :5] = False  # in place: the version counter moves
-    seq_lens, kv_start = memo.get(layers[1], mask, 32, 1)
+    seq_lens, kv_start, unmarked = memo.get(layers[1], mask, 32, 1)
+    assert unmarked.shape == (2, 1, 1, 32) and unmarked.data_ptr() == mask.data_ptr()  # a view: no copy
     assert seq_lens.tolist() == [32, 32]
     assert len(calls) == 2 and kv_start.tolist() == [5, 0]
     memo.get(layers[0], mask, 32, 1)  # the next forward starts over

@@ -212,19 +212,20 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
 
 
 class _LengthsMemo:
-    """The lengths of the masks seen in this forward: every layer of a type (full, sliding) gets the same
-    mask object, so in eager mode they are derived once per mask and step instead of once per layer
-    (~10 small kernels each). Forgotten at the first layer of every forward (``module.layer_idx == 0``,
-    so a mask updated in place by a replayed CUDA graph is never read stale across steps) and recomputed
-    whenever a mask's version counter differs; a thread sees only its own memo. Not used while
-    compiling: the compiler traces the ops."""
+    """The lengths of the masks seen in this forward, with the mask's view without its marker: every
+    layer of a type (full, sliding) gets the same mask object, so in eager mode they are derived once
+    per mask and step instead of once per layer (~10 small kernels each). Forgotten at the first layer
+    of every forward (``module.layer_idx == 0``, so a mask updated in place by a replayed CUDA graph is
+    never read stale across steps) and recomputed whenever a mask's version counter differs; a thread
+    sees only its own memo. Not used while compiling: the compiler traces the ops."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
     def get(self, module, attention_mask: torch.Tensor, capacity: int, q_len: int):
         if torch.compiler.is_compiling():
-            return lengths_from_mask(attention_mask[..., :capacity], q_len)
+            mask = attention_mask[..., :capacity]
+            return (*lengths_from_mask(mask, q_len), mask)
         # Tensors made under torch.inference_mode() have no version counter (reading it raises); the
         # identity check and the reset at layer 0 still hold for them.
         version = None if attention_mask.is_inference() else attention_mask._version
@@ -235,7 +236,8 @@ class _LengthsMemo:
         entry = memo.get(id(attention_mask))
         if entry is not None and entry[0] is attention_mask and entry[1] == key:
             return entry[2]
-        found = lengths_from_mask(attention_mask[..., :capacity], q_len)
+        mask = attention_mask[..., :capacity]
+        found = (*lengths_from_mask(mask, q_len), mask)
         memo[id(attention_mask)] = (attention_mask, key, found)  # the mask is held: its id stays its own
         return found
 
@@ -254,8 +256,7 @@ def _sink_logits(sinks: torch.Tensor) -> torch.Tensor:
 def _decode_step(module, query, key, value, attention_mask, scaling, softcap, sinks) -> torch.Tensor:
     batch, num_q_heads, q_len, _ = query.shape
     capacity = key.shape[-2]
-    mask = attention_mask[..., :capacity]
-    seq_lens, kv_start = _LENGTHS.get(module, attention_mask, capacity, q_len)  # the mask is marked
+    seq_lens, kv_start, mask = _LENGTHS.get(module, attention_mask, capacity, q_len)  # (it is marked)
     out = query.new_empty(batch, q_len, num_q_heads, value.shape[-1])  # BSHD: what the model wants
     k_scale, v_scale = fp8_scales(key) if key.dtype in FP8_DTYPES else (None, None)
     decode_attention_op(
