@@ -1,4 +1,5 @@
-"""Hypothesis strategies for decode problems, input builders and the shared closeness checks.
+"""Hypothesis strategies for decode problems, input builders, the shared closeness checks and
+:class:`DispatchedOps` (which ops a block dispatches).
 
 A :class:`Case` is pure data (shapes, lengths, layouts, a seed); :func:`make_inputs` turns it into
 tensors on a device, always from the same seed, so a failing case is reproduced from its printed repr::
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvdecode.problem import SUPPORTED_DTYPES
 from kvdecode.reference import TOLERANCES as TOLERANCES  # the one table, re-exported for the tests
@@ -401,3 +403,15 @@ def cases(
 
 def with_(case: Case, **changes) -> Case:
     return replace(case, **changes)
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The names of the ops a block dispatches, custom ops included (``kvdecode.append_kv``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -19,7 +19,7 @@ import torch
 import kvdecode
 
 transformers = pytest.importorskip("transformers")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from strategies import DispatchedOps  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 from transformers.masking_utils import causal_mask_function, sdpa_mask  # noqa: E402
 
@@ -975,18 +975,6 @@ def test_fp8_static_cache_refuses_an_eager_update_past_its_capacity():
         )
 
 
-class _AtenCalls(TorchDispatchMode):
-    """The names of the ops a block dispatches (custom ops included, as ``kvdecode.append_kv``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_fp8_static_cache_writes_both_caches_in_one_op_and_compiles_to_one_graph():
     """The quantizing update is one ``kvdecode.append_kv`` per layer (it was an arange, two quantizes
     and two index_copy_ per layer); a decode step on the cache compiles as one graph (fullgraph), and
@@ -994,7 +982,7 @@ def test_fp8_static_cache_writes_both_caches_in_one_op_and_compiles_to_one_graph
     ids, mask = _prompt(length=10, pad=(0, 3), seed=8)
     step_mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
     pos, nxt = mask.sum(-1, keepdim=True), torch.full((2, 1), 5)
-    results, seen = {}, _AtenCalls()
+    results, seen = {}, DispatchedOps()
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _model("kvdecode", dtype=torch.bfloat16)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from strategies import DispatchedOps
 
 import kvdecode
 from kvdecode.ops import decode_attention_op
@@ -93,16 +94,6 @@ def test_compile_traces_the_op_without_graph_breaks():
     torch.testing.assert_close(compiled(q, k, v, lens, start), step(q, k, v, lens, start))
 
 
-class _SeenOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_an_eager_call_runs_the_op_implementation_without_the_dispatcher(monkeypatch):
     """The custom op's Python layers cost ~125 µs a call on a CPU host (every layer of an eager HF
     step paid it): a plain eager call now runs the implementation directly, with the op's results and
@@ -112,7 +103,7 @@ def test_an_eager_call_runs_the_op_implementation_without_the_dispatcher(monkeyp
     q, k, v, lens, start = _inputs(t=2)
     want = decode_attention_op(q, k, v, lens, kv_start=start, max_seq_len=k.shape[2])
     with torch.no_grad():
-        with _SeenOps() as seen:  # a dispatch mode sees the op itself
+        with DispatchedOps() as seen:  # a dispatch mode sees the op itself
             got = decode_attention_op(q, k, v, lens, kv_start=start, max_seq_len=k.shape[2])
         assert "kvdecode.decode_attention" in seen.names
         torch.testing.assert_close(got, want, atol=0, rtol=0)
