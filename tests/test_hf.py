@@ -975,6 +975,46 @@ def test_fp8_static_cache_refuses_an_eager_update_past_its_capacity():
         )
 
 
+def test_a_compiled_fp8_step_reads_the_cache_and_its_scales_as_static_inputs():
+    """CUDA-graph trees (``mode="reduce-overhead"``) copy every graph input that is not marked static
+    into place before each replay, and skip the capture when a mutated input is not static. transformers
+    marks its cache tensors; FP8StaticCache's scales were not marked, so four (two per layer) were copied
+    per replay. Checked on the graph inductor compiles (the CPU has no CUDA graphs, the inputs are the
+    same): only the step's own ids, positions and mask are not static, and every mutated input is."""
+    from torch._inductor import compile_fx
+
+    seen = []
+
+    def inner(gm, example_inputs, **kwargs):
+        compiled = compile_fx.compile_fx_inner(gm, example_inputs, **kwargs)
+        static = set(kwargs.get("static_input_idxs") or ())
+        tensors = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)]
+        seen.append((static, set(compiled.mutated_input_idxs), tensors, example_inputs))
+        return compiled
+
+    def backend(gm, example_inputs):
+        return compile_fx.compile_fx(gm, example_inputs, inner_compile=inner)
+
+    torch._dynamo.reset()
+    ids, mask = _prompt(length=10, pad=(0, 3), seed=8)
+    step_mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
+    pos, nxt = mask.sum(-1, keepdim=True), torch.full((2, 1), 5)
+    model = _model("kvdecode", dtype=torch.bfloat16)
+    cache = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=16, k_scale=0.01, v_scale=0.02)
+    _decode(model, ids, mask, 0, cache=cache)  # the prefill, eager: the layers allocate and mark
+
+    def step(nxt, step_mask, pos):
+        return model(input_ids=nxt, attention_mask=step_mask, position_ids=pos, **{CACHE_KW: cache}).logits
+
+    with torch.no_grad():
+        torch.compile(step, backend=backend, fullgraph=True)(nxt, step_mask, pos)
+    ((static, mutated, tensors, inputs),) = seen
+    assert mutated and mutated <= static  # the fp8 caches and their lengths
+    loose = [tuple(inputs[i].shape) for i in tensors if i not in static]
+    assert sorted(loose) == sorted([tuple(nxt.shape), tuple(pos.shape), tuple(step_mask.shape)]), loose
+    torch._dynamo.reset()
+
+
 def test_fp8_static_cache_writes_both_caches_in_one_op_and_compiles_to_one_graph():
     """The quantizing update is one ``kvdecode.append_kv`` per layer (it was an arange, two quantizes
     and two index_copy_ per layer); a decode step on the cache compiles as one graph (fullgraph), and

@@ -110,6 +110,10 @@ class FP8StaticLayer(StaticLayer):
         self.k_scale, self.v_scale = cache_scales(
             self.fp8_dtype, *self._scales_given, key_states.shape[1], key_states.device
         )
+        if not torch.compiler.is_compiling():  # as transformers marks the caches: the scales are inputs of
+            # every compiled step, which CUDA-graph trees would otherwise copy into place at each replay
+            torch._dynamo.mark_static_address(self.k_scale)
+            torch._dynamo.mark_static_address(self.v_scale)
         _register(self.keys, (self.k_scale, self.v_scale))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
