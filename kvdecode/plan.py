@@ -104,10 +104,20 @@ class DecodePlan:
             check_scales(self.problem, k_scale, v_scale)
             check_sinks_given(self.problem, sinks)
         scales = None if k_scale is None else (k_scale, v_scale)
+        return self._launch_checking_outputs(
+            q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales, sinks
+        )
+
+    def _launch_checking_outputs(
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales=None, sinks=None
+    ):
+        """:meth:`_launch` after checking ``out`` and ``lse``, for inputs known to match the problem
+        (checked by ``run``, or the tensors that made it): the fast test against the signature, which
+        sizes every input, else the full checks naming the fault."""
         if out is not None or lse is not None:
-            # the inputs match the problem now (fast test or full checks), so its signature sizes them
+            k_scale, v_scale = scales if scales is not None else (None, None)
             others = (kv_start, mask, k_scale, v_scale)
-            if not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
+            if not outputs_ok(self._sig, q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
                 check_buffers(self.problem, out, lse)
                 outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
                 inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)

@@ -294,10 +294,12 @@ class StaticKVCache:
         the_plan = self.plan_for(q, mask=mask, out=out, sinks=sinks)
         if self._validating():
             check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
-        return the_plan.run(
-            q, k, v, self.seq_lens, kv_start=self.kv_start, mask=mask, out=out, return_lse=return_lse,
-            k_scale=self.k_scale, v_scale=self.v_scale, sinks=sinks,
-        )  # fmt: skip
+        # the problem was made from q, the mask, the sinks and this cache's own tensors (every layer's
+        # views alike): only the output is left to check
+        scales = None if self.k_scale is None else (self.k_scale, self.v_scale)
+        return the_plan._launch_checking_outputs(
+            q, k, v, self.seq_lens, self.kv_start, mask, out, None, return_lse, scales, sinks
+        )
 
     def plan_for(
         self,
