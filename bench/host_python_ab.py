@@ -10,7 +10,8 @@ be compared in one sitting::
 
 Problem: B 1, H 32/8, D 128, bf16, capacity 256 on the CPU (the Triton interpreter's plan; its launches
 replaced by no-ops). Prints the best of 5 rounds of 20000 calls, µs per call, for ``DecodePlan.run(out=)``
-and ``decode_attention(out=, backend="triton", max_seq_len=)``; with ``--hf`` also (best of 3 rounds of
+and ``decode_attention(out=, backend="triton", max_seq_len=)``; with ``--attend``
+``StaticKVCache.attend(layer, q, out=)`` (plain and left-padded); with ``--hf`` also (best of 3 rounds of
 5000) the call one layer of a transformers decode step makes, ``decode_attention_op`` with kv_start, a
 sliced bool mask and a BSHD out, and the whole attention function of that layer
 (``kvdecode_attention_forward`` with kvdecode's marked mask, not the first layer: lengths memoized).
@@ -60,8 +61,31 @@ def main() -> None:
     run_us, call_us = min(r for r, _ in rounds), min(c for _, c in rounds)
     print(f"{label}: DecodePlan.run {run_us:.2f} us, decode_attention {call_us:.2f} us", end="")
     print(" (best of 5 rounds, launches stubbed)")
+    if "--attend" in sys.argv:
+        _attend(label, q)
     if "--hf" in sys.argv:
         _hf_layer(label, q, k, v)
+
+
+def _attend(label: str, q) -> None:
+    """``StaticKVCache.attend(layer, q, out=)``, plain and left-padded (kv_start), 2 layers."""
+    times = {}
+    for left in (False, True):
+        cache = kvdecode.StaticKVCache(2, B, HKV, CAP, D, dtype=q.dtype, device="cpu", left_padded=left,
+                                       backend="triton")  # fmt: skip
+        out = torch.empty_like(q)
+        cache.advance(1)
+        cache.attend(0, q, out=out)  # the plan made (an interpreter launch)
+        for the_plan in PLANS._plans.values():
+            the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+        name = "left-padded" if left else "plain"
+        times[name] = min(
+            host_overhead_us(lambda c=cache, o=out: c.attend(1, q, out=o), n=10000) for _ in range(3)
+        )
+    print(
+        f"{label}: StaticKVCache.attend " + ", ".join(f"{n} {us:.2f} us" for n, us in times.items()), end=""
+    )
+    print(" (best of 3 rounds, launches stubbed)")
 
 
 def _hf_layer(label: str, q, k, v) -> None:
