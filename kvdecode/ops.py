@@ -11,7 +11,7 @@ The op returns nothing; it writes ``out``::
 
     torch.ops.kvdecode.decode_attention(q, k_cache, v_cache, seq_lens, kv_start, mask, out,
                                          scale, max_seq_len, k_scale=None, v_scale=None,
-                                         window=-1, softcap=0.0, sinks=None)
+                                         window=None, softcap=None, sinks=None)
 
 Shapes (the public contract of :func:`kvdecode.decode_attention`)::
 
@@ -22,10 +22,10 @@ Shapes (the public contract of :func:`kvdecode.decode_attention`)::
     mask      None, or bool / float broadcastable to [B, H_q, T_q, capacity]
     out       [B, H_q, T_q, D]          written in place
     scale     float                     > 0 (pass 1/sqrt(D) for the default)
-    max_seq_len int                     an upper bound of seq_lens (T_q..capacity), or -1 for none
+    max_seq_len int or None             an upper bound of seq_lens (T_q..capacity)
     k_scale, v_scale  Tensor? ()/[H_kv] fp8 caches' dequantization scales
-    window    int                       sliding window (keys a query sees), or -1 for none
-    softcap   float                     logit softcap (> 0), or 0.0 for none
+    window    int or None               sliding window (keys a query sees)
+    softcap   float or None             logit softcap (> 0)
     sinks     [H_q] or None             attention sinks (a logit per query head in the denominator;
                                         float32, bfloat16 or float16)
 
@@ -85,8 +85,8 @@ OP_NAME = "kvdecode::decode_attention"
 
 _SCHEMA = (
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? kv_start, Tensor? mask, "
-    "Tensor(a!) out, float scale, int max_seq_len, Tensor? k_scale=None, Tensor? v_scale=None, "
-    "int window=-1, float softcap=0.0, Tensor? sinks=None) -> ()"
+    "Tensor(a!) out, float scale, int? max_seq_len, Tensor? k_scale=None, Tensor? v_scale=None, "
+    "int? window=None, float? softcap=None, Tensor? sinks=None) -> ()"
 )
 
 
@@ -99,11 +99,11 @@ def _decode_attention_impl(
     mask: torch.Tensor | None,
     out: torch.Tensor,
     scale: float,
-    max_seq_len: int,
+    max_seq_len: int | None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    window: int = -1,
-    softcap: float = 0.0,
+    window: int | None = None,
+    softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> None:
     _decode_attention(
@@ -115,11 +115,11 @@ def _decode_attention_impl(
         kv_start=kv_start,
         mask=mask,
         out=out,
-        max_seq_len=None if max_seq_len == -1 else max_seq_len,
+        max_seq_len=max_seq_len,
         k_scale=k_scale,
         v_scale=v_scale,
-        window=None if window == -1 else window,
-        softcap=None if softcap == 0.0 else softcap,
+        window=window,
+        softcap=softcap,
         sinks=sinks,
     )
 
@@ -130,7 +130,7 @@ _op = torch.library.custom_op(OP_NAME, _decode_attention_impl, mutates_args=("ou
 @_op.register_fake
 def _decode_attention_fake(
     q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len, k_scale=None, v_scale=None,
-    window=-1, softcap=0.0, sinks=None,
+    window=None, softcap=None, sinks=None,
 ) -> None:  # fmt: skip
     # Shapes only (fake tensors have no data): the real call validates everything else.
     if tuple(out.shape) != tuple(q.shape):
@@ -214,13 +214,11 @@ def decode_attention_op(
         raise KVDecodeError(f"max_seq_len must be an int or None, got {max_seq_len!r}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    bound = -1 if max_seq_len is None else max_seq_len
-    # None travels as the schema's "none" values; a bad window / softcap reaches the checks unchanged
-    # (only None, ints and finite positive floats have a schema form: others raise KVDecodeError here)
+    # checked here, before the schema's int / float conversions would turn a bad value into a TypeError
     check_window(window)
     softcap = check_softcap(softcap)
-    args = (q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), bound, k_scale, v_scale,
-            -1 if window is None else window, 0.0 if softcap is None else softcap, sinks)  # fmt: skip
+    args = (q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), max_seq_len, k_scale, v_scale,
+            window, softcap, sinks)  # fmt: skip
     if eager_direct(q, k_cache, v_cache, seq_lens, kv_start, mask, out, k_scale, v_scale, sinks):
         _decode_attention_impl(*args)
         _bump_versions(out)

@@ -51,6 +51,15 @@ def test_opcheck_cpu_with_window_softcap_and_sinks(t):
     )
 
 
+def test_the_op_takes_none_for_every_optional_value():
+    """The schema says "none" as decode_attention does (None), not with sentinels (-1, 0.0)."""
+    q, k, v, lens, _ = _inputs()
+    args = (q, k, v, lens, None, None, torch.empty_like(q), 0.25, None)
+    torch.library.opcheck(OP, args, dict(window=None, softcap=None, sinks=None))
+    schema = {a.name: str(a.type) for a in OP._schema.arguments}
+    assert {schema[n] for n in ("max_seq_len", "window", "softcap")} == {"Optional[int]", "Optional[float]"}
+
+
 def test_op_takes_window_softcap_and_sinks_like_decode_attention():
     q, k, v, lens, start = _inputs(t=2)
     extras = dict(window=7, softcap=2.5, sinks=torch.linspace(-1.0, 1.0, q.shape[1]))
@@ -137,7 +146,7 @@ def test_bad_input_raises_kvdecode_error():
     with pytest.raises(kvdecode.KVDecodeError, match="q must be a 4-D"):
         decode_attention_op(q[0], k, v, lens)
     with pytest.raises(kvdecode.KVDecodeError, match=r"out\.shape"):
-        OP(q, k, v, lens, None, None, torch.empty(1), 0.25, -1)
+        OP(q, k, v, lens, None, None, torch.empty(1), 0.25, None)
 
 
 # ---- GPU ----
