@@ -34,6 +34,15 @@ DEFAULT = [
 ]
 
 
+# run-time scalars (float ones named; the rest are i32)
+RUNTIME = {"qk_scale": "fp32", "softcap": "fp32", "capacity": "i32", "window": "i32", "num_splits": "i32"}
+RUNTIME.update({n: "i32" for n in (
+    "stride_ob", "stride_oh", "stride_ot", "stride_lb", "stride_lh", "stride_qb", "stride_qh", "stride_qt",
+    "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh",
+    "stride_mt", "stride_mn",
+)})  # fmt: skip
+
+
 def _kernel():
     # loaded from its file, not through kvdecode: importing kvdecode on a machine without a GPU turns
     # on Triton's interpreter, which cannot compile
@@ -49,11 +58,15 @@ def compile_sass(kv: str, mode: int, stages: int, block_n: int, warps: int = 4) 
     names = fn.arg_names
     ptr = {"Out": "*bf16", "Lse": "*fp32", "PartO": "*fp32", "PartLse": "*fp32", "Q": "*bf16", "K": f"*{kv}",
            "V": f"*{kv}", "SeqLens": "*i32", "KvStart": "*i32", "Mask": "*i32", "KScale": "*fp32",
-           "VScale": "*fp32"}  # fmt: skip
+           "VScale": "*fp32", "Sinks": "*fp32"}  # fmt: skip
     const = dict(SINGLE=False, H_KV=8, GROUP=4, T_Q=1, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=128,
                  HAS_KV_START=False, MASK_KIND=0, WRITE_LSE=False, INTERP_BF16=False, DOT_PRECISION="ieee",
-                 USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0)  # fmt: skip
-    sig = {n: ptr.get(n, "constexpr" if n in const else "fp32" if n == "qk_scale" else "i32") for n in names}
+                 USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0, HAS_WINDOW=False, HAS_SOFTCAP=False,
+                 HAS_SINKS=False)  # fmt: skip
+    missing = [n for n in names if n not in const and n not in ptr and n not in RUNTIME]
+    if missing:  # a new parameter: say what it is rather than compile it as a run-time int
+        raise SystemExit(f"kernel_sass.py does not know the kernel's parameters {missing}; add them")
+    sig = {n: ptr.get(n, "constexpr" if n in const else RUNTIME.get(n, "i32")) for n in names}
     aligned = {  # what the launcher's specialization tells Triton at run time: 16-byte pointers and strides
         (i,): [["tt.divisibility", 16]]
         for i, n in enumerate(names)
