@@ -1006,7 +1006,13 @@ def test_a_compiled_fp8_step_reads_the_cache_and_its_scales_as_static_inputs():
     def step(nxt, step_mask, pos):
         return model(input_ids=nxt, attention_mask=step_mask, position_ids=pos, **{CACHE_KW: cache}).logits
 
-    with torch.no_grad():
+    # no cached graph (another test compiled this step): inductor must compile it, through `inner`
+    no_cache = dict(fx_graph_cache=False, fx_graph_remote_cache=False)
+    with (
+        torch.no_grad(),
+        torch._inductor.config.patch(no_cache),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         torch.compile(step, backend=backend, fullgraph=True)(nxt, step_mask, pos)
     ((static, mutated, tensors, inputs),) = seen
     assert mutated and mutated <= static  # the fp8 caches and their lengths
