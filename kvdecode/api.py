@@ -150,7 +150,7 @@ def decode_attention(
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.dtype, t.shape, t.stride(), t.get_device())
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.device)  # (get_device(): -1 on meta too)
 
 
 def problem_for_tensors(

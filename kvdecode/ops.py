@@ -57,12 +57,15 @@ def eager_direct(*tensors: torch.Tensor | None) -> bool:
     (``fill_defaults``), ~125 of the 175 µs a decode call took on a 2-core CPU host (kernels stubbed).
     The op exists for ``torch.compile`` (and anything else that traces); a plain eager call of plain
     tensors gets the same implementation without the dispatcher. True only when nothing could see the
-    difference: not tracing (dynamo), no dispatch or ``__torch_function__`` mode (fake tensors,
-    functionalization, ``make_fx``, an op-counting mode, ``with torch.device(...)``), no functorch
-    transform (vmap), no tensor subclass, and no input that autograd would record.
+    difference: not tracing (dynamo, ``torch.jit.trace``), no dispatch or ``__torch_function__`` mode
+    (fake tensors, functionalization, ``make_fx``, an op-counting mode, ``with torch.device(...)``), no
+    functorch transform (vmap), no tensor subclass or meta tensor (the op's fake implementation serves
+    those), and no input that autograd would record. Under the profiler the direct call is recorded
+    under the op's name (:func:`run_direct`).
     """
     if (
         torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None  # torch.jit.trace
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._functorch.peek_interpreter_stack() is not None
@@ -70,13 +73,20 @@ def eager_direct(*tensors: torch.Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
 
 
-def _bump_versions(*mutated: torch.Tensor) -> None:
-    """What the op's ADInplaceOrView layer does for its mutated arguments: autograd sees the write."""
+def run_direct(name: str, impl, args: tuple, mutated: tuple) -> None:
+    """``impl(*args)`` as the op ``name`` would run it: under the profiler as a range of that name, and
+    with the version bump its ADInplaceOrView layer gives the ``mutated`` tensors (autograd sees the
+    write)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.autograd.profiler.record_function(name):
+            impl(*args)
+    else:
+        impl(*args)
     for t in mutated:
         torch.autograd.graph.increment_version(t)
 
@@ -220,8 +230,7 @@ def decode_attention_op(
     args = (q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), max_seq_len, k_scale, v_scale,
             window, softcap, sinks)  # fmt: skip
     if eager_direct(q, k_cache, v_cache, seq_lens, kv_start, mask, out, k_scale, v_scale, sinks):
-        _decode_attention_impl(*args)
-        _bump_versions(out)
+        run_direct(OP_NAME, _decode_attention_impl, args, (out,))
     else:
         torch.ops.kvdecode.decode_attention(*args)
     return out
@@ -298,7 +307,6 @@ def append_kv_op(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale
     allows it (:func:`eager_direct`)."""
     args = (k_cache, v_cache, k_new, v_new, seq_lens, k_scale, v_scale)
     if eager_direct(*args):
-        _append_impl(*args)
-        _bump_versions(k_cache, v_cache)
+        run_direct(APPEND_OP_NAME, _append_impl, args, (k_cache, v_cache))
     else:
         torch.ops.kvdecode.append_kv(*args)

@@ -137,6 +137,34 @@ class _Sub(torch.Tensor):
     pass
 
 
+def test_what_sees_ops_still_sees_the_op_on_an_eager_call():
+    """Found in review of the direct eager path: torch.jit.trace recorded nothing (on a GPU the traced
+    graph would return an unwritten buffer), meta tensors skipped the op's fake implementation, and the
+    profiler lost the op's name. Each now gets what the op gave it."""
+    from kvdecode.ops import append_kv_op
+
+    q, k, v, lens, start = _inputs()
+
+    def step(q, k, v, lens, start):
+        return decode_attention_op(q, k, v, lens, kv_start=start, scale=0.25, max_seq_len=48)  # (capacity)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(step, (q, k, v, lens, start), check_trace=False)
+        assert "kvdecode::decode_attention" in str(traced.graph)
+        torch.testing.assert_close(traced(q, k, v, lens, start), step(q, k, v, lens, start), atol=0, rtol=0)
+        meta = [t.to("meta") for t in (q, k, v, lens, start)]
+        got = decode_attention_op(*meta[:4], kv_start=meta[4], max_seq_len=k.shape[2])
+        assert got.is_meta and got.shape == q.shape
+        k8, v8 = (t.to("meta", torch.float8_e4m3fn) for t in (k, v))
+        new = torch.zeros(2, 2, 1, 16, dtype=torch.bfloat16, device="meta")
+        append_kv_op(
+            k8, v8, new, new, lens.to("meta"), torch.ones((), device="meta"), torch.ones((), device="meta")
+        )
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(q, k, v, lens, start)
+        assert "kvdecode::decode_attention" in {e.name for e in prof.events()}
+
+
 def test_bad_input_raises_kvdecode_error():
     q, k, v, lens, _ = _inputs()
     with pytest.raises(kvdecode.KVDecodeError, match=r"seq_lens\.dtype"):

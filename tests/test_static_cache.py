@@ -267,6 +267,8 @@ def test_attend_checks_only_its_output_and_refuses_one_inside_the_layer(monkeypa
     )
     check_close(out, ref, torch.float32, "attend(out=)", 9)
     assert seen == []
+    with pytest.raises(KVDecodeError, match=r"on q's device \(meta\)"):  # (it aliased the CPU problem)
+        cache.attend(1, q.to("meta"))
     for name, inside in (("k_cache", cache.keys(1)), ("v_cache", cache.values(1))):
         before = inside.clone()
         with pytest.raises(KVDecodeError, match=f"out must not share memory with {name}"):
