@@ -10,7 +10,8 @@ timed step, as ``generate`` does for static caches.
 
 Modes, all in the same run and process:
 
-* ``eager``: the model's forward, no graph;
+* ``eager``: the model's forward, no graph; host-bound, so the backends are timed in interleaved
+  rounds (:func:`time_eager_interleaved`);
 * ``captured``: one decode step captured in a CUDA graph (``torch.cuda.graph``) and replayed;
 * ``compiled``: ``torch.compile(mode="reduce-overhead")`` of the step (what ``generate`` does), only on
   the headline row by default (``--compile``) and only while the time budget allows.
@@ -204,11 +205,42 @@ def _time(fn, steps: int, repeats: int, device: torch.device) -> float:
     return statistics.median(results)
 
 
-def time_eager(step, args, device) -> float:
+def time_eager_interleaved(model, steps: dict, args, device) -> dict:
+    """Eager ms/step of every backend of a row, ``{backend: ms or the exception}``.
+
+    ``steps`` maps a backend to ``(attn_implementation, step)``. An eager step is host-bound and the
+    host's speed drifts within a run (sdpa's B 1 row read 10.1 and 12.8 ms in two runs of 12-04), so
+    timing one backend's repeats after another's books the drift as a difference between backends.
+    Here every round times one block of ``--steps`` steps per backend, in alternating order (A B C, then
+    C B A, ...), and each backend's median over the ``--repeats`` rounds is reported.
+    """
+    results: dict = {}
+    live = {}
     with torch.no_grad():
-        for _ in range(3):
-            step()
-        return _time(step, args.steps, args.repeats, device)
+        for backend, (impl, step) in steps.items():  # warm-up: kernels compiled, plans made
+            try:
+                model.set_attn_implementation(impl)
+                for _ in range(3):
+                    step()
+                live[backend] = (impl, step)
+            except Exception as exc:
+                results[backend] = exc
+        times: dict[str, list[float]] = {b: [] for b in live}
+        for round_ in range(args.repeats):
+            order = list(live) if round_ % 2 == 0 else list(reversed(live))
+            for backend in order:
+                if backend in results:  # failed in an earlier round
+                    continue
+                impl, step = live[backend]
+                try:
+                    model.set_attn_implementation(impl)
+                    times[backend].append(_time(step, args.steps, 1, device))
+                except Exception as exc:
+                    results[backend] = exc
+        for backend, values in times.items():
+            if backend not in results:
+                results[backend] = statistics.median(values)
+    return results
 
 
 def time_captured(step, args, device) -> float:
@@ -256,17 +288,43 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
     except Exception as exc:  # e.g. out of memory: the row is recorded as failed
         return [dict(backend=b, **key, error=_error(exc)) for b in backends]
     cache8 = None
+
+    def step_for(backend):
+        nonlocal cache8
+        if backend == FP8_BACKEND:
+            cache8 = cache8 or make_cache(model, batch, capacity, filled, fp8=True)
+            return "kvdecode", make_step(model, cache8, batch, filled, "kvdecode")
+        return backend, make_step(model, cache, batch, filled, backend)
+
+    if "eager" in modes:  # every backend at once, in interleaved rounds
+        t0 = time.perf_counter()
+        steps, found = {}, {}
+        for backend in backends:
+            try:
+                steps[backend] = step_for(backend)
+            except Exception as exc:
+                found[backend] = exc
+        found.update(time_eager_interleaved(model, steps, args, device))
+        wall = round((time.perf_counter() - t0) / max(1, len(backends)), 1)
+        for backend in backends:
+            rec = dict(backend=backend, **key, mode="eager")
+            ms = found[backend]
+            if isinstance(ms, Exception):
+                rec["error"] = _error(ms)
+            else:
+                rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
+            rec["wall_s"] = wall  # (the row's eager wall time over its backends)
+            print(_line(rec), flush=True)
+            records.append(rec)
     for backend in backends:
         for mode in modes:
+            if mode == "eager":
+                continue
             rec = dict(backend=backend, **key, mode=mode)
             t0 = time.perf_counter()
             try:
-                if backend == FP8_BACKEND:
-                    cache8 = cache8 or make_cache(model, batch, capacity, filled, fp8=True)
-                    step = make_step(model, cache8, batch, filled, "kvdecode")
-                else:
-                    step = make_step(model, cache, batch, filled, backend)
-                timer = {"eager": time_eager, "captured": time_captured, "compiled": time_compiled}[mode]
+                _, step = step_for(backend)
+                timer = {"captured": time_captured, "compiled": time_compiled}[mode]
                 ms = timer(step, args, device)
                 rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
             except Exception as exc:  # a backend's failure is a result, never the end of the run
@@ -274,7 +332,7 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             print(_line(rec), flush=True)
             records.append(rec)
-    del cache, cache8
+    cache = cache8 = steps = None  # (released before the next row allocates)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return records
