@@ -49,6 +49,24 @@ __all__ = ["APPEND_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "append_kv_op", "decode_
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def _state_probes():
+    """torch's (private) probes of what could see an op call, or None where this torch lacks one: then
+    every call takes the op (correct, only slower). All four are long-standing in torch 2.x."""
+    try:
+        probes = (
+            torch._C._get_tracing_state,  # torch.jit.trace: not None while tracing
+            torch._C._len_torch_dispatch_stack,  # dispatch modes (fake, functional, make_fx, ...)
+            torch._C._is_torch_function_mode_enabled,  # __torch_function__ modes (torch.device(...))
+            torch._C._functorch.peek_interpreter_stack,  # vmap, grad, jvp
+        )
+    except AttributeError:
+        return None
+    return probes
+
+
+_PROBES = _state_probes()
+
+
 def eager_direct(*tensors: torch.Tensor | None) -> bool:
     """Whether a call with these tensor arguments may run an op's implementation directly.
 
@@ -63,13 +81,10 @@ def eager_direct(*tensors: torch.Tensor | None) -> bool:
     those), and no input that autograd would record. Under the profiler the direct call is recorded
     under the op's name (:func:`run_direct`).
     """
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._get_tracing_state() is not None  # torch.jit.trace
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-    ):
+    if _PROBES is None or torch.compiler.is_compiling():
+        return False
+    tracing, dispatch_modes, function_modes, transforms = _PROBES
+    if tracing() is not None or dispatch_modes() or function_modes() or transforms() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
