@@ -97,7 +97,7 @@ def run_direct(name: str, impl, args: tuple, mutated: tuple) -> None:
     """``impl(*args)`` as the op ``name`` would run it: under the profiler as a range of that name, and
     with the version bump its ADInplaceOrView layer gives the ``mutated`` tensors (autograd sees the
     write)."""
-    if torch.autograd.profiler._is_profiler_enabled:
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
         with torch.autograd.profiler.record_function(name):
             impl(*args)
     else:
