@@ -79,7 +79,12 @@ def _variants(base: SplitKVConfig) -> list[tuple[str, SplitKVConfig, str]]:
         ("w8", SplitKVConfig(s, n, 8, st), "fp16-ptx"),
         ("w8 n*2", SplitKVConfig(s, 2 * n, 8, st), "fp16-ptx"),
     ]
-    return [v for v in out if v[1] != base or v[2] != "fp16-ptx"]
+    seen, kept = {(base, "fp16-ptx")}, []
+    for name, cfg, compute in out:  # the default, or a config met already (8 warps tuned): not timed again
+        if (cfg, compute) not in seen:
+            seen.add((cfg, compute))
+            kept.append((name, cfg, compute))
+    return kept
 
 
 def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, sweep: bool

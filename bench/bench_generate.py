@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import inspect
 import json
 import platform
@@ -206,7 +207,8 @@ def _time(fn, steps: int, repeats: int, device: torch.device) -> float:
 
 
 def time_eager_interleaved(model, steps: dict, args, device) -> dict:
-    """Eager ms/step of every backend of a row, ``{backend: ms or the exception}``.
+    """Eager ms/step of every backend of a row, ``{backend: ms, or the error as a string}`` (a string,
+    not the exception: its traceback would keep the row's caches alive past the row).
 
     ``steps`` maps a backend to ``(attn_implementation, step)``. An eager step is host-bound and the
     host's speed drifts within a run (sdpa's B 1 row read 10.1 and 12.8 ms in two runs of 12-04), so
@@ -224,7 +226,7 @@ def time_eager_interleaved(model, steps: dict, args, device) -> dict:
                     step()
                 live[backend] = (impl, step)
             except Exception as exc:
-                results[backend] = exc
+                results[backend] = _error(exc)
         times: dict[str, list[float]] = {b: [] for b in live}
         for round_ in range(args.repeats):
             order = list(live) if round_ % 2 == 0 else list(reversed(live))
@@ -236,7 +238,7 @@ def time_eager_interleaved(model, steps: dict, args, device) -> dict:
                     model.set_attn_implementation(impl)
                     times[backend].append(_time(step, args.steps, 1, device))
                 except Exception as exc:
-                    results[backend] = exc
+                    results[backend] = _error(exc)
         for backend, values in times.items():
             if backend not in results:
                 results[backend] = statistics.median(values)
@@ -303,14 +305,14 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
             try:
                 steps[backend] = step_for(backend)
             except Exception as exc:
-                found[backend] = exc
+                found[backend] = _error(exc)
         found.update(time_eager_interleaved(model, steps, args, device))
         wall = round((time.perf_counter() - t0) / max(1, len(backends)), 1)
         for backend in backends:
             rec = dict(backend=backend, **key, mode="eager")
             ms = found[backend]
-            if isinstance(ms, Exception):
-                rec["error"] = _error(ms)
+            if isinstance(ms, str):
+                rec["error"] = ms
             else:
                 rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
             rec["wall_s"] = wall  # (the row's eager wall time over its backends)
@@ -332,7 +334,8 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
             rec["wall_s"] = round(time.perf_counter() - t0, 1)
             print(_line(rec), flush=True)
             records.append(rec)
-    cache = cache8 = steps = None  # (released before the next row allocates)
+    cache = cache8 = steps = step = None  # released before the next row allocates
+    gc.collect()  # (a reference cycle, seen with flex_attention's step, kept the cache alive otherwise)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return records

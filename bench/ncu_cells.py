@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         calls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     for call in calls.values():  # warm-up: compiles and plans outside the profiled range
         call()
-    print(f"cell B {batch} L {length} {args.kv}: plan {the_plan.backend} {the_plan.launcher.config.name}")
+    # (stderr: ncu's --csv report goes to stdout)
+    print(f"cell B {batch} L {length} {args.kv}: plan {the_plan.backend} {the_plan.launcher.config.name}",
+          file=sys.stderr)  # fmt: skip
     profiling = dev.type == "cuda"
     if profiling:
         torch.cuda.synchronize(dev)
