@@ -129,8 +129,8 @@ def decode_attention(
     problem = problem_for_tensors(
         q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap, sinks
     )
-    # an out that is contiguous or laid out like q in a few comparisons (the inputs made the problem,
-    # so its signature sizes them all); anything else is checked in full
+    # an out that is contiguous or a BSHD buffer's view in a few comparisons (the inputs made the
+    # problem, so its signature sizes them all); anything else is checked in full
     sig = signature(problem)
     others = (kv_start, mask, k_scale, v_scale)
     if out is not None and not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, None, sinks, others):
