@@ -180,6 +180,16 @@ def make_step(model, cache, batch: int, filled: int, backend: str):
     return step
 
 
+def backend_step(model, backend: str, batch: int, capacity: int, filled: int, caches: dict):
+    """``(attn_implementation, step)`` of one backend on a row's cache: ``caches["bf16"]`` is the row's
+    ``StaticCache``; the fp8 backend's ``FP8StaticCache`` is made on first use into ``caches["fp8"]``."""
+    if backend == FP8_BACKEND:
+        if caches.get("fp8") is None:
+            caches["fp8"] = make_cache(model, batch, capacity, filled, fp8=True)
+        return "kvdecode", make_step(model, caches["fp8"], batch, filled, "kvdecode")
+    return backend, make_step(model, caches["bf16"], batch, filled, backend)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -285,56 +295,47 @@ def run_row(model, row, backends, modes, args, device) -> list[dict]:
     batch, capacity, filled, window = row
     key = dict(batch=batch, capacity=capacity, filled=filled, window=window)
     records = []
+
+    def record(backend: str, mode: str, found, t0: float, share: int = 1) -> None:
+        """One result (ms per step, or the error as a string) printed and kept."""
+        rec = dict(backend=backend, **key, mode=mode)
+        if isinstance(found, str):
+            rec["error"] = found
+        else:
+            rec.update(ms_per_step=round(found, 4), tokens_per_s=round(batch * 1e3 / found, 1))
+        rec["wall_s"] = round((time.perf_counter() - t0) / share, 1)
+        print(_line(rec), flush=True)
+        records.append(rec)
+
     try:
-        cache = make_cache(model, batch, capacity, filled)
+        caches = {"bf16": make_cache(model, batch, capacity, filled)}
     except Exception as exc:  # e.g. out of memory: the row is recorded as failed
         return [dict(backend=b, **key, error=_error(exc)) for b in backends]
-    cache8 = None
-
-    def step_for(backend):
-        nonlocal cache8
-        if backend == FP8_BACKEND:
-            cache8 = cache8 or make_cache(model, batch, capacity, filled, fp8=True)
-            return "kvdecode", make_step(model, cache8, batch, filled, "kvdecode")
-        return backend, make_step(model, cache, batch, filled, backend)
-
     if "eager" in modes:  # every backend at once, in interleaved rounds
         t0 = time.perf_counter()
         steps, found = {}, {}
         for backend in backends:
             try:
-                steps[backend] = step_for(backend)
+                steps[backend] = backend_step(model, backend, batch, capacity, filled, caches)
             except Exception as exc:
                 found[backend] = _error(exc)
         found.update(time_eager_interleaved(model, steps, args, device))
-        wall = round((time.perf_counter() - t0) / max(1, len(backends)), 1)
-        for backend in backends:
-            rec = dict(backend=backend, **key, mode="eager")
-            ms = found[backend]
-            if isinstance(ms, str):
-                rec["error"] = ms
-            else:
-                rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
-            rec["wall_s"] = wall  # (the row's eager wall time over its backends)
-            print(_line(rec), flush=True)
-            records.append(rec)
+        steps = None
+        for backend in backends:  # (wall time: the row's eager share per backend)
+            record(backend, "eager", found[backend], t0, share=len(backends))
     for backend in backends:
         for mode in modes:
             if mode == "eager":
                 continue
-            rec = dict(backend=backend, **key, mode=mode)
             t0 = time.perf_counter()
             try:
-                _, step = step_for(backend)
-                timer = {"captured": time_captured, "compiled": time_compiled}[mode]
-                ms = timer(step, args, device)
-                rec.update(ms_per_step=round(ms, 4), tokens_per_s=round(batch * 1e3 / ms, 1))
+                _, step = backend_step(model, backend, batch, capacity, filled, caches)
+                found = {"captured": time_captured, "compiled": time_compiled}[mode](step, args, device)
             except Exception as exc:  # a backend's failure is a result, never the end of the run
-                rec["error"] = _error(exc)
-            rec["wall_s"] = round(time.perf_counter() - t0, 1)
-            print(_line(rec), flush=True)
-            records.append(rec)
-    cache = cache8 = steps = step = None  # released before the next row allocates
+                found = _error(exc)
+            step = None
+            record(backend, mode, found, t0)
+    caches.clear()  # released before the next row allocates
     gc.collect()  # (a reference cycle, seen with flex_attention's step, kept the cache alive otherwise)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -35,8 +35,10 @@ class _NoLaunch:
         pass
 
 
-def _per_call_us(fn) -> float:
-    return host_overhead_us(fn, n=20000)  # the project's one host timer (no CUDA here: no sync)
+def _stub_launches() -> None:
+    """Every plan made so far launches nothing (its kernels replaced by no-ops)."""
+    for the_plan in PLANS._plans.values():
+        the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
 
 
 def main() -> None:
@@ -48,12 +50,13 @@ def main() -> None:
     out = torch.empty_like(q)
     kvdecode.decode_attention(q, k, v, lens, out=out, backend="triton", max_seq_len=CAP)
     (the_plan,) = PLANS._plans.values()  # the one plan that call made
-    the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+    _stub_launches()
     rounds = [
         (
-            _per_call_us(lambda: the_plan.run(q, k, v, lens, out=out)),
-            _per_call_us(
-                lambda: kvdecode.decode_attention(q, k, v, lens, out=out, backend="triton", max_seq_len=CAP)
+            host_overhead_us(lambda: the_plan.run(q, k, v, lens, out=out), n=20000),
+            host_overhead_us(
+                lambda: kvdecode.decode_attention(q, k, v, lens, out=out, backend="triton", max_seq_len=CAP),
+                n=20000,
             ),
         )
         for _ in range(5)
@@ -76,8 +79,7 @@ def _attend(label: str, q) -> None:
         out = torch.empty_like(q)
         cache.advance(1)
         cache.attend(0, q, out=out)  # the plan made (an interpreter launch)
-        for the_plan in PLANS._plans.values():
-            the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+        _stub_launches()
         name = "left-padded" if left else "plain"
         times[name] = min(
             host_overhead_us(lambda c=cache, o=out: c.attend(1, q, out=o), n=10000) for _ in range(3)
@@ -102,8 +104,7 @@ def _hf_layer(label: str, q, k, v) -> None:
     out = torch.empty(B, 1, HQ, D, dtype=q.dtype).transpose(1, 2)  # what the HF layer hands over
     with torch.no_grad():
         kvdecode_attention_forward(layer, q, k, v, mask, scaling=scale)  # plans made (interpreter launches)
-        for the_plan in PLANS._plans.values():
-            the_plan.launcher._split = the_plan.launcher._merge = _NoLaunch()
+        _stub_launches()
         op_us = min(
             host_overhead_us(
                 lambda: decode_attention_op(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import FP8_BACKEND, build_model, make_cache, make_step
+from bench_generate import FP8_BACKEND, _sync, backend_step, build_model, make_cache
 
 
 def main(argv=None) -> int:
@@ -36,25 +36,21 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = device.type != "cuda"
     model = build_model(args.layers, tiny, device, window=args.window)
-    cache = make_cache(model, args.batch, args.capacity, args.filled)
+    caches = {"bf16": make_cache(model, args.batch, args.capacity, args.filled)}
     for backend in args.backends.split(","):
-        if backend == FP8_BACKEND:
-            fp8 = make_cache(model, args.batch, args.capacity, args.filled, fp8=True)
-            step = make_step(model, fp8, args.batch, args.filled, "kvdecode")
-        else:
-            step = make_step(model, cache, args.batch, args.filled, backend)
+        _, step = backend_step(model, backend, args.batch, args.capacity, args.filled, caches)
         if args.compiled:
             torch._dynamo.reset()
             step = torch.compile(step, mode="reduce-overhead")
         with torch.no_grad():
             for _ in range(3):
                 step()
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            _sync(device)
             t0 = time.perf_counter()
             with torch.profiler.profile() as prof:
                 for _ in range(args.steps):
                     step()
-                torch.cuda.synchronize() if device.type == "cuda" else None
+                _sync(device)
             ms = (time.perf_counter() - t0) * 1e3 / args.steps
         how = "compiled" if args.compiled else "eager"
         print(f"\n=== {backend} {how}: {ms:.2f} ms per step under the profiler ({args.steps} steps) ===")
