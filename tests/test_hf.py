@@ -946,6 +946,10 @@ def test_fp8_static_cache_refuses_what_it_cannot_store():
     ):
         with pytest.raises(kvdecode.KVDecodeError, match=r"must be \[B, H_kv, n, D\] = \[1, 2, n, 16\]"):
             layer.update(k, v)
+    # found in review: 2 keys with 1 value were accepted, and the kernel read V past its end
+    one_n = r"value_states must have key_states' shape \(1, 2, 2, 16\)"
+    with pytest.raises(kvdecode.KVDecodeError, match=one_n):
+        layer.update(torch.zeros(1, 2, 2, 16, **bf16), torch.zeros(1, 2, 1, 16, **bf16))
     assert int(layer.cumulative_length) == 3  # nothing written by the refused calls
 
 

@@ -135,6 +135,11 @@ class FP8StaticLayer(StaticLayer):
                     f"bfloat16 on {self.keys.device}, like the first states this layer stored; got "
                     f"{tuple(t.shape)} {t.dtype} on {t.device}"
                 )
+        if value_states.shape != key_states.shape:  # the append kernel reads both with the keys' n
+            raise KVDecodeError(
+                f"value_states must have key_states' shape {tuple(key_states.shape)} (one n for both), got "
+                f"{tuple(value_states.shape)}"
+            )
         n = key_states.shape[-2]
         if not torch.compiler.is_compiling() and not capturing(key_states.device):
             if self._host_length + n > self.max_cache_len:
