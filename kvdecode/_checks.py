@@ -251,8 +251,8 @@ def signature(p: DecodeProblem) -> Signature:
     """The :class:`Signature` of ``p`` (memoized: problems hash once)."""
     kv_shape = torch.Size((p.batch, p.num_kv_heads, p.capacity, p.head_dim))
     kv_dt = p.cache_dtype
-    elem = torch.empty((), dtype=p.dtype).element_size()
-    kv_elem = torch.empty((), dtype=kv_dt).element_size()
+    elem = p.dtype.itemsize
+    kv_elem = kv_dt.itemsize
     q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
     out = (p.dtype, torch.Size(q_shape), contiguous_strides(q_shape))
     bshd = contiguous_strides((p.batch, p.q_len, p.num_q_heads, p.head_dim))
@@ -267,11 +267,10 @@ def signature(p: DecodeProblem) -> Signature:
     sinks = None
     if p.has_sinks:
         sinks = (p.sinks_dtype, torch.Size((p.num_q_heads,)), (1,))
-        extents += (p.num_q_heads * torch.empty((), dtype=p.sinks_dtype).element_size(),)
+        extents += (p.num_q_heads * p.sinks_dtype.itemsize,)
     mask = 0
     if p.mask_kind != "none":  # the broadcast view spans what the mask itself spans (stride 0 adds nothing)
-        mask_elem = torch.empty((), dtype=p.mask_dtype).element_size()
-        mask = span((p.batch, p.num_q_heads, p.q_len, p.capacity), p.mask_strides, mask_elem)
+        mask = span((p.batch, p.num_q_heads, p.q_len, p.capacity), p.mask_strides, p.mask_dtype.itemsize)
     scale = {"none": 0, "scalar": 4, "per_head": 4 * p.num_kv_heads}[p.kv_scale_kind]  # float32
     return Signature(
         q=(p.dtype, torch.Size(q_shape), p.q_strides),
@@ -319,9 +318,6 @@ def inputs_match(sig: Signature, q, k_cache, v_cache, seq_lens, sinks=None) -> b
         return False
 
 
-_NO_EXTENTS = (0,) * 4
-
-
 def outputs_ok(
     sig: Signature, q, k_cache, v_cache, seq_lens, out, lse=None, sinks=None, others=(None,) * 4
 ) -> bool:
@@ -346,20 +342,8 @@ def outputs_ok(
         inputs = list(zip(pointers, (*sig.extents[:3], sig.lens_bytes)))
         if sinks is not None:  # (matching sig.sinks, which sized the last extent)
             inputs.append((sinks.data_ptr(), sig.extents[5]))
-        # (a plain call skips the loop; `is`, never ==: a tensor compared with None costs ~18 µs)
-        kv_start, mask, k_scale, v_scale = others
-        if (
-            sig.others != _NO_EXTENTS
-            or kv_start is not None
-            or mask is not None
-            or k_scale is not None
-            or v_scale is not None
-        ):
-            for t, ext in zip(others, sig.others):
-                if (t is None) != (ext == 0):
-                    return False
-                if t is not None:
-                    inputs.append((t.data_ptr(), ext))
+        if not sig.plain:  # the inputs match the problem: given exactly where it sized them
+            inputs += [(t.data_ptr(), ext) for t, ext in zip(others, sig.others) if ext]
         for i, (a, a_ext) in enumerate(ranges):
             for b, b_ext in [*ranges[i + 1 :], *inputs]:
                 if a < b + b_ext and b < a + a_ext:

@@ -291,7 +291,7 @@ class StaticKVCache:
         call since layers differ.
         """
         k, v = self.keys(layer), self.values(layer)
-        the_plan = self.plan_for(q, mask=mask, out=out, sinks=sinks)
+        the_plan = self.plan_for(q, mask=mask, sinks=sinks)
         if self._validating():
             check_lengths(self.seq_lens, self.kv_start, q_len=q.shape[2], capacity=self.capacity)
         # the problem was made from q, the mask, the sinks and this cache's own tensors (every layer's
@@ -312,7 +312,7 @@ class StaticKVCache:
         """The plan :meth:`attend` runs for this query (and mask); from the shared plan cache.
 
         Every layer shares it (their views have the same strides). Made with ``max_seq_len=capacity``.
-        ``out`` is checked by the plan's ``run``, not part of the plan.
+        ``out`` is not part of the plan (accepted as :meth:`attend` takes it; checked when it launches).
         """
         if not isinstance(q, torch.Tensor):
             raise KVDecodeError(f"q must be a torch.Tensor, got {type(q).__name__}; pass [B, H_q, T_q, D]")
