@@ -7,6 +7,14 @@ inside attention, and ``mode="reduce-overhead"`` captures it into a CUDA graph: 
 implementation runs once per shape while CUDA graphs are recorded, plans are looked up by the problem
 (never by the lengths' values), and the lengths stay on the device.
 
+The ops are registered with ``torch.library.Library`` (schema, one ``CompositeExplicitAutograd``
+kernel, a fake), not ``torch.library.custom_op``: the latter adds Python autograd and ADInplaceOrView
+layers that rebuilt the schema's argument list twice per call, ~85 of the ~175 µs an eager decode call
+took on a 2-core CPU host (launches stubbed), every layer of every eager step. Registered this way a
+call costs a C++ dispatch (~5 µs there) and everything that sees ops still sees this one (compile,
+``torch.jit.trace``, fake and meta tensors, dispatch modes, the profiler). The kernels bump the version
+counter of what they write (``out``, the caches), as an in-place torch op would.
+
 The op returns nothing; it writes ``out``::
 
     torch.ops.kvdecode.decode_attention(q, k_cache, v_cache, seq_lens, kv_start, mask, out,
@@ -43,67 +51,17 @@ from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
 from .problem import check_softcap, check_window
 
-__all__ = ["APPEND_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "append_kv_op", "decode_attention_op"]
+__all__ = ["APPEND_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
 
-# What an eager call may hand to an op's implementation directly (gpt-oss's sinks are a Parameter).
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _state_probes():
-    """torch's (private) probes of what could see an op call, or None where this torch lacks one: then
-    every call takes the op (correct, only slower). All four are long-standing in torch 2.x."""
-    try:
-        probes = (
-            torch._C._get_tracing_state,  # torch.jit.trace: not None while tracing
-            torch._C._len_torch_dispatch_stack,  # dispatch modes (fake, functional, make_fx, ...)
-            torch._C._is_torch_function_mode_enabled,  # __torch_function__ modes (torch.device(...))
-            torch._C._functorch.peek_interpreter_stack,  # vmap, grad, jvp
-        )
-    except AttributeError:
-        return None
-    return probes
+# The library the ops below are defined in (it must live as long as they do).
+_LIB = torch.library.Library("kvdecode", "DEF")
 
 
-_PROBES = _state_probes()
-
-
-def eager_direct(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call with these tensor arguments may run an op's implementation directly.
-
-    A ``torch.library.custom_op`` call costs far more host time than the launch it wraps: torch's
-    Python autograd and ADInplaceOrView layers rebuild the schema's argument list twice per call
-    (``fill_defaults``), ~125 of the 175 µs a decode call took on a 2-core CPU host (kernels stubbed).
-    The op exists for ``torch.compile`` (and anything else that traces); a plain eager call of plain
-    tensors gets the same implementation without the dispatcher. True only when nothing could see the
-    difference: not tracing (dynamo, ``torch.jit.trace``), no dispatch or ``__torch_function__`` mode
-    (fake tensors, functionalization, ``make_fx``, an op-counting mode, ``with torch.device(...)``), no
-    functorch transform (vmap), no tensor subclass or meta tensor (the op's fake implementation serves
-    those), and no input that autograd would record. Under the profiler the direct call is recorded
-    under the op's name (:func:`run_direct`).
-    """
-    if _PROBES is None or torch.compiler.is_compiling():
-        return False
-    tracing, dispatch_modes, function_modes, transforms = _PROBES
-    if tracing() is not None or dispatch_modes() or function_modes() or transforms() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad)):
-            return False
-    return True
-
-
-def run_direct(name: str, impl, args: tuple, mutated: tuple) -> None:
-    """``impl(*args)`` as the op ``name`` would run it: under the profiler as a range of that name, and
-    with the version bump its ADInplaceOrView layer gives the ``mutated`` tensors (autograd sees the
-    write)."""
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
-        with torch.autograd.profiler.record_function(name):
-            impl(*args)
-    else:
-        impl(*args)
-    for t in mutated:
-        torch.autograd.graph.increment_version(t)
+def _define(name: str, schema: str, impl, fake) -> None:
+    """``torch.ops.kvdecode.<name>``: the schema, ``impl`` for every device, ``fake`` for tracing."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"kvdecode::{name}", fake, lib=_LIB)
 
 
 OP_NAME = "kvdecode::decode_attention"
@@ -147,12 +105,9 @@ def _decode_attention_impl(
         softcap=softcap,
         sinks=sinks,
     )
+    torch.autograd.graph.increment_version(out)  # written by a kernel: autograd sees the write
 
 
-_op = torch.library.custom_op(OP_NAME, _decode_attention_impl, mutates_args=("out",), schema=_SCHEMA)
-
-
-@_op.register_fake
 def _decode_attention_fake(
     q, k_cache, v_cache, seq_lens, kv_start, mask, out, scale, max_seq_len, k_scale=None, v_scale=None,
     window=None, softcap=None, sinks=None,
@@ -163,6 +118,9 @@ def _decode_attention_fake(
             f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}; pass torch.empty_like(q)"
         )
     return None
+
+
+_define("decode_attention", _SCHEMA, _decode_attention_impl, _decode_attention_fake)
 
 
 def decode_attention_op(
@@ -244,10 +202,7 @@ def decode_attention_op(
     softcap = check_softcap(softcap)
     args = (q, k_cache, v_cache, seq_lens, kv_start, mask, out, float(scale), max_seq_len, k_scale, v_scale,
             window, softcap, sinks)  # fmt: skip
-    if eager_direct(q, k_cache, v_cache, seq_lens, kv_start, mask, out, k_scale, v_scale, sinks):
-        run_direct(OP_NAME, _decode_attention_impl, args, (out,))
-    else:
-        torch.ops.kvdecode.decode_attention(*args)
+    torch.ops.kvdecode.decode_attention(*args)
     return out
 
 
@@ -274,12 +229,11 @@ def _sdpa_impl(query, key, value, is_causal, scale, enable_gqa, backend) -> torc
     return out.clone() if any(out.data_ptr() == t.data_ptr() for t in (query, key, value)) else out
 
 
-_sdpa_op = torch.library.custom_op(SDPA_OP_NAME, _sdpa_impl, mutates_args=(), schema=_SDPA_SCHEMA)
-
-
-@_sdpa_op.register_fake
 def _sdpa_fake(query, key, value, is_causal, scale, enable_gqa, backend) -> torch.Tensor:
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+_define("sdpa", _SDPA_SCHEMA, _sdpa_impl, _sdpa_fake)
 
 
 # ---- kvdecode::append_kv: the append kernel as one op (kvdecode.hf.FP8StaticCache's quantizing write) ----
@@ -305,23 +259,12 @@ def _append_impl(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale
             f"{'None' if v_scale is None else 'a tensor'}"
         )
     append_kv(k_cache, v_cache, k_new, v_new, seq_lens, None if k_scale is None else (k_scale, v_scale))
+    torch.autograd.graph.increment_version(k_cache)  # written by a kernel: autograd sees the writes
+    torch.autograd.graph.increment_version(v_cache)
 
 
-_append_op = torch.library.custom_op(
-    APPEND_OP_NAME, _append_impl, mutates_args=("k_cache", "v_cache"), schema=_APPEND_SCHEMA
-)
-
-
-@_append_op.register_fake
 def _append_fake(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale=None) -> None:
     return None
 
 
-def append_kv_op(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale=None) -> None:
-    """``torch.ops.kvdecode.append_kv`` (see :func:`_append_impl`), run directly where an eager call
-    allows it (:func:`eager_direct`)."""
-    args = (k_cache, v_cache, k_new, v_new, seq_lens, k_scale, v_scale)
-    if eager_direct(*args):
-        run_direct(APPEND_OP_NAME, _append_impl, args, (k_cache, v_cache))
-    else:
-        torch.ops.kvdecode.append_kv(*args)
+_define("append_kv", _APPEND_SCHEMA, _append_impl, _append_fake)

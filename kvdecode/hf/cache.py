@@ -26,8 +26,8 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from .. import ops  # noqa: F401  (registers torch.ops.kvdecode.append_kv)
 from ..errors import KVDecodeError
-from ..ops import append_kv_op
 from ..problem import capturing
 from ..quant import FP8_DTYPES, FP8_Q_DTYPES, cache_scales
 
@@ -150,7 +150,7 @@ class FP8StaticLayer(StaticLayer):
                 )
             self._host_length += n
         self.cumulative_length.add_(n)
-        append_kv_op(
+        torch.ops.kvdecode.append_kv(
             self.keys,
             self.values,
             key_states,
