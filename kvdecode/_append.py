@@ -15,8 +15,6 @@ Shape legend::
 
 from __future__ import annotations
 
-import contextlib
-
 # isort: off
 # Imported first: on a machine without CUDA it sets TRITON_INTERPRET=1, which must precede `import triton`.
 from . import triton_kernels  # noqa: F401
@@ -25,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpret import interpreter_active
+from ._interpret import interpreter_active, on_device
 
 # isort: on
 
@@ -149,7 +147,7 @@ def append_kv(
     block_d = triton.next_power_of_2(head_dim)
     block_t = min(triton.next_power_of_2(q_len), max(1, _MAX_TILE // block_d))
     grid = (triton.cdiv(q_len, block_t), num_kv_heads, batch)
-    with _on_device(k_cache.device):
+    with on_device(k_cache.device):
         _append_kv_kernel[grid](
             k_cache,
             *k_cache.stride()[:3],
@@ -175,10 +173,3 @@ def append_kv(
             MIN_NORMAL_LOG2=-6 if k_cache.dtype == torch.float8_e4m3fn else -14,
             num_warps=1 if block_t * block_d <= 512 else 4,
         )
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Triton launches on the current device (and its current stream): switch to ``device`` if needed."""
-    if device.type != "cuda" or interpreter_active() or torch.cuda.current_device() == device.index:
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)

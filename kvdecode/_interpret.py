@@ -9,6 +9,7 @@ imports ``triton``. If ``triton`` was imported earlier with the interpreter off,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -36,3 +37,10 @@ def interpreter_problem() -> str | None:
             "(or import kvdecode first)"
         )
     return None
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current device (and its current stream): switch to ``device`` if needed."""
+    if device.type != "cuda" or interpreter_active() or torch.cuda.current_device() == device.index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)

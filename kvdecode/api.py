@@ -193,7 +193,7 @@ def problem_for_tensors(
         k_scale=k_scale, v_scale=v_scale, window=window, softcap=softcap, sinks=sinks,
     )  # fmt: skip
     if alias is not None:
-        PLANS.remember(alias, problem)
+        problem = PLANS.remember(alias, problem)
     return problem
 
 

@@ -51,7 +51,7 @@ from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
 from .problem import check_softcap, check_window
 
-__all__ = ["APPEND_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
+__all__ = ["APPEND_OP_NAME", "MASK_LENGTHS_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
 
 # The library the ops below are defined in (it must live as long as they do).
 _LIB = torch.library.Library("kvdecode", "DEF")
@@ -268,3 +268,31 @@ def _append_fake(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale
 
 
 _define("append_kv", _APPEND_SCHEMA, _append_impl, _append_fake)
+
+
+# ---- kvdecode::mask_lengths: a decode step's lengths from its mask, one kernel (kvdecode.hf) -------------
+
+MASK_LENGTHS_OP_NAME = "kvdecode::mask_lengths"
+_MASK_LENGTHS_SCHEMA = "(Tensor mask, int q_len) -> (Tensor, Tensor)"
+
+
+def _mask_lengths_impl(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq_lens, kv_start)`` int32 ``[B]`` of a bool ``[B, 1, q_len, capacity]`` mask (see
+    :mod:`kvdecode._mask_lengths`): one Triton kernel on a GPU, torch ops elsewhere (the same values).
+    The caller (``kvdecode.hf``) checks the mask."""
+    from ._mask_lengths import mask_lengths_torch, mask_lengths_triton  # imports Triton: deferred
+
+    if mask.device.type == "cuda":
+        return mask_lengths_triton(mask, q_len)
+    return mask_lengths_torch(mask, q_len)
+
+
+def _mask_lengths_fake(mask, q_len):
+    batch = mask.shape[0]
+    return (
+        mask.new_empty((batch,), dtype=torch.int32),
+        mask.new_empty((batch,), dtype=torch.int32),
+    )
+
+
+_define("mask_lengths", _MASK_LENGTHS_SCHEMA, _mask_lengths_impl, _mask_lengths_fake)

@@ -158,6 +158,7 @@ class PlanCache:
         self._plans: OrderedDict[tuple, DecodePlan] = OrderedDict()
         self._routes: OrderedDict[tuple, Route] = OrderedDict()
         self._aliases: dict[object, DecodeProblem] = {}
+        self._problems: dict[DecodeProblem, DecodeProblem] = {}  # one object per distinct problem
         self._lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0}
 
@@ -177,12 +178,20 @@ class PlanCache:
         """The problem an entry point registered under ``alias`` (None if unknown or evicted)."""
         return self._aliases.get(alias)
 
-    def remember(self, alias: object, problem: DecodeProblem) -> None:
+    def remember(self, alias: object, problem: DecodeProblem) -> DecodeProblem:
+        """Register ``alias`` for ``problem`` and return the one object that stands for that problem:
+        an equal problem remembered before under another alias, else ``problem`` itself. Two aliases of
+        one problem (say, a contiguous and a sliced mask of the same strides) then key the plan cache
+        with the same object, and a lookup is an identity test, not a compare of every field (~2 µs,
+        four lookups a call)."""
         with self._lock:
+            problem = self._problems.setdefault(problem, problem)
             self._aliases[alias] = problem
             if len(self._aliases) > 4 * self.maxsize:  # aliases of evicted plans: drop the oldest half
                 for stale in list(self._aliases)[: len(self._aliases) // 2]:
                     del self._aliases[stale]
+                self._problems = {p: p for p in self._aliases.values()}
+        return problem
 
     def get(
         self, problem: DecodeProblem, choice: Choice, *, asked: str, deterministic: bool = False
@@ -224,6 +233,7 @@ class PlanCache:
             self._plans.clear()
             self._routes.clear()
             self._aliases.clear()
+            self._problems.clear()
             self._stats.update(hits=0, misses=0)
 
 

@@ -312,22 +312,33 @@ def test_cross_attention_masks_are_not_warned_as_another_pattern():
 
 
 def test_lengths_from_mask():
-    mask = torch.zeros(3, 1, 2, 10, dtype=torch.bool)
+    mask = torch.zeros(4, 1, 2, 10, dtype=torch.bool)
     mask[0, 0, 0, 2:6], mask[0, 0, 1, 2:7] = True, True  # left padding 2, filled 7
     mask[1, 0, 0, :6], mask[1, 0, 1, :7] = True, True
-    mask[2, 0, 1, 4:6] = True  # newest token masked: the batch's length still counts
-    seq_lens, kv_start = kvdecode.hf.lengths_from_mask(mask, 2)
+    mask[2, 0, 1, 4:6] = True  # the newest query attends up to key 5: the row's length is 6
+    seq_lens, kv_start = kvdecode.hf.lengths_from_mask(mask, 2)  # row 3 attends nothing
     assert seq_lens.dtype == kv_start.dtype == torch.int32
-    assert seq_lens.tolist() == [7, 7, 7] and kv_start.tolist() == [2, 0, 4]
+    assert seq_lens.tolist() == [7, 7, 6, 2] and kv_start.tolist() == [2, 0, 4, 10]
 
 
-def test_a_right_padded_multi_token_step_keeps_every_querys_position(monkeypatch):
-    """A 4-token step (chunked prefill / speculation) whose newest tokens are padding in every row: the
-    last query attends nothing at its own position, yet each query's causal range must stay where
-    transformers' mask puts it (the length was read from the last query row alone: 6 for 8)."""
+@pytest.mark.parametrize(
+    "padding, want_lens",
+    [
+        ([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], [8, 8]),
+        ([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]], [8, 7]),
+    ],
+    ids=["newest-tokens-padding", "a-row-all-padding"],
+)
+def test_a_right_padded_multi_token_step_keeps_every_querys_position(monkeypatch, padding, want_lens):
+    """A 4-token step (chunked prefill / speculation) with padding among its new tokens. Where the
+    newest tokens are padding in every row the last query attends nothing at its own position, yet
+    each query's causal range must stay where transformers' mask puts it (the length was once read
+    from the last query row alone: 6 for 8). Where one row's new tokens are all padding, that row's
+    length from the mask is one short of its neighbour's (7: per row), and its queries still see every
+    key the mask lets them: the logits of both rows are sdpa's."""
     ops = _Spy(monkeypatch, "decode_attention_op")
     ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(11))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    mask = torch.tensor(padding)
     logits = {}
     for impl in ("sdpa", "kvdecode"):
         model = _model(impl)
@@ -341,7 +352,7 @@ def test_a_right_padded_multi_token_step_keeps_every_querys_position(monkeypatch
         batch_size=2, q_length=4, kv_length=16, q_offset=torch.tensor(4), attention_mask=mask.bool()
     )
     seq_lens, kv_start = kvdecode.hf.lengths_from_mask(step[..., :16], 4)
-    assert seq_lens.tolist() == [8, 8] and kv_start.tolist() == [0, 0]
+    assert seq_lens.tolist() == want_lens and kv_start.tolist() == [0, 0]
 
 
 def test_softcap_prefill_without_a_mask_stays_causal_in_eager():

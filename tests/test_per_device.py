@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import kvdecode
-from kvdecode import _append, backends, planner
+from kvdecode import _append, _interpret, _mask_lengths, backends, planner
 from kvdecode.backends import ReferenceBackend
 from kvdecode.cudnn_graphs import DiskCache, GraphCache, GraphKey, cuda_env
 from kvdecode.cudnn_graphs import backend as cudnn_backend
@@ -171,15 +171,17 @@ def test_triton_launch_switches_to_the_tensors_device_only_when_needed(fake_devi
     assert seen == [1, 1] and fake_devices.switches == [1]  # already current: no device switch
 
 
-def test_append_launch_switches_to_the_caches_device(fake_devices, monkeypatch):
-    monkeypatch.setattr(_append, "interpreter_active", lambda: False)
+def test_append_and_mask_lengths_launches_switch_to_their_tensors_device(fake_devices, monkeypatch):
+    """The append and mask-lengths kernels launch through ``on_device``: on the tensors' GPU."""
+    monkeypatch.setattr(_interpret, "interpreter_active", lambda: False)
+    assert _append.on_device is _interpret.on_device is _mask_lengths.on_device
     fake_devices.set(0)
-    with _append._on_device(torch.device("cuda", 1)):
+    with _interpret.on_device(torch.device("cuda", 1)):
         assert fake_devices.current() == 1
-    with _append._on_device(torch.device("cuda", 0)):
+    with _interpret.on_device(torch.device("cuda", 0)):
         pass
     assert fake_devices.switches == [1] and fake_devices.current() == 0
-    with _append._on_device(torch.device("cpu")):
+    with _interpret.on_device(torch.device("cpu")):
         pass
     assert fake_devices.switches == [1]
 

@@ -135,6 +135,27 @@ def test_one_plan_cache_serves_every_entry_point():
     assert (info["size"], info["misses"]) == (1, 1) and cache.plan_for(q) is _plan(q, k, v, lens)
 
 
+def test_two_descriptions_of_one_problem_share_its_object():
+    """A [1] seq_lens with stride 1 and one with stride 0 (what ``expand`` makes) are different aliases
+    of one problem; both resolve to the object that keys the plan, so a call's lookups are identity
+    tests (a dataclass compare of every field cost ~2 µs each, four per call)."""
+    from kvdecode.api import problem_for_tensors
+
+    PLANS.clear()
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    plain = torch.full((1,), 5, dtype=torch.int32)
+    expanded = torch.tensor(5, dtype=torch.int32).expand(1)
+    assert plain.stride() != expanded.stride()
+    first = problem_for_tensors(q, k, v, plain, None, None, None)
+    second = problem_for_tensors(q, k, v, expanded, None, None, None)
+    assert first is second
+    kvdecode.decode_attention(q, k, v, plain, backend="reference", max_seq_len=32)
+    kvdecode.decode_attention(q, k, v, expanded, backend="reference", max_seq_len=32)
+    assert PLANS.cache_info()["size"] == 1
+    PLANS.clear()
+    assert problem_for_tensors(q, k, v, plain, None, None, None) is not first  # forgotten with the plans
+
+
 def test_triton_refuses_grids_past_the_cuda_limit():
     p = gpu_problem(batch=8193)  # 8193 * 8 KV heads > 65535 programs on grid axis 1
     from kvdecode.triton_kernels import TritonBackend

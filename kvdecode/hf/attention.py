@@ -192,23 +192,22 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
     Returns
     -------
     seq_lens : int32 Tensor ``[B]``
-        One value for the batch (a static cache fills every row alike): the smallest length whose
-        bottom-right causal range covers every attended key of every query row, within
-        ``q_len .. capacity``.
+        Per row, the smallest length whose bottom-right causal range covers every key any of its
+        queries attends (``max_t,j (j + 1 + q_len - 1 - t)``), within ``q_len .. capacity``. A row
+        whose newest tokens are padding gets a shorter length than its neighbours and its queries'
+        causal ranges end earlier: never before a key the mask lets them see, and the mask decides
+        the rest, so the result equals the batch-wide length's while fewer tiles are read.
     kv_start : int32 Tensor ``[B]``
         Each row's first key attended by any of its queries (left padding); ``capacity`` for a row
         that sees nothing.
+
+    Notes
+    -----
+    One kernel on a GPU (``torch.ops.kvdecode.mask_lengths``, :mod:`kvdecode._mask_lengths`) instead
+    of the ~11 small torch kernels the same computation takes in torch ops; under ``torch.compile`` the
+    op is one opaque node.
     """
-    rows = mask[:, 0]  # [B, q_len, capacity]
-    capacity = rows.shape[-1]
-    ends = torch.arange(1, capacity + 1, device=mask.device, dtype=torch.int32)
-    last = torch.where(rows, ends, 0).amax(dim=-1)  # [B, q_len]: one past each query's last key, or 0
-    # query t sits q_len - 1 - t before the newest token
-    behind = torch.arange(rows.shape[-2] - 1, -1, -1, device=mask.device, dtype=torch.int32)
-    filled = (last + behind).amax().clamp(min=q_len, max=capacity)
-    seq_lens = filled.to(torch.int32).expand(rows.shape[0]).contiguous()
-    kv_start = torch.where(rows, ends - 1, capacity).amin(dim=-1).amin(dim=-1).to(torch.int32)
-    return seq_lens, kv_start
+    return torch.ops.kvdecode.mask_lengths(mask, q_len)
 
 
 class _LengthsMemo:

@@ -1,0 +1,117 @@
+"""The mask-lengths kernel (``torch.ops.kvdecode.mask_lengths``): a decode step's lengths from its mask.
+
+Checked against a plain-Python reading of the contract (per row: the smallest length whose
+bottom-right causal range covers every attended key, and the first attended key), on random masks
+that are strided views with marker columns, with empty rows and queries, and with several tiles per
+row; the kernel under the interpreter (CPU), on the GPU, and the torch-ops path the op takes on a CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvdecode import ops  # noqa: F401  (registers torch.ops.kvdecode.mask_lengths)
+from kvdecode._mask_lengths import mask_lengths_torch, mask_lengths_triton
+
+
+def _contract(mask: torch.Tensor, q_len: int) -> tuple[list[int], list[int]]:
+    """The lengths as the contract states them, element by element."""
+    rows = mask[:, 0].cpu()
+    batch, _, capacity = rows.shape
+    seq_lens, kv_start = [], []
+    for b in range(batch):
+        seen = [(t, j) for t in range(q_len) for j in range(capacity) if rows[b, t, j]]
+        filled = max((j + 1 + q_len - 1 - t for t, j in seen), default=0)
+        seq_lens.append(min(max(filled, q_len), capacity))
+        kv_start.append(min((j for _, j in seen), default=capacity))
+    return seq_lens, kv_start
+
+
+@st.composite
+def masks(draw, device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """A bool ``[B, 1, T_q, capacity]`` view of a wider buffer (marker columns), with left padding,
+    a causal edge, random holes, and rows or queries that attend nothing. As transformers' masks of a
+    static cache, ``T_q <= capacity`` and query ``t`` attends no key past ``capacity - T_q + t`` (the
+    position of the newest token is at most the last slot)."""
+    batch = draw(st.integers(1, 4))
+    q_len = draw(st.sampled_from([1, 2, 3, 5, 16]))
+    capacity = draw(st.integers(q_len, 300))
+    markers = draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.zeros(batch, 1, q_len, capacity + markers, dtype=torch.bool)
+    style = draw(st.sampled_from(["causal", "random", "empty-rows"]))
+    for b in range(batch):
+        start = int(torch.randint(0, capacity + 1, (1,), generator=g))
+        end = int(torch.randint(start, capacity + 1, (1,), generator=g))
+        for t in range(q_len):
+            if style == "random":
+                reach = capacity - (q_len - 1 - t)
+                buf[b, 0, t, :reach] = torch.rand(reach, generator=g) < 0.05
+            elif not (style == "empty-rows" and b % 2 == 1):
+                last = min(capacity, end - (q_len - 1 - t))
+                buf[b, 0, t, start : max(start, last)] = True
+    buf[..., capacity:] = True  # the marker columns are outside the view
+    return buf.to(device)[..., :capacity], q_len
+
+
+@given(case=masks(), tile=st.sampled_from([16, 64, 8192]))
+def test_the_kernel_and_the_torch_path_give_the_contracts_lengths(case, tile):
+    mask, q_len = case
+    want = _contract(mask, q_len)
+    for seq_lens, kv_start in (mask_lengths_triton(mask, q_len, tile=tile), mask_lengths_torch(mask, q_len)):
+        assert seq_lens.dtype == kv_start.dtype == torch.int32
+        assert (seq_lens.tolist(), kv_start.tolist()) == want
+
+
+@given(case=masks())
+def test_the_lengths_cover_every_attended_key_and_are_the_smallest_that_do(case):
+    """What the attention kernel relies on: query t of row b attends only keys in
+    ``kv_start[b] .. seq_lens[b] - T_q + t``; one less would drop an attended key (or go below T_q)."""
+    mask, q_len = case
+    seq_lens, kv_start = (x.tolist() for x in torch.ops.kvdecode.mask_lengths(mask, q_len))
+    rows = mask[:, 0]
+    for b in range(mask.shape[0]):
+        attended = rows[b].nonzero().tolist()
+        assert all(kv_start[b] <= j <= seq_lens[b] - q_len + t for t, j in attended)
+        shorter = seq_lens[b] - 1
+        assert shorter < q_len or any(j > shorter - q_len + t for t, j in attended)
+
+
+def test_zero_rows_and_zero_keys():
+    for shape in ((0, 1, 1, 8), (2, 1, 3, 0)):
+        mask = torch.zeros(shape, dtype=torch.bool)
+        for seq_lens, kv_start in (mask_lengths_triton(mask, shape[2]), mask_lengths_torch(mask, shape[2])):
+            assert seq_lens.tolist() == [0] * shape[0] and kv_start.tolist() == [0] * shape[0]
+
+
+def test_the_op_has_a_fake_for_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        seq_lens, kv_start = torch.ops.kvdecode.mask_lengths(torch.zeros(3, 1, 2, 40, dtype=torch.bool), 2)
+    assert seq_lens.shape == kv_start.shape == (3,) and seq_lens.dtype == kv_start.dtype == torch.int32
+
+
+@pytest.mark.gpu
+@given(case=masks("cuda"))
+def test_gpu_the_kernel_gives_the_contracts_lengths(case):
+    mask, q_len = case
+    seq_lens, kv_start = torch.ops.kvdecode.mask_lengths(mask, q_len)  # the Triton kernel on a GPU
+    assert (seq_lens.tolist(), kv_start.tolist()) == _contract(mask, q_len)
+
+
+@pytest.mark.gpu
+def test_gpu_long_rows_match_the_torch_path():
+    """Many tiles per row at the default tile (a 128k cache, left padding, holes)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    mask = torch.rand(8, 1, 4, 131072 + 1, device="cuda", generator=g) < 0.5
+    mask[:, :, :, 120000:131072] = False
+    mask[3] = False
+    view = mask[..., :131072]
+    got = torch.ops.kvdecode.mask_lengths(view, 4)
+    want = mask_lengths_torch(view, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
