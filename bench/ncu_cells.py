@@ -13,6 +13,12 @@ is profiled), for ncu to read with ``--profile-from-start off``::
         --section LaunchStats --csv --page details \\
         python3 bench/ncu_cells.py --cell 16x131072 --kv fp8 --no-sdpa > $OUT/fp8-b16-l128k.csv
 
+``--kernels`` runs the same calls under ``torch.profiler`` instead and prints each call's kernels with
+their mean device time (no ncu needed): what a call launches, e.g. kvdecode's cuDNN route (a clamp of
+the lengths, then cuDNN's kernel) beside torch SDPA's at the cells where it trails SDPA by ~2 µs::
+
+    python3 bench/ncu_cells.py --cell 16x1024 --backend cudnn --kernels --launches 20
+
 Shape: H 32/8, D 128, bf16 q, T_q 1, capacity = L (fp8: e4m3 K/V with per-head scales). Without a GPU
 (``--device cpu``) it runs the same calls once under Triton's interpreter: a check of this script only.
 """
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="the caches' dtype")
     p.add_argument("--launches", type=int, default=3, help="profiled calls of each (default 3)")
     p.add_argument("--no-sdpa", action="store_true", help="profile kvdecode's kernels only")
+    p.add_argument("--backend", choices=("triton", "cudnn"), default="triton", help="kvdecode's plan")
+    p.add_argument("--kernels", action="store_true", help="list each call's kernels (torch.profiler)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     batch, length = parse_cell(args.cell)
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         kk, k_scale = quantize_fp8(k)
         vv, v_scale = quantize_fp8(v)
         scales = dict(k_scale=k_scale, v_scale=v_scale)
-    the_plan = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, kk, vv, lens, **scales), backend="triton")
+    problem = kvdecode.DecodeProblem.from_tensors(q, kk, vv, lens, **scales)
+    the_plan = kvdecode.plan(problem, backend=args.backend)
     out = torch.empty_like(q)
     calls = {"kvdecode": lambda: the_plan.run(q, kk, vv, lens, out=out, **scales)}
     if not args.no_sdpa:  # the baseline: torch SDPA as a user calls it (cuDNN / flash on the GPU)
@@ -72,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     # (stderr: ncu's --csv report goes to stdout)
     print(f"cell B {batch} L {length} {args.kv}: plan {the_plan.backend} {the_plan.launcher.config.name}",
           file=sys.stderr)  # fmt: skip
+    if args.kernels:
+        return _kernel_table(calls, args.launches, dev)
     profiling = dev.type == "cuda"
     if profiling:
         torch.cuda.synchronize(dev)
@@ -82,6 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     if profiling:
         torch.cuda.synchronize(dev)
         torch.cuda.profiler.stop()
+    return 0
+
+
+def _kernel_table(calls: dict, launches: int, dev: torch.device) -> int:
+    """Each call's kernels under torch.profiler: name (shortened), launches per call, mean device µs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for label, call in calls.items():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        with profile(activities=activities) as prof:
+            for _ in range(launches):
+                call()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total = sum(e.device_time_total for e in rows) / launches
+        print(f"{label}: {total:.1f} µs of kernels per call")
+        for e in sorted(rows, key=lambda e: -e.device_time_total):
+            per_call = e.count / launches
+            print(f"  {e.device_time_total / e.count:8.2f} µs x {per_call:g}  {e.key[:110]}")
     return 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import KVDecodeError
-from .problem import DecodeProblem, check_sinks
+from .problem import DecodeProblem, check_out, check_sinks
 from .quant import check_kv_scales
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "call_inputs",
     "check_buffers",
     "check_inputs",
+    "check_outputs",
     "check_outputs_disjoint",
     "check_scales",
     "check_sinks_given",
@@ -83,6 +84,22 @@ def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=
     extra += (("sinks", sinks),)
     inputs.update({n: t for n, t in extra if isinstance(t, torch.Tensor)})
     return inputs
+
+
+def check_outputs(
+    p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+) -> None:
+    """``out`` and ``lse`` (either may be None) for a call whose inputs match ``p``: the fast test against
+    its signature (which sizes every input), else the full checks naming the fault. The one output
+    check of :func:`kvdecode.decode_attention`, ``DecodePlan.run`` and ``StaticKVCache.attend``."""
+    k_scale, v_scale = scales if scales is not None else (None, None)
+    others = (kv_start, mask, k_scale, v_scale)
+    if not outputs_ok(signature(p), q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
+        check_buffers(p, out, lse)
+        outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
+        check_outputs_disjoint(
+            outputs, call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)
+        )
 
 
 def check_outputs_disjoint(outputs: dict, inputs: dict) -> None:
@@ -149,7 +166,7 @@ def _as_planned(subject: str, pronoun: str, given: bool, planned: bool) -> None:
 def check_buffers(p: DecodeProblem, out, lse) -> None:
     q_shape = (p.batch, p.num_q_heads, p.q_len, p.head_dim)
     if out is not None:
-        _buffer("out", out, q_shape, p.dtype, p)
+        check_out(out, q_shape, p.dtype, p.device)
     if lse is not None:
         _buffer("lse", lse, q_shape[:3], torch.float32, p)
 

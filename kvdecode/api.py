@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import call_inputs, check_outputs_disjoint, outputs_ok, signature
+from ._checks import check_outputs
 from .errors import KVDecodeError
 from .plan import PLANS, check_flag
 from .planner import check_backend_name, check_max_seq_len
-from .problem import DecodeProblem, check_out
+from .problem import DecodeProblem
 
 __all__ = ["check_lengths", "decode_attention", "problem_for_tensors"]
 
@@ -129,21 +129,15 @@ def decode_attention(
     problem = problem_for_tensors(
         q, k_cache, v_cache, seq_lens, scale, kv_start, mask, k_scale, v_scale, window, softcap, sinks
     )
-    # an out that is contiguous or a BSHD buffer's view in a few comparisons (the inputs made the
-    # problem, so its signature sizes them all); anything else is checked in full
-    sig = signature(problem)
-    others = (kv_start, mask, k_scale, v_scale)
-    if out is not None and not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, None, sinks, others):
-        check_out(out, q)
-        inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, (k_scale, v_scale), sinks)
-        check_outputs_disjoint({"out": out}, inputs)
+    scales = None if problem.kv_scale_kind == "none" else (k_scale, v_scale)
+    if out is not None:  # before planning: the inputs made the problem, so they match it
+        check_outputs(problem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, scales, sinks)
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
     choice = PLANS.route(problem, backend, deterministic).choose(problem, max_seq_len, seq_lens)
     the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
-    scales = None if problem.kv_scale_kind == "none" else (k_scale, v_scale)
     return the_plan._launch(
         q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse, scales, sinks
     )

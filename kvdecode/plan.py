@@ -10,14 +10,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import (
-    call_inputs,
-    check_buffers,
     check_inputs,
-    check_outputs_disjoint,
+    check_outputs,
     check_scales,
     check_sinks_given,
     inputs_match,
-    outputs_ok,
     signature,
 )
 from .backends import Launcher, get_backend
@@ -115,13 +112,9 @@ class DecodePlan:
         (checked by ``run``, or the tensors that made it): the fast test against the signature, which
         sizes every input, else the full checks naming the fault."""
         if out is not None or lse is not None:
-            k_scale, v_scale = scales if scales is not None else (None, None)
-            others = (kv_start, mask, k_scale, v_scale)
-            if not outputs_ok(self._sig, q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
-                check_buffers(self.problem, out, lse)
-                outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
-                inputs = call_inputs(q, k_cache, v_cache, seq_lens, kv_start, mask, scales, sinks)
-                check_outputs_disjoint(outputs, inputs)
+            check_outputs(
+                self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks
+            )
             return_lse = return_lse or lse is not None
         return self._launch(
             q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales, sinks

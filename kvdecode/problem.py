@@ -237,7 +237,7 @@ class DecodeProblem:
         mask_kind, mask_dtype, mask_strides = _check_mask(mask, (batch, num_q_heads, q_len, capacity), device)
         scale_kind = check_kv_scales(k_scale, v_scale, k_cache.dtype, num_kv_heads, device)
         if out is not None:
-            check_out(out, q)
+            check_out(out, tuple(q.shape), q.dtype, q.device)
         check_window(window)
         softcap = check_softcap(softcap)
         if sinks is not None:
@@ -404,21 +404,22 @@ def _check_mask(
     return kind, mask.dtype, tuple(expanded.stride())
 
 
-def check_out(out: object, q: torch.Tensor) -> None:
-    """``out`` must match q's shape, dtype and device, with unit stride on D."""
+def check_out(out: object, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """``out`` must have q's ``shape``, ``dtype`` and ``device``, with unit stride on D (the one check of
+    ``out``: :func:`kvdecode.decode_attention`, ``from_tensors`` and ``DecodePlan.run`` all use it)."""
     _check_tensor("out", out)
     assert isinstance(out, torch.Tensor)
-    if tuple(out.shape) != tuple(q.shape):
+    if tuple(out.shape) != tuple(shape):
         raise KVDecodeError(
-            f"out.shape must equal q.shape {tuple(q.shape)}, got {tuple(out.shape)}; pass torch.empty_like(q)"
+            f"out.shape must equal q.shape {tuple(shape)}, got {tuple(out.shape)}; pass torch.empty_like(q)"
         )
-    if out.dtype != q.dtype:
+    if out.dtype != dtype:
         raise KVDecodeError(
-            f"out.dtype must equal q.dtype ({q.dtype}), got {out.dtype}; pass torch.empty_like(q)"
+            f"out.dtype must equal q.dtype ({dtype}), got {out.dtype}; pass torch.empty_like(q)"
         )
-    if out.device != q.device:
+    if out.device != device:
         raise KVDecodeError(
-            f"out must be on q's device ({q.device}), got {out.device}; pass torch.empty_like(q)"
+            f"out must be on q's device ({device}), got {out.device}; pass torch.empty_like(q)"
         )
     _check_unit_last_stride("out", out)
 

@@ -194,7 +194,10 @@ def test_plan_run_checks_every_tensor_against_the_plan():
         (dict(seq_lens=lens.long()), "seq_lens must be a contiguous int32"),
         (dict(seq_lens=lens[:1]), "seq_lens must be a contiguous int32"),
         (dict(seq_lens=torch.tensor([[5, 0], [32, 0]], dtype=torch.int32)[:, 0]), "stride"),
-        (dict(out=torch.empty(2, 4, 1, 16, dtype=torch.float16)), "out must be torch.float32"),
+        (
+            dict(out=torch.empty(2, 4, 1, 16, dtype=torch.float16)),
+            r"out.dtype must equal q.dtype \(torch.float32\)",
+        ),
         (dict(out=torch.empty(2, 4, 1, 32)[..., ::2]), "stride"),
         (dict(lse=torch.empty(2, 4, 1, dtype=torch.float64)), "lse must be torch.float32"),
         (dict(mask=mask.float()), "mask has dtype torch.float32"),
