@@ -5,7 +5,12 @@ with distinct caches captured in one CUDA graph (N = max(8, ceil(1 GB / KV bytes
 20 replays / N, µs per layer: :class:`kvdecode.timing.LayerStack`, the benchmark's and the tuner's harness.
 torch SDPA on the exact slice is timed the same way in the same run. The floor uses the best read-only
 bandwidth measured in the run (``decode_bandwidth``), as ``bench_decode.py`` does.
-Usage: python3 bench/kernel_variants.py --out DIR [--shapes 1x1024,8x4096] [--variants base,nopdl,...]
+Usage: python3 bench/kernel_variants.py --out DIR [--shapes 1x1024,8x4096] [--variants base,...] [--mask]
+
+``--mask`` times what a transformers step runs: a bool mask ``[B, 1, 1, L]`` (a slice of ``L + 1``
+columns, as kvdecode's marked mask is) and ``kv_start``, against torch SDPA with that mask. A masked
+problem gets :func:`heuristic_config` (the tuning table was measured without masks); the variants
+``heuristic`` and ``tuned`` (the table's configuration for the mask-free twin) say which serves it better.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from kvdecode.problem import DecodeProblem
 from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, floor_us, kv_bytes, steady_state_layers
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
+from kvdecode.triton_kernels.config import heuristic_config, tuned_config
 
 HQ, HKV, D, DT = 32, 8, 128, torch.bfloat16
 
@@ -43,21 +49,32 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
     }
 
 
-def run_shape(batch: int, length: int, names: list[str], floor_gbps: float) -> list[dict]:
+def run_shape(
+    batch: int, length: int, names: list[str], floor_gbps: float, masked: bool = False
+) -> list[dict]:
     nbytes = kv_bytes(batch, HKV, length, D, DT)
     n_layers = steady_state_layers(nbytes)
     dev = torch.device("cuda")
     layers = LayerStack.random(n_layers, (batch, HQ, 1, D), (batch, HKV, length, D), DT, dev)
     (q0, k0, v0) = layers[0]
     lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
-    problem = DecodeProblem.from_tensors(q0, k0, v0, lens)
+    mask = starts = None
+    if masked:  # every key visible: the cost of reading the mask, not of skipping keys
+        mask = torch.ones(batch, 1, 1, length + 1, dtype=torch.bool, device=dev)[..., :length]
+        starts = torch.zeros(batch, dtype=torch.int32, device=dev)
+    problem = DecodeProblem.from_tensors(q0, k0, v0, lens, kv_start=starts, mask=mask)
     rows = []
 
     def sdpa(q, k, v, _out) -> None:
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     rows.append(dict(B=batch, L=length, variant="sdpa", us=layers.steady_us(sdpa), layers=n_layers))
-    for name, cfg in variants(default_config(problem)).items():
+    configs = variants(default_config(problem))
+    configs["heuristic"] = heuristic_config(problem)
+    tuned = tuned_config(DecodeProblem.from_tensors(q0, k0, v0, lens))
+    if tuned is not None:
+        configs["tuned"] = tuned[0]
+    for name, cfg in configs.items():
         if names and name not in names:
             continue
         try:
@@ -65,12 +82,12 @@ def run_shape(batch: int, length: int, names: list[str], floor_gbps: float) -> l
             ragged = torch.randint(1, length + 1, (batch,), dtype=torch.int32, device=dev)
             ragged[0] = length
             out = torch.full_like(q0, float("nan"))
-            launcher(q0, k0, v0, ragged, None, None, out, None)
-            ref, _ = reference_decode_attention(q0, k0, v0, ragged)
+            launcher(q0, k0, v0, ragged, starts, mask, out, None)
+            ref, _ = reference_decode_attention(q0, k0, v0, ragged, kv_start=starts, mask=mask)
             err = relative_l2_error(out, ref)
 
             def step(q, k, v, o, launcher=launcher) -> None:
-                launcher(q, k, v, lens, None, None, o, None)
+                launcher(q, k, v, lens, starts, mask, o, None)
 
             us = layers.steady_us(step)
             rows.append(dict(B=batch, L=length, variant=name, config=cfg.name, us=us, err=err,
@@ -90,6 +107,7 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", default="1x1024,1x4096,1x16384,8x1024,8x4096,8x16384")
     ap.add_argument("--variants", default="")
+    ap.add_argument("--mask", action="store_true", help="a bool mask and kv_start, as a transformers step")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     ceiling = measure_ceiling(torch.cuda.get_device_name())
@@ -97,9 +115,10 @@ def main() -> int:
     rows = []
     for shape in args.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
-        rows += run_shape(b, n, names, ceiling["floor_gbps"])
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, bandwidth=ceiling)
-    with open(f"{args.out}/kernel_variants.json", "w") as f:
+        rows += run_shape(b, n, names, ceiling["floor_gbps"], args.mask)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, bandwidth=ceiling, mask=args.mask)
+    name = "kernel_variants_masked.json" if args.mask else "kernel_variants.json"
+    with open(f"{args.out}/{name}", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"{'B':>3} {'L':>6} {'variant':>9} {'us':>7} {'floor':>6} {'err':>8}")
     for r in rows:
