@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", action="store_true", help="list each call's kernels (torch.profiler)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
+    if args.kv == "fp8" and args.backend == "cudnn":
+        p.error("--kv fp8 needs --backend triton (cuDNN serves no fp8 caches)")
     batch, length = parse_cell(args.cell)
     dev = torch.device(args.device)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     for call in calls.values():  # warm-up: compiles and plans outside the profiled range
         call()
     # (stderr: ncu's --csv report goes to stdout)
-    print(f"cell B {batch} L {length} {args.kv}: plan {the_plan.backend} {the_plan.launcher.config.name}",
-          file=sys.stderr)  # fmt: skip
+    config = getattr(the_plan.launcher, "config", None)  # Triton's; a cuDNN plan names its graph
+    what = config.name if config is not None else the_plan.launcher.key(lse=False).name
+    print(f"cell B {batch} L {length} {args.kv}: plan {the_plan.backend} {what}", file=sys.stderr)
     if args.kernels:
         return _kernel_table(calls, args.launches, dev)
     profiling = dev.type == "cuda"

@@ -14,8 +14,9 @@ Shape legend::
     kv_start  int32 [B]   the row's first attended key (any query); capacity when there is none
 
 Query ``t`` of a row then sits at ``seq_lens - T_q + t``, at or after every key it attends, so the
-kernel's causal range covers the mask's and the mask decides exactly. One program per row scans the
-row's ``T_q x capacity`` bools in ``[BLOCK_T, BLOCK_N]`` tiles.
+kernel's causal range covers the mask's and the mask decides exactly. One program per row (and per
+64 KiB chunk of a longer row, merged by a second, tiny kernel) scans the row's ``T_q x capacity`` bools
+in ``[BLOCK_T, BLOCK_N]`` tiles.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from ._interpret import on_device
 __all__ = ["mask_lengths_torch", "mask_lengths_triton"]
 
 _TILE = 8192  # bools per [BLOCK_T, BLOCK_N] tile (8 KiB: 32 bytes per thread at 8 warps)
+_CHUNK = 65536  # bools one program scans (8 tiles); a longer row is cut into chunks, merged by a 2nd kernel
+_MAX_CHUNKS = 1024  # the merge reads a row's chunks in one block: longer rows get longer chunks
 
 
 @triton.jit
@@ -43,38 +46,71 @@ def _mask_lengths_kernel(
     stride_mb,
     stride_mt,
     stride_mn,  # [B, T_q, capacity] (the head axis of [B, 1, T_q, capacity] dropped)
-    SeqLens,  # int32 [B]
-    KvStart,  # int32 [B]
+    SeqLens,  # int32 [B], or [B, num_chunks] partials (the last attended key + 1 + behind, or 0)
+    KvStart,  # int32 [B], or [B, num_chunks] partials (the first attended key, or capacity)
     capacity,
+    cols,  # keys per chunk (a multiple of BLOCK_N); the chunk is program_id(1)
+    num_chunks,
     T_Q: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,  # one chunk per row: write the lengths themselves
 ):
     b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
     t_ok = offs_t < T_Q
     behind = T_Q - 1 - offs_t  # query t sits this many tokens before the newest
     rows = Mask + b * stride_mb + offs_t.to(tl.int64)[:, None] * stride_mt
     filled = tl.zeros([BLOCK_T], dtype=tl.int32)  # per query: its last attended key + 1 + behind
     first = tl.full([BLOCK_T], capacity, dtype=tl.int32)
-    for start in range(0, capacity, BLOCK_N):
+    lo = chunk * cols
+    hi = tl.minimum(lo + cols, capacity)
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        ok = t_ok[:, None] & (offs_n < capacity)[None, :]
+        ok = t_ok[:, None] & (offs_n < hi)[None, :]
         seen = tl.load(rows + offs_n.to(tl.int64)[None, :] * stride_mn, mask=ok, other=0) != 0
         filled = tl.maximum(filled, tl.max(tl.where(seen, offs_n[None, :] + 1 + behind[:, None], 0), axis=1))
         first = tl.minimum(first, tl.min(tl.where(seen, offs_n[None, :], capacity), axis=1))
-    seq_len = tl.minimum(tl.maximum(tl.max(filled, axis=0), T_Q), capacity)
-    tl.store(SeqLens + b, seq_len)
-    tl.store(KvStart + b, tl.min(first, axis=0))
+    if SINGLE:
+        tl.store(SeqLens + b, tl.minimum(tl.maximum(tl.max(filled, axis=0), T_Q), capacity))
+        tl.store(KvStart + b, tl.min(first, axis=0))
+    else:
+        tl.store(SeqLens + b * num_chunks + chunk, tl.max(filled, axis=0))
+        tl.store(KvStart + b * num_chunks + chunk, tl.min(first, axis=0))
+
+
+@triton.jit
+def _mask_lengths_merge(
+    Filled,  # int32 [B, num_chunks]
+    First,  # int32 [B, num_chunks]
+    SeqLens,  # int32 [B]
+    KvStart,  # int32 [B]
+    capacity,
+    num_chunks,
+    T_Q: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNKS_P2)
+    ok = offs < num_chunks
+    filled = tl.max(tl.load(Filled + b * num_chunks + offs, mask=ok, other=0), axis=0)
+    first = tl.min(tl.load(First + b * num_chunks + offs, mask=ok, other=capacity), axis=0)
+    tl.store(SeqLens + b, tl.minimum(tl.maximum(filled, T_Q), capacity))
+    tl.store(KvStart + b, first)
 
 
 def mask_lengths_triton(
-    mask: torch.Tensor, q_len: int, *, tile: int = _TILE
+    mask: torch.Tensor, q_len: int, *, tile: int = _TILE, chunk: int = _CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seq_lens, kv_start)`` of a bool ``[B, 1, q_len, capacity]`` mask in one launch (no host sync).
+    """``(seq_lens, kv_start)`` of a bool ``[B, 1, q_len, capacity]`` mask on the device (no host sync).
 
-    The caller checks the mask (bool, 4-D, ``q_len`` rows); ``tile`` (bools per tile, a power of two)
-    exists for tests, which want several tiles per row on small masks.
+    One launch while a row's ``q_len x capacity`` bools fit one program's ``chunk`` (8 tiles): up to a
+    64k cache at one query, 4k at sixteen. A longer row is cut into chunks scanned in parallel, and a
+    second, tiny kernel merges them (one program scanning a 128k row of 16 queries would take ~128
+    dependent tile loads). The caller checks the mask (:func:`kvdecode.ops.check_mask_for_lengths`);
+    ``tile`` and ``chunk`` (bools, powers of two) are for tests, which want several tiles and chunks on
+    small masks.
     """
     batch, _, rows, capacity = mask.shape
     seq_lens = torch.empty(batch, dtype=torch.int32, device=mask.device)
@@ -83,20 +119,39 @@ def mask_lengths_triton(
         return seq_lens, kv_start
     block_t = triton.next_power_of_2(rows)
     block_n = max(16, tile // block_t)
+    cols = max(block_n, chunk // block_t // block_n * block_n)  # keys per chunk, whole tiles
+    num_chunks = max(1, triton.cdiv(capacity, cols))
+    if num_chunks > _MAX_CHUNKS:
+        cols = triton.cdiv(triton.cdiv(capacity, _MAX_CHUNKS), block_n) * block_n
+        num_chunks = triton.cdiv(capacity, cols)
+    single = num_chunks == 1
+    if single:
+        filled, first = seq_lens, kv_start
+    else:
+        partials = torch.empty(2, batch, num_chunks, dtype=torch.int32, device=mask.device)
+        filled, first = partials[0], partials[1]
     with on_device(mask.device):
-        _mask_lengths_kernel[(batch,)](
+        _mask_lengths_kernel[(batch, num_chunks)](
             mask,
             mask.stride(0),
             mask.stride(2),
             mask.stride(3),
-            seq_lens,
-            kv_start,
+            filled,
+            first,
             capacity,
+            cols,
+            num_chunks,
             T_Q=q_len,
             BLOCK_T=block_t,
             BLOCK_N=block_n,
+            SINGLE=single,
             num_warps=8 if block_t * block_n >= 4096 else 4,
         )
+        if not single:
+            _mask_lengths_merge[(batch,)](
+                filled, first, seq_lens, kv_start, capacity, num_chunks, T_Q=q_len,
+                CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=1 if num_chunks <= 128 else 4,
+            )  # fmt: skip
     return seq_lens, kv_start
 
 

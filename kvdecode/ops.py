@@ -51,7 +51,14 @@ from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
 from .problem import check_softcap, check_window
 
-__all__ = ["APPEND_OP_NAME", "MASK_LENGTHS_OP_NAME", "OP_NAME", "SDPA_OP_NAME", "decode_attention_op"]
+__all__ = [
+    "APPEND_OP_NAME",
+    "MASK_LENGTHS_OP_NAME",
+    "OP_NAME",
+    "SDPA_OP_NAME",
+    "check_mask_for_lengths",
+    "decode_attention_op",
+]
 
 # The library the ops below are defined in (it must live as long as they do).
 _LIB = torch.library.Library("kvdecode", "DEF")
@@ -276,18 +283,38 @@ MASK_LENGTHS_OP_NAME = "kvdecode::mask_lengths"
 _MASK_LENGTHS_SCHEMA = "(Tensor mask, int q_len) -> (Tensor, Tensor)"
 
 
+def check_mask_for_lengths(mask: object, q_len: object) -> None:
+    """What the lengths kernel reads must be a bool ``[B, 1, q_len, capacity]`` tensor (host-side)."""
+    if isinstance(q_len, bool) or not isinstance(q_len, int) or not 1 <= q_len <= 1024:
+        raise KVDecodeError(f"q_len must be an int in 1..1024 (new tokens per row), got {q_len!r}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise KVDecodeError(
+            f"mask must be a bool [B, 1, q_len, capacity] tensor (True = attend), got {got}; pass the "
+            "decode step's boolean mask"
+        )
+    if mask.shape[1] != 1 or mask.shape[2] != q_len:
+        raise KVDecodeError(
+            f"mask must be [B, 1, q_len={q_len}, capacity], got {tuple(mask.shape)}; one mask row per new "
+            "token, shared by the heads"
+        )
+
+
 def _mask_lengths_impl(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(seq_lens, kv_start)`` int32 ``[B]`` of a bool ``[B, 1, q_len, capacity]`` mask (see
-    :mod:`kvdecode._mask_lengths`): one Triton kernel on a GPU, torch ops elsewhere (the same values).
-    The caller (``kvdecode.hf``) checks the mask."""
-    from ._mask_lengths import mask_lengths_torch, mask_lengths_triton  # imports Triton: deferred
+    :mod:`kvdecode._mask_lengths`): Triton on a GPU, torch ops elsewhere (the same values); a mask of
+    another dtype or shape is a :class:`KVDecodeError` before any launch."""
+    # imports Triton: deferred, as the append op's
+    from ._mask_lengths import mask_lengths_torch, mask_lengths_triton
 
+    check_mask_for_lengths(mask, q_len)
     if mask.device.type == "cuda":
         return mask_lengths_triton(mask, q_len)
     return mask_lengths_torch(mask, q_len)
 
 
 def _mask_lengths_fake(mask, q_len):
+    check_mask_for_lengths(mask, q_len)  # shapes and dtype only: a fake tensor has them
     batch = mask.shape[0]
     return (
         mask.new_empty((batch,), dtype=torch.int32),

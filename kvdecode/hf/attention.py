@@ -33,7 +33,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..errors import KVDecodeError
-from ..ops import decode_attention_op
+from ..ops import check_mask_for_lengths, decode_attention_op
 from ..problem import MAX_HEAD_DIM, SINK_DTYPES, SUPPORTED_DTYPES
 from ..quant import FP8_DTYPES, FP8_Q_DTYPES, dequantize
 from .cache import fp8_scales
@@ -207,6 +207,7 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
     of the ~11 small torch kernels the same computation takes in torch ops; under ``torch.compile`` the
     op is one opaque node.
     """
+    check_mask_for_lengths(mask, q_len)  # a KVDecodeError for what the op's schema would refuse raw
     return torch.ops.kvdecode.mask_lengths(mask, q_len)
 
 

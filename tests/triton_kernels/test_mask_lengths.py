@@ -13,8 +13,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import kvdecode.hf
 from kvdecode import ops  # noqa: F401  (registers torch.ops.kvdecode.mask_lengths)
 from kvdecode._mask_lengths import mask_lengths_torch, mask_lengths_triton
+from kvdecode.errors import KVDecodeError
 
 
 def _contract(mask: torch.Tensor, q_len: int) -> tuple[list[int], list[int]]:
@@ -58,11 +60,14 @@ def masks(draw, device: str = "cpu") -> tuple[torch.Tensor, int]:
     return buf.to(device)[..., :capacity], q_len
 
 
-@given(case=masks(), tile=st.sampled_from([16, 64, 8192]))
-def test_the_kernel_and_the_torch_path_give_the_contracts_lengths(case, tile):
+@given(case=masks(), tile=st.sampled_from([16, 64, 8192]), chunk=st.sampled_from([16, 128, 65536]))
+def test_the_kernel_and_the_torch_path_give_the_contracts_lengths(case, tile, chunk):
+    """Tiles of 16 to 8192 bools; chunks of 16 to 65536 (one program per row, or a row cut into
+    chunks scanned apart and merged by the second kernel)."""
     mask, q_len = case
     want = _contract(mask, q_len)
-    for seq_lens, kv_start in (mask_lengths_triton(mask, q_len, tile=tile), mask_lengths_torch(mask, q_len)):
+    got = mask_lengths_triton(mask, q_len, tile=tile, chunk=chunk)
+    for seq_lens, kv_start in (got, mask_lengths_torch(mask, q_len)):
         assert seq_lens.dtype == kv_start.dtype == torch.int32
         assert (seq_lens.tolist(), kv_start.tolist()) == want
 
@@ -86,6 +91,58 @@ def test_zero_rows_and_zero_keys():
         mask = torch.zeros(shape, dtype=torch.bool)
         for seq_lens, kv_start in (mask_lengths_triton(mask, shape[2]), mask_lengths_torch(mask, shape[2])):
             assert seq_lens.tolist() == [0] * shape[0] and kv_start.tolist() == [0] * shape[0]
+
+
+def test_long_rows_are_cut_into_chunks_merged_by_a_second_kernel(monkeypatch):
+    """A row of more than one chunk launches the scan on a (B, chunks) grid and the merge; the chunk
+    count is capped (1024) by making chunks longer."""
+    import kvdecode._mask_lengths as ml
+
+    launched = []
+    for name in ("_mask_lengths_kernel", "_mask_lengths_merge"):
+        real = getattr(ml, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                launched.append((name, grid))
+                return real[grid]
+
+        monkeypatch.setattr(ml, name, Spy())
+    mask = torch.zeros(2, 1, 3, 700, dtype=torch.bool)
+    mask[0, 0, 2, 650] = mask[1, 0, 0, 5] = True
+    got = mask_lengths_triton(mask, 3, tile=64, chunk=64 * 4)  # 4 rows x 16 keys... x 4 tiles = 64 keys
+    assert [n for n, _ in launched] == ["_mask_lengths_kernel", "_mask_lengths_merge"]
+    assert launched[0][1] == (2, 11) and launched[1][1] == (2,)  # ceil(700 / 64) chunks
+    assert (got[0].tolist(), got[1].tolist()) == _contract(mask, 3) == ([651, 8], [650, 5])
+    launched.clear()
+    mask_lengths_triton(torch.zeros(1, 1, 1, 5000, dtype=torch.bool), 1, tile=16, chunk=16)
+    assert launched[0][1] == (1, 313)  # 5000 / 16
+    monkeypatch.setattr(ml, "_MAX_CHUNKS", 64)
+    launched.clear()
+    got = mask_lengths_triton(torch.ones(1, 1, 1, 5000, dtype=torch.bool), 1, tile=16, chunk=16)
+    assert launched[0][1] == (1, 63) and got[0].tolist() == [5000] and got[1].tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    "mask, q_len, message",
+    [
+        (torch.zeros(2, 1, 3, 8, dtype=torch.bool), 4, r"mask must be \[B, 1, q_len=4, capacity\]"),
+        (torch.zeros(2, 2, 1, 8, dtype=torch.bool), 1, r"mask must be \[B, 1, q_len=1, capacity\]"),
+        (torch.zeros(2, 1, 1, 8), 1, "mask must be a bool"),
+        (torch.zeros(2, 8, dtype=torch.bool), 1, "mask must be a bool"),
+        ([[True]], 1, "got list"),
+        (torch.zeros(2, 1, 1, 8, dtype=torch.bool), 0, "q_len must be an int in 1..1024"),
+        (torch.zeros(2, 1, 1, 8, dtype=torch.bool), True, "q_len must be an int"),
+    ],
+)
+def test_a_mask_the_kernel_cannot_read_is_refused_before_any_launch(mask, q_len, message):
+    """Rows past the view (q_len larger than the mask's rows) would be read out of bounds on a GPU, and
+    a float mask's nonzero entries are not 'attend': both are refused, as is a bad q_len."""
+    with pytest.raises(KVDecodeError, match=message):
+        kvdecode.hf.lengths_from_mask(mask, q_len)
+    if isinstance(mask, torch.Tensor) and not isinstance(q_len, bool):  # (the schema takes what is left)
+        with pytest.raises(KVDecodeError, match=message):
+            torch.ops.kvdecode.mask_lengths(mask, q_len)
 
 
 def test_the_op_has_a_fake_for_tracing():
