@@ -61,6 +61,9 @@ def decode_attention(
         Keys before ``kv_start[b]`` are masked (left padding).
     mask : Tensor, optional
         Broadcastable to ``[B, H_q, T_q, capacity]``: bool (True = attend) or float (added to scores).
+        Slots outside ``kv_start .. seq_lens`` may hold anything, NaN too (but see ``backend`` for an
+        explicit cuDNN with T_q > 1); a slot inside that range that the mask hides still has its value
+        row multiplied by a zero weight, so it must be finite (as with torch SDPA: 0 x NaN is NaN).
     window : int, optional
         Sliding window (Mistral, Gemma 2/3, gpt-oss layers): each query sees its last ``window`` keys,
         itself included. The Triton kernel reads only the tiles the window covers, so the time follows
@@ -75,7 +78,9 @@ def decode_attention(
         Triton only.
     backend : {"auto", "triton", "cudnn", "reference"}
         ``auto`` lets the planner choose; an explicit backend that cannot serve the problem raises
-        :class:`~kvdecode.UnsupportedError`.
+        :class:`~kvdecode.UnsupportedError`. ``auto`` sends T_q > 1 to Triton: cuDNN 9.19's bottom-right
+        causal graph lets NaN in unfilled slots reach the output, so an explicit ``"cudnn"`` with
+        T_q > 1 needs finite values there (a zero-initialised cache, as ``StaticKVCache``'s).
     out : Tensor ``[B, H_q, T_q, D]``, optional
         Written in place and returned.
     return_lse : bool
