@@ -46,6 +46,8 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "st4": r(s, base.block_n, base.num_warps, 4),
         "w2": r(s, base.block_n, 2, base.num_stages),
         "w8": r(s, base.block_n, 8, base.num_stages),
+        # one warp: no cross-warp softmax (2 CTA syncs a tile instead of 9), more splits to fill the SMs
+        "w1s*4": r(min(64, 4 * s), base.block_n, 1, base.num_stages),
     }
 
 

@@ -136,6 +136,21 @@ def test_search_finds_the_best_along_each_axis_and_measures_each_config_once():
     assert found == best and us == 10 and n == len(calls) == len(set(calls))
 
 
+def test_search_tries_one_warp_and_then_the_splits_again():
+    """One warp is worth it only with more CTAs: a config space where 1 warp at 4x the splits is best
+    (and 1 warp at the old split count is only a little better) is found, because the split axis is
+    searched again after the warps changed (it was only after block_n changed)."""
+
+    def measure(cfg):
+        if cfg.num_warps == 1:
+            return 9.0 - (cfg.num_splits >= 32) * 2  # 1 warp: 9 µs, 7 with 32+ splits
+        return 10.0  # every multi-warp config alike
+
+    default = SplitKVConfig(num_splits=8, block_n=64, num_warps=4, num_stages=2)
+    found, us, _ = search(default, 65536, 128, measure, coarse=False)
+    assert found.num_warps == 1 and found.num_splits >= 32 and us == 7.0
+
+
 def test_format_results_and_progress():
     raw = crossover.new_table({"gpu_name": "G", "sm_count": 1, "versions": {}, "date": "2026-01-01"})
     fam = {"key": "hq8_hkv8_d64_tq1_fp16", "num_q_heads": 8, "num_kv_heads": 8, "head_dim": 64,

@@ -6,7 +6,9 @@ compiles per family. The search is coordinate descent from the heuristic default
 1. **splits**: the heuristic's split count, the powers of two around it and 1 (no merge), capped by the
    capacity's tiles and :func:`split_cap`;
 2. **tiles**: ``block_n`` x ``num_warps`` at the best split count (``num_stages`` as the heuristic),
-   then the split axis again when ``block_n`` changed (the tile count, hence the useful splits, did);
+   then the split axis again when either changed (the tile count, or a CTA's throughput, and with it
+   the useful split count: one warp skips the cross-warp softmax, 2 CTA barriers a tile instead of 8-9
+   on sm90, but needs more CTAs to keep the SMs' memory pipes full);
 3. **stages**: other ``num_stages`` for the best so far.
 
 ``--coarse`` trims each axis. Compiles are shared across batch sizes and lengths: the kernel's
@@ -46,7 +48,7 @@ def split_candidates(heuristic: int, tiles: int, *, coarse: bool, cap: int = MAX
 def tile_candidates(block_d: int, *, coarse: bool) -> list[tuple[int, int]]:
     """``(block_n, num_warps)`` pairs: smaller key tiles for large head dims (registers, shared memory)."""
     block_ns = (64, 128, 256) if block_d <= 64 else (32, 64, 128) if block_d <= 128 else (16, 32, 64)
-    warps = (4, 8) if coarse else (2, 4, 8)
+    warps = (4, 8) if coarse else (1, 2, 4, 8)
     return [(n, w) for n in block_ns for w in warps]
 
 
@@ -103,6 +105,13 @@ def search(
     best = split_axis(default)
     tiles_ = tile_candidates(block_d, coarse=coarse)
     tiled = best_of([best] + [with_(best, block_n=n, num_warps=w) for n, w in tiles_])
-    best = split_axis(tiled) if tiled.block_n != best.block_n else tiled
+    if (tiled.block_n, tiled.num_warps) != (best.block_n, best.num_warps):
+        # centred where as many warps are in flight as before: fewer warps a CTA, more CTAs (the ladder
+        # still reaches the old count: it spans the centre / 8 .. 2x)
+        more = max(1, best.num_warps // tiled.num_warps)
+        best = split_axis(with_(tiled, num_splits=tiled.num_splits * more)) if more > 1 else split_axis(tiled)
+        best = min((best, tiled), key=timed)
+    else:
+        best = tiled
     best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
     return best, seen[best], len(seen)
