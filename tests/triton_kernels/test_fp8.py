@@ -73,6 +73,29 @@ def test_fp8_result_is_independent_of_the_split_count(fp8):
         check_close(out, ref, torch.bfloat16, f"{problem.name} splits {splits}", 3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [torch.bfloat16, *FP8])
+@pytest.mark.parametrize("warps", [1, 2])
+def test_gpu_one_and_two_warp_ctas_match_the_reference(kv, warps):
+    """The tuner's search tries 1- and 2-warp CTAs (the softmax then syncs the CTA less): compiled, on
+    the GPU, they must give the reference's result, T_q 1 and 3, ragged rows, several splits."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for q_len in (1, 3):
+        q = torch.randn(2, 32, q_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+        k = torch.randn(2, 8, 1000, 128, device="cuda", generator=gen)
+        v = torch.randn(2, 8, 1000, 128, device="cuda", generator=gen)
+        k, v = k.to(kv), v.to(kv)
+        lens = torch.tensor([1000, 333], dtype=torch.int32, device="cuda")
+        problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+        ref, _ = reference_decode_attention(q, k, v, lens)
+        for splits in (1, 8):
+            out = torch.full_like(q, float("nan"))
+            SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=64, num_warps=warps))(
+                q, k, v, lens, None, None, out, None
+            )
+            check_close(out, ref, torch.bfloat16, f"{problem.name} w{warps} s{splits}", 5)
+
+
 def _fp8_inputs():
     q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
     k8 = torch.randn(1, 2, 32, 16).to(torch.float8_e4m3fn)
