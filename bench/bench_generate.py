@@ -457,6 +457,19 @@ def render(path: Path) -> int:
     return 0
 
 
+def plans_made() -> list[dict]:
+    """kvdecode's plans at the end of the run (the shared plan cache): which backend and configuration
+    served each problem the HF steps met (a step's problem has a mask: the Triton heuristic's config)."""
+    from kvdecode.plan import PLANS
+
+    made = []
+    for plan in list(PLANS._plans.values()):
+        config = getattr(plan.launcher, "config", None)
+        made.append(dict(problem=plan.problem.name, backend=plan.backend, reason=plan.choice.reason,
+                         config=config.name if config is not None else None))  # fmt: skip
+    return made
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render is not None:
@@ -488,8 +501,9 @@ def main(argv=None) -> int:
     )
     stem += "-quick" if args.quick else "-tiny" if args.tiny else ""
     meta = dict(
-        env=env, layers=args.layers, rows=[list(r) for r in rows], backends=backends, argv=sys.argv[1:]
-    )
+        env=env, layers=args.layers, rows=[list(r) for r in rows], backends=backends, argv=sys.argv[1:],
+        kvdecode_plans=plans_made(),
+    )  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
     (out / f"{stem}.md").write_text(markdown(records, env, args.layers, backends))
     plotted = plot(records, out / f"{stem}.png")
