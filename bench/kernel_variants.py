@@ -42,6 +42,7 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "splits*2": r(min(64, 2 * s), base.block_n, base.num_warps, base.num_stages),
         "n32": r(s, 32, base.num_warps, base.num_stages),
         "n128": r(s, 128, base.num_warps, base.num_stages),
+        "st1": r(s, base.block_n, base.num_warps, 1),  # the table's choice where a CTA has one tile
         "st3": r(s, base.block_n, base.num_warps, 3),
         "st4": r(s, base.block_n, base.num_warps, 4),
         "w2": r(s, base.block_n, 2, base.num_stages),
