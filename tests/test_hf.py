@@ -964,6 +964,26 @@ def test_fp8_static_cache_refuses_what_it_cannot_store():
     assert int(layer.cumulative_length) == 3  # nothing written by the refused calls
 
 
+def test_fp8_static_cache_counts_compiled_updates_before_the_next_eager_one():
+    """Compiled updates do not run the host count (a replay runs no Python): they mark it stale, and the
+    next eager update reads the device length once, so an update past the capacity after compiled
+    steps is refused rather than dropped by the kernel (it was accepted: the count still said 6)."""
+    model = _model("kvdecode")
+    layer = kvdecode.hf.FP8StaticCache(model.config, max_cache_len=8).layers[0]
+    states = [torch.randn(1, 2, n, 16, dtype=torch.bfloat16) for n in (6, 1, 2)]
+    layer.update(states[0], states[0])  # eager: 6, counted
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda k: layer.update(k, k)[0], fullgraph=True)
+    compiled(states[1])  # 7 on the device
+    assert layer._host_length_stale and int(layer.cumulative_length) == 7
+    with pytest.raises(kvdecode.KVDecodeError, match=r"max_cache_len=8 tokens per layer; 2 more at length 7"):
+        layer.update(states[2], states[2])
+    assert not layer._host_length_stale and int(layer.cumulative_length) == 7  # one read, nothing moved
+    layer.update(states[1], states[1])  # 8: fits
+    assert layer._host_length == 8
+    torch._dynamo.reset()
+
+
 def test_fp8_static_cache_refuses_an_eager_update_past_its_capacity():
     """An eager update past max_cache_len raises (counted on the host, no sync; transformers' bf16
     StaticCache raises an IndexError there); crop and reset give the room back. Another head dim for

@@ -81,14 +81,25 @@ class FP8StaticLayer(StaticLayer):
         self._scales_given = (k_scale, v_scale)
         # Tokens written by eager updates, counted on the host so that an update past the capacity is
         # refused without reading the device length (a sync). Not counted while compiling or capturing a
-        # CUDA graph (a replay never runs Python): there the kernel drops such tokens instead.
+        # CUDA graph (a replay never runs Python): there the kernel drops such tokens instead, and the
+        # count is marked stale, so the next eager update (or crop) reads the device length once.
         self._host_length = 0
+        self._host_length_stale = False
 
     def reset(self) -> None:
         super().reset()
         self._host_length = 0
+        self._host_length_stale = False
+
+    def _synced_host_length(self) -> int:
+        """The host count, read from the device (one sync) after compiled or captured steps."""
+        if self._host_length_stale:
+            self._host_length = int(self.cumulative_length.reshape(-1)[0].item())
+            self._host_length_stale = False
+        return self._host_length
 
     def crop(self, tokens_to_remove: int) -> None:
+        self._synced_host_length()
         super().crop(tokens_to_remove)
         self._host_length = max(0, self._host_length - abs(tokens_to_remove))
 
@@ -141,14 +152,16 @@ class FP8StaticLayer(StaticLayer):
                 f"{tuple(value_states.shape)}"
             )
         n = key_states.shape[-2]
-        if not torch.compiler.is_compiling() and not capturing(key_states.device):
-            if self._host_length + n > self.max_cache_len:
+        if torch.compiler.is_compiling() or capturing(key_states.device):
+            self._host_length_stale = True  # (compiled: a side effect dynamo replays after every call)
+        else:
+            length = self._synced_host_length()
+            if length + n > self.max_cache_len:
                 raise KVDecodeError(
                     f"FP8StaticCache holds max_cache_len={self.max_cache_len} tokens per layer; {n} more at "
-                    f"length {self._host_length} would pass it; make the cache larger or the generation "
-                    "shorter"
+                    f"length {length} would pass it; make the cache larger or the generation shorter"
                 )
-            self._host_length += n
+            self._host_length = length + n
         self.cumulative_length.add_(n)
         torch.ops.kvdecode.append_kv(
             self.keys,
