@@ -92,8 +92,9 @@ class FP8StaticLayer(StaticLayer):
         self._host_length_stale = False
 
     def _synced_host_length(self) -> int:
-        """The host count, read from the device (one sync) after compiled or captured steps."""
-        if self._host_length_stale:
+        """The host count, read from the device (one sync) after compiled or captured steps; never
+        while compiling or capturing (then the count stays stale for the next eager call)."""
+        if self._host_length_stale and not torch.compiler.is_compiling() and not capturing(self.keys.device):
             self._host_length = int(self.cumulative_length.reshape(-1)[0].item())
             self._host_length_stale = False
         return self._host_length
