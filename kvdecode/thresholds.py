@@ -99,9 +99,14 @@ def table_key(head_dim: int, dtype_name: str, bucket: int) -> str:
     return f"d{head_dim}_{dtype_name}_b{bucket}"
 
 
-def family_key(num_q_heads: int, num_kv_heads: int, head_dim: int, q_len: int, dtype_name: str) -> str:
-    """``"hq32_hkv8_d128_tq1_bf16"``: the problem family a table entry was measured for."""
-    return f"hq{num_q_heads}_hkv{num_kv_heads}_d{head_dim}_tq{q_len}_{dtype_name}"
+def family_key(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, q_len: int, dtype_name: str, masked: bool = False
+) -> str:
+    """``"hq32_hkv8_d128_tq1_bf16"``: the problem family a table entry was measured for; ``..._mask``
+    for its masked twin (a bool mask shared by the heads and ``kv_start``, as a transformers step
+    has), tuned apart (``kvdecode tune --mask``): the mask's loads can favour other tiles."""
+    key = f"hq{num_q_heads}_hkv{num_kv_heads}_d{head_dim}_tq{q_len}_{dtype_name}"
+    return key + "_mask" if masked else key
 
 
 def _first_at_least(values: list[int], x: int) -> int:

@@ -194,6 +194,33 @@ def test_default_config_follows_the_table_and_keeps_the_heuristic(tmp_path, monk
     assert config_mod.default_config(other, 132) == config_mod.heuristic_config(other, 132)
 
 
+def test_masked_problems_take_the_masked_family_and_leave_the_crossovers_alone(tmp_path, monkeypatch):
+    """A transformers step (a bool mask shared by the heads, kv_start) is served by the family's masked
+    twin (``kvdecode tune --mask``), never by the mask-free points; without a twin, or with a mask per
+    head, the heuristic. Masked families (Triton only) add no batch bucket and no crossover."""
+    monkeypatch.setattr(config_mod, "interpreter_active", lambda: False)
+    monkeypatch.setattr(environment, "device_gpu_name", lambda device: GPU)
+    p = _cuda_problem(8, 2048)
+    row = p.capacity + 1
+    hf = DecodeProblem(**{**p.__dict__, "has_kv_start": True, "mask_kind": "bool", "mask_dtype": torch.bool,
+                          "mask_strides": (row, 0, row, 1)})  # fmt: skip
+    per_head = DecodeProblem(**{**hf.__dict__, "mask_strides": (32 * row, row, row, 1)})
+    plain = _table()
+    thresholds.use_table(save_table(plain, tmp_path / "plain.json"))
+    assert config_mod.tuned_config(hf) is None and config_mod.tuned_config(p) is not None
+    raw = _table()
+    masked = dict(FAM, key=FAM["key"] + "_mask", mask="bool")
+    add_point(raw, masked, 8, 2048, _point(5.0, None, splits=6, block_n=32))
+    raw = finalize(raw, partial=False)
+    assert raw["batch_buckets"] == plain["batch_buckets"] and raw["thresholds"] == plain["thresholds"]
+    thresholds.use_table(save_table(raw, tmp_path / "masked.json"))
+    cfg, source = config_mod.tuned_config(hf)
+    assert (cfg.num_splits, cfg.block_n) == (6, 32) and "_mask b8 L2048" in source
+    assert config_mod.default_config(hf) == cfg
+    assert config_mod.tuned_config(per_head) is None
+    assert config_mod.tuned_config(p)[0].num_splits == 2  # the mask-free problem: batch bucket 16, unmasked
+
+
 def test_version1_tables_still_load():
     table = load_table(thresholds.TUNING_DIR / "default_h100.json")
     assert table.gpu_name.startswith("NVIDIA H100") and table.lookup(128, "bf16", 1) >= 1

@@ -228,6 +228,38 @@ def test_short_real_tune_changes_the_planner_as_measured(tmp_path):
             )
 
 
+def test_masked_families_are_tuned_with_a_mask_and_kv_start(tmp_path, monkeypatch):
+    """``kvdecode tune --mask``: each point runs with a bool mask [B, 1, T_q, L] (a slice of one column
+    more, hiding nothing) and kv_start, the problem matches the family's, cuDNN is not measured, and
+    the table names the family ``..._mask`` with ``"mask": "bool"``."""
+    from kvdecode.tuning import measure
+    from kvdecode.tuning.runner import run_tune
+    from kvdecode.tuning.spec import Family, TuneSpec, family_problem
+
+    seen = []
+
+    def fake_time(self, launch, replays):
+        (q, k, v), o = self.layers[0], self.outs[0]
+        launch(q, k, v, self.seq_lens, self.kv_start, self.mask, o, None)  # through the interpreter
+        seen.append((self.problem, self.mask.shape, self.mask.stride(), self.kv_start.tolist()))
+        return 10.0 + abs(launch.config.num_splits - 2)
+
+    monkeypatch.setattr(measure.PointBench, "_time", fake_time)
+    fam = Family(4, 2, 16, "fp16", q_len=2, masked=True)
+    assert fam.key == "hq4_hkv2_d16_tq2_fp16_mask"
+    out = tmp_path / "t.json"
+    raw = run_tune(
+        TuneSpec((fam,), (2,), (256,), coarse=True), out, stream=io.StringIO(), device=torch.device("cpu")
+    )
+    problem, shape, strides, starts = seen[0]
+    assert problem == family_problem(fam, 2, 256, torch.device("cpu")) and problem.mask_kind == "bool"
+    assert shape == (2, 1, 2, 256) and strides[2:] == (257, 1) and starts == [0, 0]
+    entry = raw["families"][fam.key]
+    point = entry["batches"]["2"]["lengths"]["256"]
+    assert entry["mask"] == "bool" and point["cudnn_us"] is None and point["config"]["num_splits"] == 2
+    assert thresholds.load_table(out).families[fam.key]["mask"] == "bool"
+
+
 def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp_path, monkeypatch):
     """The whole loop on CPU (Triton interpreter) with a fake clock: real launches and checks, fake µs.
 

@@ -117,12 +117,16 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:
     """``(config, where it came from)`` from the tuning table for this GPU, or None.
 
-    Only for mask-free problems on a CUDA device (what the tuner measures), and not when ``sm_count_``
-    names another SM count than the table's. The split count is capped by the capacity's tiles, as
-    the heuristic does.
+    Only on a CUDA device, for what the tuner measures: mask-free problems, and problems with a mask
+    shared by the heads (a transformers step's) from the family's masked twin (``kvdecode tune --mask``;
+    a table without one leaves them to the heuristic); and not when ``sm_count_`` names another SM
+    count than the table's. The split count is capped by the capacity's tiles, as the heuristic does.
     """
-    if problem.device.type != "cuda" or interpreter_active() or problem.mask_kind != "none":
+    if problem.device.type != "cuda" or interpreter_active():
         return None
+    masked = problem.mask_kind != "none"
+    if masked and (problem.mask_strides is None or problem.mask_strides[1] != 0):
+        return None  # a mask per head reads more than a bool row per query: not what was tuned
     from ..thresholds import family_key, table_for_gpu
     from ..tuning.environment import device_gpu_name
 
@@ -130,7 +134,7 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
     if table is None or (sm_count_ is not None and table.metadata.get("sm_count") != sm_count_):
         return None
     p = problem
-    family = family_key(p.num_q_heads, p.num_kv_heads, p.head_dim, p.q_len, p.dtype_name)
+    family = family_key(p.num_q_heads, p.num_kv_heads, p.head_dim, p.q_len, p.dtype_name, masked)
     found = table.tuned_point(family, p.batch, p.reach)  # a window reads like a capacity of its reach
     if found is None:
         return None

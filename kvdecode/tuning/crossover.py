@@ -81,6 +81,8 @@ def finalize(raw: dict, *, partial: bool) -> dict:
     for fam in families.values():
         for entry in fam["batches"].values():
             entry["threshold"] = crossover(_times(entry)) if entry["lengths"] else None
+        if fam.get("mask"):  # (cuDNN takes no mask: masked families only hold Triton configurations)
+            continue
         buckets.update(int(b) for b in fam["batches"])
         by_key.setdefault((fam["head_dim"], fam["dtype"]), []).append(fam)
     raw["batch_buckets"] = sorted(buckets) or [1]

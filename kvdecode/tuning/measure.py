@@ -22,7 +22,7 @@ from ..reference import float32_reference_rows, within_tolerance
 from ..timing import RESERVE_BYTES, STEADY_REPLAYS, LayerStack, layers_that_fit
 from ..triton_kernels.config import SplitKVConfig, heuristic_config, tile_shape
 from .search import search
-from .spec import Point
+from .spec import Point, family_mask
 
 __all__ = ["RESERVE_BYTES", "PointBench", "SkipPoint", "config_dict", "tune_point"]
 
@@ -49,17 +49,20 @@ class PointBench:
         q_shape = (point.batch, f.num_q_heads, f.q_len, f.head_dim)
         self.layers = LayerStack.random(self.n_layers, q_shape, kv_shape, f.dtype, device)
         self.seq_lens = torch.full((point.batch,), point.length, dtype=torch.int32, device=device)
+        self.mask, self.kv_start = family_mask(f, point.batch, point.length, device)  # (None: no mask)
         q, k, v = self.layers[0]
-        self.problem = DecodeProblem.from_tensors(q, k, v, self.seq_lens)
+        self.problem = DecodeProblem.from_tensors(
+            q, k, v, self.seq_lens, kv_start=self.kv_start, mask=self.mask
+        )
 
     @property
     def outs(self) -> list[torch.Tensor]:
         return self.layers.outs
 
     def _time(self, launch, replays: int) -> float:
-        lens = self.seq_lens
+        lens, starts, mask = self.seq_lens, self.kv_start, self.mask
         return self.layers.steady_us(
-            lambda q, k, v, o: launch(q, k, v, lens, None, None, o, None), replays=replays
+            lambda q, k, v, o: launch(q, k, v, lens, starts, mask, o, None), replays=replays
         )
 
     def triton_us(self, cfg: SplitKVConfig, replays: int) -> float:
@@ -98,8 +101,8 @@ class PointBench:
         q, k, v = self.layers[0]
         out = self.outs[0].fill_(float("nan"))
         launcher = TritonBackend().make_launcher(self.problem, config=cfg)
-        launcher(q, k, v, self.seq_lens, None, None, out, None)
-        rows = sorted({0, q.shape[0] - 1})
+        launcher(q, k, v, self.seq_lens, self.kv_start, self.mask, out, None)
+        rows = sorted({0, q.shape[0] - 1})  # (a masked family's mask hides nothing: the same reference)
         want = float32_reference_rows(q, k, v, self.problem.capacity, rows)
         return within_tolerance(out[rows], want, self.problem.dtype)
 

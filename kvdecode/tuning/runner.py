@@ -28,7 +28,8 @@ __all__ = ["Progress", "load_for_resume", "run_tune"]
 MEASURE_TEXT = (
     "kvdecode.timing.steady_state_us: N layers (distinct caches, N = steady_state_layers) in one CUDA "
     "graph, median replay / N; search with {search} replays, recorded numbers with 20; capacity = "
-    "filled length = L, T_q 1, no mask"
+    "filled length = L, T_q 1, no mask (families ending in _mask: a bool mask [B, 1, T_q, L] that hides "
+    "nothing, and kv_start)"
 )
 
 
@@ -157,6 +158,7 @@ def _family_dict(point: Point) -> dict:
         "q_len": f.q_len,
         "dtype": f.dtype_name,
         "presets": f.label,
+        **({"mask": "bool"} if f.masked else {}),
     }
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "Point",
     "TuneSpec",
     "estimate",
+    "family_mask",
     "family_problem",
     "length_grid",
     "parse_heads",
@@ -37,7 +38,8 @@ H100_MEMORY = 80 * 10**9
 
 @dataclass(frozen=True)
 class Family:
-    """A problem family: everything but the batch and the length (T_q, no mask, BHSD contiguous)."""
+    """A problem family: everything but the batch and the length (T_q, BHSD contiguous; no mask, or
+    with ``masked`` a bool ``[B, 1, T_q, capacity]`` mask and ``kv_start``, as transformers steps have)."""
 
     num_q_heads: int
     num_kv_heads: int
@@ -45,10 +47,12 @@ class Family:
     dtype_name: str = "bf16"
     q_len: int = 1
     label: str = ""
+    masked: bool = False
 
     @property
     def key(self) -> str:
-        return family_key(self.num_q_heads, self.num_kv_heads, self.head_dim, self.q_len, self.dtype_name)
+        f = self
+        return family_key(f.num_q_heads, f.num_kv_heads, f.head_dim, f.q_len, f.dtype_name, f.masked)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,11 +77,18 @@ class Point:
 
 
 def family_problem(family: Family, batch: int, capacity: int, device: torch.device) -> DecodeProblem:
-    """The :class:`DecodeProblem` of contiguous BHSD tensors of this family (no tensors needed)."""
+    """The :class:`DecodeProblem` of contiguous BHSD tensors of this family (no tensors needed); a
+    masked family's has ``kv_start`` and the mask :func:`family_mask` makes."""
     f = family
     kv = (f.num_kv_heads * capacity * f.head_dim, capacity * f.head_dim, f.head_dim, 1)
     q = (f.num_q_heads * f.q_len * f.head_dim, f.q_len * f.head_dim, f.head_dim, 1)
+    masked = {}
+    if f.masked:  # the broadcast view [B, H_q, T_q, capacity] of [B, 1, T_q, capacity + 1][..., :capacity]
+        row = capacity + 1
+        masked = dict(has_kv_start=True, mask_kind="bool", mask_dtype=torch.bool,
+                      mask_strides=(f.q_len * row, 0, row, 1))  # fmt: skip
     return DecodeProblem(
+        **masked,
         batch=batch,
         num_q_heads=f.num_q_heads,
         num_kv_heads=f.num_kv_heads,
@@ -91,6 +102,16 @@ def family_problem(family: Family, batch: int, capacity: int, device: torch.devi
         v_strides=kv,
         scale=1.0 / math.sqrt(f.head_dim),
     )
+
+
+def family_mask(family: Family, batch: int, capacity: int, device: torch.device):
+    """``(mask, kv_start)`` of a masked family's point, or ``(None, None)``: every key visible (the
+    cost of reading the mask, not of skipping keys), the mask a slice of one column more, as
+    kvdecode's marked transformers mask is."""
+    if not family.masked:
+        return None, None
+    mask = torch.ones(batch, 1, family.q_len, capacity + 1, dtype=torch.bool, device=device)
+    return mask[..., :capacity], torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 def parse_length(text: str, name: str) -> int:

@@ -30,8 +30,10 @@ DESCRIPTION = """\
 Autotune the Triton split-KV kernel (num_splits, block_n, num_warps, num_stages) for each family, batch
 size and length bucket (powers of two up to --capacity, capacity = filled length), measure cuDNN at the
 same points, find the crossover length per (family, batch), and write a tuning table (JSON) with the GPU,
-SM count, versions and date. Timing: kvdecode.timing.steady_state_us (N layers in one CUDA graph); the
-search uses 10 replays per candidate, the recorded numbers 20. The table is rewritten after every point;
+SM count, versions and date. With --mask, the families' masked twins instead (a bool mask and
+kv_start, as transformers steps have; Triton only). Timing: kvdecode.timing.steady_state_us (N layers in
+one CUDA graph); the search uses 10 replays per candidate, the recorded numbers 20. The table is
+rewritten after every point;
 rerunning with the same --out resumes. Default --out: the user table for this GPU, which kvdecode then
 uses (see 'kvdecode info')."""
 
@@ -52,6 +54,11 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--min-length", default=str(MIN_LENGTH), help=f"shortest bucket (default: {MIN_LENGTH})")
     g.add_argument("--lengths", help="explicit length buckets instead of the powers of two")
     g.add_argument("--coarse", action="store_true", help="4x steps between lengths, fewer candidates")
+    g.add_argument(
+        "--mask", action="store_true",
+        help="tune the families' masked twins (a bool mask [B, 1, T_q, L] and kv_start, as a transformers "
+        "step has; keys ending in _mask): what masked calls then use instead of the heuristic",
+    )  # fmt: skip
     o = p.add_argument_group("run")
     o.add_argument("--out", help="table to write (default: the user table for this GPU)")
     o.add_argument("--fresh", action="store_true", help="ignore points already in --out; start over")
@@ -83,7 +90,7 @@ def _families(args: argparse.Namespace) -> tuple[Family, ...]:
     for hq, hkv, d, label in shapes:
         merged.setdefault((hq, hkv, d), []).append(label)
     return tuple(
-        Family(hq, hkv, d, dtype, q_len, ",".join(labels))
+        Family(hq, hkv, d, dtype, q_len, ",".join(labels), masked=bool(getattr(args, "mask", False)))
         for (hq, hkv, d), labels in merged.items()
         for dtype in dtypes
     )
