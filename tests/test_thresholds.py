@@ -218,6 +218,17 @@ def test_masked_problems_take_the_masked_family_and_leave_the_crossovers_alone(t
     assert (cfg.num_splits, cfg.block_n) == (6, 32) and "_mask b8 L2048" in source
     assert config_mod.default_config(hf) == cfg
     assert config_mod.tuned_config(per_head) is None
+    additive = DecodeProblem(**{**hf.__dict__, "mask_kind": "additive", "mask_dtype": torch.float32})
+    strided_keys = DecodeProblem(**{**hf.__dict__, "mask_strides": (row, 0, 1, row)})  # (found in review)
+    assert config_mod.tuned_config(additive) is None and config_mod.tuned_config(strided_keys) is None
+    # one query head: the broadcast view keeps the head dim's real stride, and the mask is still shared
+    one_head = DecodeProblem(
+        **{**hf.__dict__, "num_q_heads": 1, "num_kv_heads": 1, "mask_strides": (row,) * 3 + (1,)}
+    )
+    twin = dict(masked, key="hq1_hkv1_d128_tq1_bf16_mask", num_q_heads=1, num_kv_heads=1)
+    add_point(raw, twin, 8, 2048, _point(5.0, None, splits=4, block_n=64))
+    thresholds.use_table(save_table(finalize(raw, partial=False), tmp_path / "one_head.json"))
+    assert config_mod.tuned_config(one_head)[0].num_splits == 4
     assert config_mod.tuned_config(p)[0].num_splits == 2  # the mask-free problem: batch bucket 16, unmasked
 
 

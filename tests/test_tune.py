@@ -260,6 +260,59 @@ def test_masked_families_are_tuned_with_a_mask_and_kv_start(tmp_path, monkeypatc
     assert thresholds.load_table(out).families[fam.key]["mask"] == "bool"
 
 
+def test_a_new_table_of_masked_families_starts_from_the_table_in_use(tmp_path, monkeypatch):
+    """A table holding only masked twins would be looked up before the table in use for the GPU and
+    hide its crossovers and mask-free configurations from every other call: a masked-only tune into a
+    new file starts from the table in use (found in review: thresholds {} and default 8192, not
+    provisional, for every mask-free call)."""
+    from kvdecode.tuning import measure
+    from kvdecode.tuning.environment import current_environment
+    from kvdecode.tuning.runner import run_tune
+    from kvdecode.tuning.spec import Family, TuneSpec
+
+    monkeypatch.setenv("KVDECODE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(measure.PointBench, "_time", lambda self, launch, replays: 10.0)
+    plain = crossover.new_table(current_environment("cpu").metadata() | {"sm_count": 4})
+    fam = {"key": "hq4_hkv2_d16_tq1_fp16", "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16, "q_len": 1,
+           "dtype": "fp16"}  # fmt: skip
+    cfg = {"num_splits": 2, "block_n": 16, "num_warps": 4, "num_stages": 2}
+    for n, cudnn in ((256, 9.0), (512, 5.0)):
+        crossover.add_point(plain, fam, 1, n, {"config": cfg, "triton_us": 8.0, "default_us": 9.0,
+                                               "cudnn_us": cudnn})  # fmt: skip
+    in_use = thresholds.save_table(crossover.finalize(plain, partial=False), tmp_path / "in_use.json")
+    thresholds.use_table(in_use)
+    try:
+        masked = Family(4, 2, 16, "fp16", masked=True)
+        out = tmp_path / "new.json"
+        stream = io.StringIO()
+        raw = run_tune(TuneSpec((masked,), (1,), (128,), coarse=True), out, stream=stream,
+                       device=torch.device("cpu"))  # fmt: skip
+    finally:
+        thresholds.use_table(None)
+    assert "starting from" in stream.getvalue()
+    assert set(raw["families"]) == {fam["key"], masked.key}
+    assert raw["thresholds"] == plain["thresholds"] and raw["batch_buckets"] == plain["batch_buckets"]
+    assert raw["families"][fam["key"]]["batches"]["1"]["threshold"] == 512
+    assert thresholds.load_table(out).families[masked.key]["mask"] == "bool"
+
+
+@pytest.mark.parametrize("heads, q_len, batch", [(1, 1, 1), (1, 4, 3), (4, 1, 1), (8, 4, 3)])
+def test_a_masked_familys_problem_is_the_one_its_tensors_make(heads, q_len, batch):
+    """The tuner's problem (from tensors) and the family's (no tensors: dry run, lookups) agree, a single
+    query head included (a size-1 dim keeps its stride in the broadcast view: found in review)."""
+    from kvdecode.problem import DecodeProblem
+    from kvdecode.tuning.spec import Family, family_mask, family_problem
+
+    fam = Family(heads, 1, 16, "fp16", q_len=q_len, masked=True)
+    cpu = torch.device("cpu")
+    q = torch.zeros(batch, heads, q_len, 16, dtype=torch.float16)
+    k = torch.zeros(batch, 1, 64, 16, dtype=torch.float16)
+    mask, starts = family_mask(fam, batch, 64, cpu)
+    lens = torch.full((batch,), 64, dtype=torch.int32)
+    made = DecodeProblem.from_tensors(q, k, k, lens, kv_start=starts, mask=mask)
+    assert made == family_problem(fam, batch, 64, cpu)
+
+
 def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp_path, monkeypatch):
     """The whole loop on CPU (Triton interpreter) with a fake clock: real launches and checks, fake µs.
 

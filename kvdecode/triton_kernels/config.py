@@ -125,8 +125,8 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
     if problem.device.type != "cuda" or interpreter_active():
         return None
     masked = problem.mask_kind != "none"
-    if masked and (problem.mask_strides is None or problem.mask_strides[1] != 0):
-        return None  # a mask per head reads more than a bool row per query: not what was tuned
+    if masked and not _tuned_mask(problem):
+        return None
     from ..thresholds import family_key, table_for_gpu
     from ..tuning.environment import device_gpu_name
 
@@ -145,6 +145,15 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
         num_splits=splits, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
     )
     return config, f"{table.path} [{family} b{batch} L{length}]"
+
+
+def _tuned_mask(p: DecodeProblem) -> bool:
+    """The mask is what masked families are tuned with: bool, one row per query shared by the heads
+    (broadcast, or a single head), keys contiguous. Another (float: 2-4x the bytes; per head; strided
+    keys) reads differently and keeps the heuristic."""
+    strides = p.mask_strides
+    shared = strides is not None and (strides[1] == 0 or p.num_q_heads == 1)
+    return p.mask_kind == "bool" and shared and strides[3] == 1
 
 
 def cap_splits(problem: DecodeProblem, splits: int, block_n: int) -> int:

@@ -107,7 +107,7 @@ def _fmt_threshold(value: int | None) -> str:
 def format_results(raw: dict) -> str:
     """The table printed at the end of ``kvdecode tune``: every point, then the crossovers."""
     head = (
-        f"{'family':<26} {'B':>4} {'L':>7}  {'default us':>10} {'tuned us':>9} {'speedup':>7}  "
+        f"{'family':<31} {'B':>4} {'L':>7}  {'default us':>10} {'tuned us':>9} {'speedup':>7}  "
         f"{'tuned config':<22} {'cuDNN us':>9}  winner"
     )
     lines = [head, "-" * len(head)]
@@ -120,10 +120,15 @@ def format_results(raw: dict) -> str:
                 cudnn = p.get("cudnn_us")
                 winner = "cudnn" if cudnn is not None and cudnn < p["triton_us"] else "triton"
                 lines.append(
-                    f"{key:<26} {b:>4} {n:>7}  {p['default_us']:>10.2f} {p['triton_us']:>9.2f} "
+                    f"{key:<31} {b:>4} {n:>7}  {p['default_us']:>10.2f} {p['triton_us']:>9.2f} "
                     f"{p['default_us'] / p['triton_us']:>6.3f}x  {cfg:<22} "
                     f"{'n/a' if cudnn is None else f'{cudnn:.2f}':>9}  {winner}"
                 )
-            crossings.append(f"{key:<26} {b:>4}  cuDNN from L >= {_fmt_threshold(entry['threshold'])}")
+            where = (
+                "n/a (masked: Triton only)"
+                if fam.get("mask")
+                else f"cuDNN from L >= {_fmt_threshold(entry['threshold'])}"
+            )
+            crossings.append(f"{key:<31} {b:>4}  {where}")
     lines += ["", "crossover (auto uses cuDNN at or above it):", *crossings]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from typing import TextIO
 import torch
 
 from ..errors import KVDecodeError
-from ..thresholds import read_table, save_table
+from ..thresholds import read_table, resolve_table, save_table
 from ..triton_kernels.config import sm_count as config_sm_count
 from .crossover import add_point, finalize, measured_points, new_table
 from .environment import current_environment, device_gpu_name, mismatch_reasons
@@ -106,6 +106,8 @@ def run_tune(
     meta = env.metadata()
     meta.update(sm_count=sm_count, measure=MEASURE_TEXT.format(search=search_replays), command=command)
     raw = None if fresh else load_for_resume(out, meta)
+    if raw is None and spec.families and all(f.masked for f in spec.families):
+        raw = _seed(meta, progress_stream=stream or sys.stderr)
     if raw is None:
         raw = new_table(meta)
     done = measured_points(raw)
@@ -124,6 +126,24 @@ def run_tune(
         progress.close()
     raw["metadata"]["date"] = meta["date"]
     return _save_final(raw, out)
+
+
+def _seed(meta: dict, *, progress_stream: TextIO) -> dict | None:
+    """The table in use for this GPU, to start a new table of masked families from: a table holding
+    only masked twins would be looked up before it and hide its crossovers and mask-free
+    configurations from every other call. None when no table is in use (or it does not match)."""
+    import copy
+
+    found = resolve_table(meta["gpu_name"]).table
+    if found is None or not found.path:
+        return None
+    raw = read_table(found.path)
+    if raw["schema_version"] < 2 or mismatch_reasons(raw["metadata"], current_environment(meta["gpu_name"])):
+        return None
+    raw = copy.deepcopy(raw)
+    raw["metadata"].update({k: v for k, v in meta.items() if k in ("command", "measure")})
+    progress_stream.write(f"starting from {found.path}: its points are kept, the masked families added\n")
+    return raw
 
 
 def _save_final(raw: dict, out: Path) -> dict:

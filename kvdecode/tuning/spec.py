@@ -85,8 +85,9 @@ def family_problem(family: Family, batch: int, capacity: int, device: torch.devi
     masked = {}
     if f.masked:  # the broadcast view [B, H_q, T_q, capacity] of [B, 1, T_q, capacity + 1][..., :capacity]
         row = capacity + 1
+        heads = 0 if f.num_q_heads > 1 else f.q_len * row  # (a size-1 dim keeps its stride)
         masked = dict(has_kv_start=True, mask_kind="bool", mask_dtype=torch.bool,
-                      mask_strides=(f.q_len * row, 0, row, 1))  # fmt: skip
+                      mask_strides=(f.q_len * row, heads, row, 1))  # fmt: skip
     return DecodeProblem(
         **masked,
         batch=batch,
@@ -218,7 +219,7 @@ def plan_point(point: Point, *, sm_count: int, budget: int, coarse: bool, replay
     replay_s = layers * max(nbytes / READ_BPS, 5e-6)
     host_s = HOST_S + layers * LAUNCH_S * 4  # 3 warm-up passes and the capture launch every layer
     search_s = configs * (host_s + (4 + replays) * replay_s)
-    finals_s = 4 * (host_s + 24 * replay_s) + CUDNN_BUILD_S
+    finals_s = 4 * (host_s + 24 * replay_s) + (0 if point.family.masked else CUDNN_BUILD_S)
     return PointPlan(point, layers, configs, search_s + finals_s + layers * nbytes / FILL_BPS, None)
 
 
@@ -235,5 +236,6 @@ def estimate(
     # split ladders differ between batch sizes; other lengths mostly reuse them). An overestimate.
     longest = {(p.point.family, p.point.batch): p.configs for p in plans if p.skip is None}
     compiles = sum(longest.values()) * 0.7  # batch sizes share most of their candidates
-    total = sum(p.seconds for p in plans) + COMPILE_S * compiles + CUDNN_FIRST_S * len(spec.families)
+    cudnn_families = sum(not f.masked for f in spec.families)  # (masked families: Triton only)
+    total = sum(p.seconds for p in plans) + COMPILE_S * compiles + CUDNN_FIRST_S * cudnn_families
     return plans, total

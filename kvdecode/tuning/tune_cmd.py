@@ -172,12 +172,12 @@ def print_dry_run(spec: TuneSpec, out: Path, args: argparse.Namespace, replays: 
     )
     print(f"device: {machine}")
     print(f"out: {out}")
-    print(f"{'family':<26} {'B':>4} {'L':>7} {'layers':>6} {'KV/layer':>10} {'configs':>7}")
+    print(f"{'family':<31} {'B':>4} {'L':>7} {'layers':>6} {'KV/layer':>10} {'configs':>7}")
     for plan in plans:
         pt = plan.point
         size = f"{pt.kv_bytes() / 1e6:.1f} MB"
         tail = f"skip: {plan.skip}" if plan.skip else f"{plan.configs:>7}"
-        print(f"{pt.family.key:<26} {pt.batch:>4} {pt.length:>7} {plan.n_layers:>6} {size:>10} {tail}")
+        print(f"{pt.family.key:<31} {pt.batch:>4} {pt.length:>7} {plan.n_layers:>6} {size:>10} {tail}")
     print(
         f"estimated duration: ~{seconds / 60:.1f} min (rough: {replays} replays per candidate, 20 for "
         "the recorded numbers, Triton compiles and cuDNN builds included)"
