@@ -181,6 +181,8 @@ def test_plan_without_gpu_explains_and_says_what_is_missing(capsys):
     assert "on NVIDIA H100" in out  # what the shipped table would decide there
     code, out, _ = _main(["plan", "--preset", "qwen2-7b", "--backend", "cudnn"], capsys)
     assert code == 1 and "cannot serve" in out
+    code, out, _ = _main(["plan", "--preset", "qwen2-7b", "--batch", "8", "--mask"], capsys)  # an HF step
+    assert code == 0 and "_kvstart_maskbool" in out and "a bool mask is given" in out
 
 
 def test_info_prints_the_table_and_the_graph_cache(capsys):

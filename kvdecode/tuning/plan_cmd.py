@@ -36,6 +36,11 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--capacity", default="131072", help="cache capacity (default: 131072; 128k ok)")
     p.add_argument("--length", help="longest filled row (max_seq_len); default: the capacity")
     p.add_argument("--kv-start", action="store_true", help="rows are left-padded (kv_start given)")
+    p.add_argument(
+        "--mask", action="store_true",
+        help="a bool mask shared by the heads, and kv_start (a transformers step): Triton, tuned by "
+        "'kvdecode tune --mask'",
+    )  # fmt: skip
     p.add_argument("--backend", default="auto", choices=BACKEND_NAMES, help="default: auto")
     p.add_argument("--table", help="tuning table to use (default: the lookup order, see 'kvdecode info')")
     p.set_defaults(func=run_plan_command)
@@ -44,15 +49,17 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
 def _family(args: argparse.Namespace) -> Family:
     dtype = args.dtype
     q_len = parse_length(args.q_len, "--q-len")
+    masked = bool(getattr(args, "mask", False))
     if args.preset and (args.heads or args.head_dim):
         raise KVDecodeError("give --preset or --heads/--head-dim, not both")
     if args.preset:
         pr = get_preset(args.preset)
-        return Family(pr.num_q_heads, pr.num_kv_heads, pr.head_dim, dtype, q_len, pr.name)
+        return Family(pr.num_q_heads, pr.num_kv_heads, pr.head_dim, dtype, q_len, pr.name, masked)
     if not (args.heads and args.head_dim):
         raise KVDecodeError("kvdecode plan needs --preset NAME or --heads H_q:H_kv --head-dim D")
     hq, hkv = parse_heads(args.heads)
-    return Family(hq, hkv, check_head_dim(parse_length(args.head_dim, "--head-dim")), dtype, q_len)
+    head_dim = check_head_dim(parse_length(args.head_dim, "--head-dim"))
+    return Family(hq, hkv, head_dim, dtype, q_len, masked=masked)
 
 
 def _problem(args: argparse.Namespace):
