@@ -24,6 +24,7 @@ import decode_markdown  # noqa: E402
 import decode_measure  # noqa: E402
 import decode_report  # noqa: E402
 import decode_sdpa  # noqa: E402
+import verdicts  # noqa: E402
 
 # ---- the ceiling ----
 
@@ -171,3 +172,33 @@ def test_served_by_combines_bitwise_and_kernel_evidence():
     none = dict.fromkeys(only_cudnn, False)
     assert decode_sdpa.served_by(none, "FLASH_ATTENTION") == "FLASH_ATTENTION"
     assert decode_sdpa.served_by(none, None) == "unknown"
+
+
+# ---- issue 18's verdicts on result files ----
+
+
+def _cell(batch, length, auto_us, sdpa_us, pct=99.5, nbytes=10**6):
+    ok = {"status": "ok"}
+    return {"case": "gqa", "batch": batch, "seq_len": length, "kv_bytes": nbytes,
+            "results": {"kvdecode-auto": {**ok, "steady_us": auto_us, "pct_floor": pct, "chosen": "triton"},
+                        "sdpa": {**ok, "steady_us": sdpa_us}}}  # fmt: skip
+
+
+def test_verdicts_name_every_miss_and_nothing_else():
+    cells = [
+        _cell(16, 1024, 24.1, 19.9),  # a miss
+        _cell(64, 4096, 243.2, 243.1),  # 1.0004x: "<= 1.00x" holds
+        _cell(1, 1024, 9.0, 7.0),  # B 1: not a batch cell
+        _cell(4, 16384, 80.0, 70.0, pct=97.0, nbytes=2 * 10**9),  # not a batch cell; large, below the floor
+    ]
+    lines = verdicts.decode_verdicts({"cells": cells})
+    assert [line.split(":")[0] for line in lines[:-1]] == ["miss  gqa B 16 L 1024", "floor gqa B 4 L 16384"]
+    assert lines[-1] == "decode: 2 cells with B >= 4, L <= 4k; 1 slower than torch SDPA"
+    rows = [dict(backend=b, batch=1, capacity=2048, filled=1024, window=0, mode=m, ms_per_step=ms)
+            for b, m, ms in (("sdpa", "captured", 2.39), ("flex_attention", "captured", 1.98),
+                             ("kvdecode", "captured", 2.01), ("sdpa", "eager", 12.0),
+                             ("kvdecode", "eager", 11.0))]  # fmt: skip
+    rows.append(dict(backend="flex_attention", batch=1, capacity=2048, filled=1024, mode="eager", error="x"))
+    lines = verdicts.generate_verdicts({"results": rows})
+    assert lines[0].startswith("miss  B 1 cap 2048 L 1024 captured: kvdecode 2.01 ms vs flex_attention 1.98")
+    assert lines[1:] == ["generate: 2 (row, mode) pairs; 1 where kvdecode is not the fastest"]
