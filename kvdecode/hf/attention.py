@@ -203,11 +203,17 @@ def lengths_from_mask(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, tor
 
     Notes
     -----
-    One kernel on a GPU (``torch.ops.kvdecode.mask_lengths``, :mod:`kvdecode._mask_lengths`) instead
-    of the ~11 small torch kernels the same computation takes in torch ops; under ``torch.compile`` the
-    op is one opaque node.
+    Eager and in CUDA-graph capture, one kernel on a GPU (``torch.ops.kvdecode.mask_lengths``,
+    :mod:`kvdecode._mask_lengths`) instead of the ~11 small kernels the computation takes in torch
+    ops. While ``torch.compile`` traces, the torch ops themselves (``mask_lengths_torch``, the kernel's
+    tested twin): inductor fuses them into the layer's own kernels, where the op would stay one
+    opaque launch per layer (the compiler does not share it between layers).
     """
     check_mask_for_lengths(mask, q_len)  # a KVDecodeError for what the op's schema would refuse raw
+    if torch.compiler.is_compiling():
+        from .._mask_lengths import mask_lengths_torch
+
+        return mask_lengths_torch(mask, q_len)
     return torch.ops.kvdecode.mask_lengths(mask, q_len)
 
 
