@@ -177,7 +177,7 @@ def test_served_by_combines_bitwise_and_kernel_evidence():
 # ---- issue 18's verdicts on result files ----
 
 
-def _cell(batch, length, auto_us, sdpa_us, pct=99.5, nbytes=10**6):
+def _verdict_cell(batch, length, auto_us, sdpa_us, pct=99.5, nbytes=10**6):
     ok = {"status": "ok"}
     return {"case": "gqa", "batch": batch, "seq_len": length, "kv_bytes": nbytes,
             "results": {"kvdecode-auto": {**ok, "steady_us": auto_us, "pct_floor": pct, "chosen": "triton"},
@@ -186,10 +186,12 @@ def _cell(batch, length, auto_us, sdpa_us, pct=99.5, nbytes=10**6):
 
 def test_verdicts_name_every_miss_and_nothing_else():
     cells = [
-        _cell(16, 1024, 24.1, 19.9),  # a miss
-        _cell(64, 4096, 243.2, 243.1),  # 1.0004x: "<= 1.00x" holds
-        _cell(1, 1024, 9.0, 7.0),  # B 1: not a batch cell
-        _cell(4, 16384, 80.0, 70.0, pct=97.0, nbytes=2 * 10**9),  # not a batch cell; large, below the floor
+        _verdict_cell(16, 1024, 24.1, 19.9),  # a miss
+        _verdict_cell(64, 4096, 243.2, 243.1),  # 1.0004x: "<= 1.00x" holds
+        _verdict_cell(1, 1024, 9.0, 7.0),  # B 1: not a batch cell
+        _verdict_cell(
+            4, 16384, 80.0, 70.0, pct=97.0, nbytes=2 * 10**9
+        ),  # not a batch cell; large, below the floor
     ]
     lines = verdicts.decode_verdicts({"cells": cells})
     assert [line.split(":")[0] for line in lines[:-1]] == ["miss  gqa B 16 L 1024", "floor gqa B 4 L 16384"]
