@@ -38,7 +38,10 @@ Shapes (the public contract of :func:`kvdecode.decode_attention`)::
                                         float32, bfloat16 or float16)
 
 :func:`decode_attention_op` is the Python wrapper (optional arguments, an ``out`` allocated when not
-given); :func:`kvdecode.sdpa` and :mod:`kvdecode.hf` call it.
+given); :func:`kvdecode.sdpa` and :mod:`kvdecode.hf` call it. The module's other ops: ``kvdecode::sdpa``
+(:func:`kvdecode.sdpa` as one op), ``kvdecode::append_kv`` (the append kernel, for
+``kvdecode.hf.FP8StaticCache``) and ``kvdecode::mask_lengths`` (a decode step's lengths from its mask,
+for :func:`kvdecode.hf.lengths_from_mask`).
 """
 
 from __future__ import annotations
