@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import smoke_examples
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import (
@@ -117,6 +118,7 @@ def test_many_packed_rows_span_several_row_blocks(device):
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
+@smoke_examples(25)  # ~4 compiles an example: half the smoke examples keep the GPU pass under 5 minutes
 @given(data=st.data())
 def test_split_count_invariance(device, data):
     """Different split counts and tile sizes (including more splits than tiles, so some splits are
