@@ -154,8 +154,10 @@ def _regrets(table_name: str) -> list[tuple[float, str]]:
     return out
 
 
-@pytest.mark.parametrize(("table", "cells"), [("default_h200.json", 100), ("default_h100.json", 43)])
+@pytest.mark.parametrize(("table", "cells"), [("default_h200.json", 106), ("default_h100.json", 43)])
 def test_regret_on_the_shipped_tables_stays_within_the_claimed_bound(table, cells):
+    """(H200: 106 cells since the batch cells at L 1k/4k were tuned, 2026-12-05; masked families have
+    no cuDNN figure and do not count.)"""
     regrets = _regrets(table)
     assert len(regrets) == cells  # every cell with both backends measured
     worst = max(regrets)
