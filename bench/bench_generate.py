@@ -87,8 +87,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--window", type=int, default=4096, help="sliding window of the Mistral-shaped row (0: no such row)"
     )
+    p.add_argument(
+        "--rows",
+        type=_rows_arg,
+        help="run only these rows, 'BxCAPxL' comma-separated (e.g. 1x2048x1024,8x2048x1024); a run split "
+        "across calls, its parts joined with --merge",
+    )
+    p.add_argument("--tag", default="", help="appended to the results' file names (e.g. part1)")
     p.add_argument("--render", type=Path, help="write the .md (and .png) of an earlier run's JSON; no run")
+    p.add_argument(
+        "--merge", type=Path, nargs="+", help="join the JSONs of one split run into one under --out; no run"
+    )
     return p.parse_args(argv)
+
+
+def _rows_arg(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        rows = tuple(tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item)
+    except ValueError:
+        rows = ()
+    if not rows or any(len(r) != 3 or min(r) < 1 or r[2] > r[1] for r in rows):
+        raise argparse.ArgumentTypeError(f"--rows wants 'BxCAPxL,...' with 1 <= L <= CAP, got {text!r}")
+    return rows
 
 
 def environment() -> dict:
@@ -470,15 +490,43 @@ def plans_made() -> list[dict]:
     return made
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One results file from the parts of a run split across calls (``--rows``/``--tag``): the records
+    in order, the first part's environment, every part's rows and plans; refuses parts of another GPU or
+    set of versions (they are not one run's figures)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    env = parts[0]["meta"]["env"]
+    for path, part in zip(paths[1:], parts[1:]):
+        other = part["meta"]["env"]
+        if {k: v for k, v in other.items() if k != "date"} != {k: v for k, v in env.items() if k != "date"}:
+            raise SystemExit(f"{path}: environment {other} differs from {paths[0]}'s {env}")
+    meta = dict(parts[0]["meta"], parts=[str(p.name) for p in paths])
+    meta["rows"] = [r for part in parts for r in part["meta"]["rows"]]
+    meta["kvdecode_plans"] = [pl for part in parts for pl in part["meta"].get("kvdecode_plans", [])]
+    records = [r for part in parts for r in part["results"]]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_stem(env)}.json"
+    path.write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+    return render(path)
+
+
+def _stem(env: dict) -> str:
+    gpu = env["gpu"].lower().replace(" ", "-").replace("(", "").replace(")", "")
+    return f"hf-generate-{gpu}-{env['date']}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render is not None:
         return render(args.render)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = ((2, 64, 32), (2, 64, 60)) if args.tiny else QUICK_ROWS if args.quick else ROWS
+    rows = args.rows or rows
     rows = [(*row, 0) for row in rows]
     if args.window:  # --tiny: a window of at most 16 in its 64-slot cache, so that it slides
         window = min(args.window, 16) if args.tiny else args.window
@@ -496,10 +544,8 @@ def main(argv=None) -> int:
         records += run_row(model, row, row_backends, _modes_for(row, args, started), args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (
-        f"hf-generate-{env['gpu'].lower().replace(' ', '-').replace('(', '').replace(')', '')}-{env['date']}"
-    )
-    stem += "-quick" if args.quick else "-tiny" if args.tiny else ""
+    stem = _stem(env) + ("-quick" if args.quick else "-tiny" if args.tiny else "")
+    stem += f"-{args.tag}" if args.tag else ""
     meta = dict(
         env=env, layers=args.layers, rows=[list(r) for r in rows], backends=backends, argv=sys.argv[1:],
         kvdecode_plans=plans_made(),

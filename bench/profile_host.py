@@ -4,6 +4,11 @@
 
 Prints, per entry point, µs per call and the functions with the most own time; for Triton plans also
 whether the direct launch path is in use (:class:`kvdecode.triton_kernels.bound.BoundKernel`).
+
+``--parts`` times the pieces of one ``DecodePlan.run`` (Triton) separately, 1000 back-to-back calls each
+then one sync (:func:`kvdecode.timing.host_overhead_us`): the signature test, the partials' allocation,
+each kernel's launch through :class:`BoundKernel`, the compiled kernel's own launcher called bare, the
+stream lookup, and the whole ``run`` beside torch SDPA, so the host cost can be attributed.
 """
 
 from __future__ import annotations
@@ -41,14 +46,77 @@ def profile(name: str, fn, calls: int) -> None:
     print("\n".join(lines))
 
 
+def parts(q, k, lens, out) -> None:
+    from kvdecode._checks import inputs_match
+    from kvdecode.timing import host_overhead_us
+    from kvdecode.triton_kernels.bound import _hooks
+
+    tri = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
+    tri.run(q, k, k, lens, out=out)
+    la = tri.launcher
+    captured = {}
+
+    def spy(bound):
+        real = bound.__call__
+
+        def call(grid, args, spec):
+            captured[bound.name] = (grid, list(args), spec)
+            real(grid, args, spec)
+
+        return call
+
+    split, merge = la._split, la._merge
+    la._split, la._merge = spy(split), spy(merge)
+    tri.run(q, k, k, lens, out=out)
+    la._split, la._merge = split, merge
+    rows = {
+        "python loop (lambda: None)": lambda: None,
+        "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
+        "torch.cuda.current_device()": torch.cuda.current_device,
+        "_hooks()": _hooks,
+        "inputs_match": lambda: inputs_match(tri._sig, q, k, k, lens),
+        "torch.empty(partials)": lambda: torch.empty(la._part_elems, dtype=torch.float32, device=q.device),
+    }
+    for bound in (split, merge):
+        if bound.name not in captured:
+            continue
+        grid, args, spec = captured[bound.name]
+        name = f"BoundKernel {bound.name} ({len(args)} args)"
+        rows[name] = lambda b=bound, g=grid, a=args, s=spec: b(g, a, s)
+        kernel = bound._compiled.get(spec)
+        if kernel is not None:
+            stream = torch._C._cuda_getCurrentRawStream(0)
+            rows[f"bare kernel.run {bound.name}"] = lambda kn=kernel, g=grid, a=args, st=stream: kn.run(
+                g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a
+            )
+    rows["launcher (allocation + both launches)"] = lambda: la(q, k, k, lens, None, None, out, None)
+    rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
+    rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
+        q, k, k, lens, max_seq_len=1000, out=out
+    )
+    rows["torch SDPA (exact slice, enable_gqa)"] = lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :1000], k[:, :, :1000], enable_gqa=True
+    )
+    print(f"== parts of one call, µs (1000 calls, then one sync); splits {la.num_splits}")
+    for _ in range(2):  # the second round is the one to read: the first warms caches and clocks
+        for name, fn in rows.items():
+            print(f"  {name:55s} {host_overhead_us(fn, 1000):8.2f}")
+        print("  --")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
-    calls = ap.parse_args().calls
+    ap.add_argument("--parts", action="store_true", help="time the pieces of one DecodePlan.run instead")
+    args = ap.parse_args()
+    calls = args.calls
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((1,), 1000, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
+    if args.parts:
+        parts(q, k, lens, out)
+        return
     problem = kvdecode.DecodeProblem.from_tensors(q, k, k, lens)
     tri = kvdecode.plan(problem, backend="triton")
     profile("DecodePlan.run triton", lambda: tri.run(q, k, k, lens, out=out), calls)
