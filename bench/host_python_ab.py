@@ -31,7 +31,7 @@ B, HQ, HKV, D, CAP = 1, 32, 8, 128, 256
 
 
 class _NoLaunch:
-    def __call__(self, grid, args, spec) -> None:
+    def __call__(self, grid, args, spec, binder_args=None) -> None:
         pass
 
 

@@ -59,9 +59,10 @@ def parts(q, k, lens, out) -> None:
     def spy(bound):
         real = bound.__call__
 
-        def call(grid, args, spec):
-            captured[bound.name] = (grid, list(args), spec)
-            real(grid, args, spec)
+        def call(grid, args, spec, binder_args=None):
+            # the direct launch's arguments (pointers as integers) and the binder's (tensors)
+            captured[bound.name] = (grid, list(args), spec, list(binder_args() if binder_args else args))
+            real(grid, args, spec, binder_args)
 
         return call
 
@@ -80,15 +81,16 @@ def parts(q, k, lens, out) -> None:
     for bound in (split, merge):
         if bound.name not in captured:
             continue
-        grid, args, spec = captured[bound.name]
+        grid, args, spec, with_tensors = captured[bound.name]
         name = f"BoundKernel {bound.name} ({len(args)} args)"
         rows[name] = lambda b=bound, g=grid, a=args, s=spec: b(g, a, s)
         kernel = bound._compiled.get(spec)
         if kernel is not None:
             stream = torch._C._cuda_getCurrentRawStream(0)
-            rows[f"bare kernel.run {bound.name}"] = lambda kn=kernel, g=grid, a=args, st=stream: kn.run(
-                g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a
-            )
+            for label, a in (("pointers as integers", args), ("tensors", with_tensors)):
+                rows[f"bare kernel.run {bound.name}, {label}"] = lambda kn=kernel, g=grid, a=a, st=stream: (
+                    kn.run(g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a)
+                )
     rows["launcher (allocation + both launches)"] = lambda: la(q, k, k, lens, None, None, out, None)
     rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(

@@ -7,6 +7,13 @@ only ever differ in a few pointers (and the ``out``/``lse`` strides), so :class:
 values of the per-call integers), keeps the ``CompiledKernel`` it returned, and afterwards calls that
 kernel's launcher directly, as ``JITFunction.run`` itself does after its lookup.
 
+Direct launches take the pointers as integers (``data_ptr()``), not tensors: Triton's launcher asks the
+driver about every tensor argument (``cuPointerGetAttribute``, to refuse CPU tensors) and takes an
+integer as it is. The callers' checks have already placed every tensor on the kernel's GPU, and the
+caller computes those integers anyway (they decide the specialization), so this skips one driver call
+per pointer (13 for the split kernel) and nothing else. ``JITFunction.run`` (a new specialization, the
+interpreter) always gets the tensors.
+
 The direct path is used only where it is known to work: a real GPU (not the interpreter) and a Triton
 whose ``CompiledKernel`` has ``run``, ``function`` and ``packed_metadata``. If a direct launch raises,
 the bound kernel falls back to ``JITFunction.run`` for good (logged at DEBUG). Compiles are counted per
@@ -97,9 +104,11 @@ class BoundKernel:
     def _torch_stream(self, index: int) -> int:
         return torch.cuda.current_stream(index).cuda_stream
 
-    def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple) -> None:
+    def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple, binder_args=None) -> None:
         """Launch on ``grid``; ``spec`` must determine Triton's specialization of ``args`` (alignments and
-        per-call integers): launches with an equal ``spec`` share one compiled kernel."""
+        per-call integers): launches with an equal ``spec`` share one compiled kernel. ``args`` may hold
+        pointers as integers when ``binder_args`` is given: a zero-argument callable returning the same
+        list with the tensors, which ``JITFunction.run`` needs (its specialization reads them)."""
         kernel = self._compiled.get(spec) if self.direct else None
         if kernel is not None:
             try:
@@ -114,7 +123,7 @@ class BoundKernel:
             except Exception as exc:  # an unknown Triton: its binder path is always right
                 log.debug("%s: direct launch failed (%s); using JITFunction.run from now on", self.name, exc)
                 self.direct = False
-        kernel = self.fn[grid](*args, **self.options)
+        kernel = self.fn[grid](*(args if binder_args is None else binder_args()), **self.options)
         if kernel is not None:  # None under the interpreter
             _note_variant(self.name, kernel)
         if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):

@@ -133,36 +133,56 @@ class SplitKVLauncher:
 
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
         write_lse = lse is not None
+        lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
+        part = None
         if self.n_part:  # owned by this call: concurrent calls never share partials
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
-            part_lse = part[self.n_part * self.problem.head_dim :]
+            part_ptr = part.data_ptr()
+            part_lse_ptr = part_ptr + 4 * self.n_part * self.problem.head_dim
         else:
-            part = part_lse = seq_lens  # never read nor written with one split
-        lse_t = lse if write_lse else part_lse
+            part_ptr = part_lse_ptr = lens_ptr  # never read nor written with one split
         lse_strides = [lse.stride(0), lse.stride(1)] if write_lse else [0, 0]
         o_strides = [out.stride(0), out.stride(1), out.stride(2)]
-        kv_start = kv_start if kv_start is not None else seq_lens
-        mask = mask if mask is not None else seq_lens
-        k_scale, v_scale = scales if scales is not None else (seq_lens, seq_lens)
-        sinks = sinks if sinks is not None else seq_lens
+        k_scale, v_scale = scales if scales is not None else (None, None)
+        ptrs = [
+            out.data_ptr(), lse.data_ptr() if write_lse else part_lse_ptr, part_ptr, part_lse_ptr,
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lens_ptr,
+            *[lens_ptr if t is None else t.data_ptr() for t in (kv_start, mask, k_scale, v_scale, sinks)],
+        ]  # fmt: skip
         # the partials come from the caching allocator (512-byte aligned) at a fixed offset: their alignment
         # never changes, so only the callers' pointers and strides decide the specialization
-        ptrs = (out, lse_t, q, k_cache, v_cache, seq_lens, kv_start, mask, k_scale, v_scale, sinks)
-        spec = (write_lse, *o_strides, *lse_strides, *[t.data_ptr() % 16 == 0 for t in ptrs])
+        spec = (write_lse, *o_strides, *lse_strides, ptrs[0] % 16 == 0, ptrs[1] % 16 == 0,
+                *[p % 16 == 0 for p in ptrs[4:]])  # fmt: skip
+
+        def tensors():  # the same arguments as tensors, for Triton's binder (a new specialization)
+            if part is None:
+                part_t = part_lse_t = seq_lens
+            else:
+                part_t, part_lse_t = part, part[self.n_part * self.problem.head_dim :]
+            found = (kv_start, mask, k_scale, v_scale, sinks)
+            return (out, lse if write_lse else part_lse_t, part_t, part_lse_t, q, k_cache, v_cache, seq_lens,
+                    *[seq_lens if t is None else t for t in found])  # fmt: skip
+
         self._split(
-            self.split_grid,
-            [out, *o_strides, lse_t, *lse_strides, part, part_lse, q, *self._q_strides, k_cache,
-             *self._k_strides, v_cache, *self._v_strides, seq_lens, kv_start, mask, *self._mask_strides,
-             k_scale, v_scale, sinks, *self._split_tail, write_lse, *self._split_end],
-            spec,
+            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse), spec,
+            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse),
         )  # fmt: skip
         if self.n_part:
             self._merge(
-                self.merge_grid,
-                [out, *o_strides, lse_t, *lse_strides, part, part_lse, sinks, *self._merge_tail, write_lse,
-                 self._interp_bf16, self.use_pdl],
-                spec,
+                self.merge_grid, self._merge_args(ptrs, o_strides, lse_strides, write_lse), spec,
+                lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
+
+    def _split_args(self, t, o_strides, lse_strides, write_lse) -> list:
+        """The split kernel's arguments, ``t`` the call's tensors (or their pointers) in the order of
+        ``_launch``'s ``tensors``."""
+        return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[4], *self._q_strides, t[5],
+                *self._k_strides, t[6], *self._v_strides, t[7], t[8], t[9], *self._mask_strides,
+                t[10], t[11], t[12], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
+
+    def _merge_args(self, t, o_strides, lse_strides, write_lse) -> list:
+        return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[12], *self._merge_tail, write_lse,
+                self._interp_bf16, self.use_pdl]  # fmt: skip
 
 
 class TritonBackend:

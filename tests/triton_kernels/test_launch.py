@@ -8,6 +8,7 @@ import torch
 
 import kvdecode
 from kvdecode import warm as warmup_module
+from kvdecode.quant import quantize_fp8
 from kvdecode.reference import assert_close_to_reference, assert_lse_close, reference_decode_attention
 from kvdecode.triton_kernels import config as config_module
 from kvdecode.triton_kernels.bound import compile_counts
@@ -101,3 +102,41 @@ def test_new_batch_sizes_and_capacities_compile_nothing_after_warmup():
         ref = reference_decode_attention(q, k, k, lens)[0]
         assert_close_to_reference(out, ref, q.dtype, f"b{b} cap{cap}")
     assert compile_counts() == before
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(splits):
+    """A direct launch passes integers where Triton's binder gets tensors (Triton's launcher then asks
+    the driver nothing): position by position, every integer is that tensor's ``data_ptr()`` and every
+    other argument is the same. A slip in the order would launch on the wrong memory on a GPU."""
+    gen = torch.Generator().manual_seed(splits)
+    q = torch.randn(2, 4, 1, 16, generator=gen, dtype=torch.float16)
+    k8, k_scale = quantize_fp8(torch.randn(2, 2, 64, 16, generator=gen))
+    v8, v_scale = quantize_fp8(torch.randn(2, 2, 64, 16, generator=gen))
+    lens = torch.tensor([64, 30], dtype=torch.int32)
+    kv_start = torch.tensor([0, 3], dtype=torch.int32)
+    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    sinks = torch.zeros(4)
+    problem = kvdecode.DecodeProblem.from_tensors(
+        q, k8, v8, lens, kv_start=kv_start, mask=mask, k_scale=k_scale, v_scale=v_scale, sinks=sinks
+    )
+    launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16))
+    seen = []
+    launcher._split = launcher._merge = lambda grid, args, spec, binder_args: seen.append(
+        (args, binder_args())
+    )
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    launcher(q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks)
+    assert len(seen) == (2 if splits > 1 else 1)
+    for args, binder in seen:
+        assert len(args) == len(binder)
+        tensors = 0
+        for i, (a, b) in enumerate(zip(args, binder)):
+            if isinstance(b, torch.Tensor):
+                tensors += 1
+                assert isinstance(a, int) and a == b.data_ptr(), i
+            else:
+                assert a == b and type(a) is type(b), i
+        assert tensors >= 5  # the merge: out, lse, the two partials, sinks
+    named = {id(t) for t in (out, lse, q, k8, v8, lens, kv_start, mask, k_scale, v_scale, sinks)}
+    assert named <= {id(b) for b in seen[0][1] if isinstance(b, torch.Tensor)}
