@@ -28,6 +28,7 @@ from ._interpret import interpreter_active, on_device
 # isort: on
 
 from .quant import FP8_MAX
+from .triton_kernels.bound import BoundKernel
 
 __all__ = ["append_kv"]
 
@@ -147,29 +148,46 @@ def append_kv(
     block_d = triton.next_power_of_2(head_dim)
     block_t = min(triton.next_power_of_2(q_len), max(1, _MAX_TILE // block_d))
     grid = (triton.cdiv(q_len, block_t), num_kv_heads, batch)
+    quant = scales is not None
+    k_scale, v_scale = scales if quant else (seq_lens, seq_lens)  # (never read without QUANT)
+    tensors = (k_cache, v_cache, k_new, v_new, seq_lens, k_scale, v_scale)
+    ptrs = [t.data_ptr() for t in tensors]
+    ints = (
+        *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride(), *v_new.stride(),
+        0 if seq_lens.numel() == 1 else seq_lens.stride(0), q_len, capacity, head_dim,
+    )  # fmt: skip
+    consts = (
+        block_t, block_d, quant, quant and k_scale.numel() > 1, FP8_MAX.get(k_cache.dtype, 0.0),
+        quant and interpreter_active(), 3 if k_cache.dtype == torch.float8_e4m3fn else 2,
+        -6 if k_cache.dtype == torch.float8_e4m3fn else -14,
+    )  # fmt: skip
+    # Triton specializes on the pointers' dtypes and 16-byte alignment and on each integer's value (1, a
+    # multiple of 16): launches with equal dtypes, alignments, integers and constants share one kernel
+    spec = (*[t.dtype for t in tensors], *[p % 16 == 0 for p in ptrs], *ints, *consts)
     with on_device(k_cache.device):
-        _append_kv_kernel[grid](
-            k_cache,
-            *k_cache.stride()[:3],
-            v_cache,
-            *v_cache.stride()[:3],
-            k_new,
-            *k_new.stride(),
-            v_new,
-            *v_new.stride(),
-            seq_lens,
-            0 if seq_lens.numel() == 1 else seq_lens.stride(0),
-            *(scales if scales is not None else (seq_lens, seq_lens)),
-            q_len,
-            capacity,
-            head_dim,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            QUANT=scales is not None,
-            PER_HEAD=scales is not None and scales[0].numel() > 1,
-            QMAX=FP8_MAX.get(k_cache.dtype, 0.0),
-            INTERP_FP8=scales is not None and interpreter_active(),
-            MANT_BITS=3 if k_cache.dtype == torch.float8_e4m3fn else 2,
-            MIN_NORMAL_LOG2=-6 if k_cache.dtype == torch.float8_e4m3fn else -14,
-            num_warps=1 if block_t * block_d <= 512 else 4,
+        _bound(k_cache.device, 1 if block_t * block_d <= 512 else 4)(
+            grid, _args(ptrs, ints, consts), spec, lambda: _args(tensors, ints, consts)
         )
+
+
+def _args(t, ints, consts) -> list:
+    """The kernel's arguments: ``t`` the tensors (or their pointers) k_cache, v_cache, k_new, v_new,
+    seq_lens, k_scale, v_scale."""
+    return [t[0], *ints[0:3], t[1], *ints[3:6], t[2], *ints[6:10], t[3], *ints[10:14], t[4], ints[14],
+            t[5], t[6], *ints[15:], *consts]  # fmt: skip
+
+
+_BOUND: dict[tuple, BoundKernel] = {}
+
+
+def _bound(device: torch.device, num_warps: int) -> BoundKernel:
+    """The append kernel bound for ``device`` (launched directly, without ``JITFunction.run``, once a
+    specialization has been met; see :class:`~kvdecode.triton_kernels.bound.BoundKernel`)."""
+    index = device.index if device.type == "cuda" and not interpreter_active() else None
+    key = (index, num_warps)
+    found = _BOUND.get(key)
+    if found is None:
+        found = _BOUND.setdefault(
+            key, BoundKernel(_append_kv_kernel, "append_kv_kernel", dict(num_warps=num_warps), index)
+        )
+    return found

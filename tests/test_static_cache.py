@@ -79,6 +79,44 @@ def test_append_writes_each_row_at_its_length(layout, dtype):
         assert_storage(cache, model_k, model_v)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_direct_append_arguments_are_the_binder_arguments_as_pointers(monkeypatch, fp8):
+    """The append kernel's direct launch passes integers where Triton's binder gets tensors: every
+    integer is that tensor's ``data_ptr()``, every other argument the same, and the specialization key
+    tells apart what Triton compiles apart (the tensors' dtypes)."""
+    from kvdecode import _append
+    from kvdecode.quant import quantize_fp8
+
+    seen = []
+
+    class Recorder:
+        def __call__(self, grid, args, spec, binder):
+            seen.append((args, binder(), spec))
+
+    monkeypatch.setattr(_append, "_bound", lambda device, num_warps: Recorder())
+    new = torch.randn(2, 2, 3, 16, dtype=torch.bfloat16)
+    if fp8:
+        k, k_scale = quantize_fp8(torch.randn(2, 2, 32, 16))
+        v, v_scale = quantize_fp8(torch.randn(2, 2, 32, 16))
+        scales = (k_scale, v_scale)
+    else:
+        k, v, scales = torch.zeros(2, 2, 32, 16), torch.zeros(2, 2, 32, 16), None
+    for lens in (torch.tensor([5, 9], dtype=torch.int32), torch.tensor([5, 9])):
+        _append.append_kv(k, v, new, new[:, :, :2].float() if not fp8 else new, lens, scales)
+    spec32, spec64 = (spec for _, _, spec in seen)
+    assert spec32 != spec64  # int32 and int64 lengths compile apart
+    for args, binder, _ in seen:
+        assert len(args) == len(binder)
+        tensors = 0
+        for i, (a, b) in enumerate(zip(args, binder)):
+            if isinstance(b, torch.Tensor):
+                tensors += 1
+                assert isinstance(a, int) and a == b.data_ptr(), i
+            else:
+                assert a == b and type(a) is type(b), i
+        assert tensors == 7
+
+
 def test_layout_views_share_the_storage():
     cache = StaticKVCache(3, 2, 4, 24, 8, dtype=torch.float16, device=DEV, layout="bshd")
     assert cache.k_buffer.shape == (3, 2, 24, 4, 8)
