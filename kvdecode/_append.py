@@ -28,7 +28,7 @@ from ._interpret import interpreter_active, on_device
 # isort: on
 
 from .quant import FP8_MAX
-from .triton_kernels.bound import BoundKernel
+from .triton_kernels.bound import bound_kernel
 
 __all__ = ["append_kv"]
 
@@ -177,17 +177,5 @@ def _args(t, ints, consts) -> list:
             t[5], t[6], *ints[15:], *consts]  # fmt: skip
 
 
-_BOUND: dict[tuple, BoundKernel] = {}
-
-
-def _bound(device: torch.device, num_warps: int) -> BoundKernel:
-    """The append kernel bound for ``device`` (launched directly, without ``JITFunction.run``, once a
-    specialization has been met; see :class:`~kvdecode.triton_kernels.bound.BoundKernel`)."""
-    index = device.index if device.type == "cuda" and not interpreter_active() else None
-    key = (index, num_warps)
-    found = _BOUND.get(key)
-    if found is None:
-        found = _BOUND.setdefault(
-            key, BoundKernel(_append_kv_kernel, "append_kv_kernel", dict(num_warps=num_warps), index)
-        )
-    return found
+def _bound(device: torch.device, num_warps: int):
+    return bound_kernel(_append_kv_kernel, "append_kv_kernel", device, num_warps=num_warps)

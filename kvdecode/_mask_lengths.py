@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._interpret import on_device
+from .triton_kernels.bound import bound_kernel
 
 # isort: on
 
@@ -130,28 +131,29 @@ def mask_lengths_triton(
     else:
         partials = torch.empty(2, batch, num_chunks, dtype=torch.int32, device=mask.device)
         filled, first = partials[0], partials[1]
+    scan_ints = (mask.stride(0), mask.stride(2), mask.stride(3), capacity, cols, num_chunks)
+    scan_consts = (q_len, block_t, block_n, single)
+    ptrs = [t.data_ptr() for t in (mask, filled, first, seq_lens, kv_start)]
+    aligned = tuple(p % 16 == 0 for p in ptrs)  # (first is partials[1]: its alignment follows B)
+    warps = 8 if block_t * block_n >= 4096 else 4
+    scan = bound_kernel(_mask_lengths_kernel, "mask_lengths_kernel", mask.device, num_warps=warps)
     with on_device(mask.device):
-        _mask_lengths_kernel[(batch, num_chunks)](
-            mask,
-            mask.stride(0),
-            mask.stride(2),
-            mask.stride(3),
-            filled,
-            first,
-            capacity,
-            cols,
-            num_chunks,
-            T_Q=q_len,
-            BLOCK_T=block_t,
-            BLOCK_N=block_n,
-            SINGLE=single,
-            num_warps=8 if block_t * block_n >= 4096 else 4,
+        scan(
+            (batch, num_chunks, 1),
+            [ptrs[0], *scan_ints[:3], ptrs[1], ptrs[2], *scan_ints[3:], *scan_consts],
+            (*aligned[:3], *scan_ints, *scan_consts),
+            lambda: [mask, *scan_ints[:3], filled, first, *scan_ints[3:], *scan_consts],
         )
         if not single:
-            _mask_lengths_merge[(batch,)](
-                filled, first, seq_lens, kv_start, capacity, num_chunks, T_Q=q_len,
-                CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=1 if num_chunks <= 128 else 4,
-            )  # fmt: skip
+            tail = [capacity, num_chunks, q_len, triton.next_power_of_2(num_chunks)]
+            warps = 1 if num_chunks <= 128 else 4
+            merge = bound_kernel(_mask_lengths_merge, "mask_lengths_merge", mask.device, num_warps=warps)
+            merge(
+                (batch, 1, 1),
+                [*ptrs[1:], *tail],
+                (*aligned[1:], *tail),
+                lambda: [filled, first, seq_lens, kv_start, *tail],
+            )
     return seq_lens, kv_start
 
 

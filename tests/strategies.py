@@ -415,3 +415,18 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def check_direct_arguments(args: list, binder: list) -> int:
+    """A direct Triton launch's arguments against the binder's (:class:`BoundKernel`): position by
+    position, an integer where the binder has a tensor, equal to its ``data_ptr()``, and the same
+    value and type elsewhere. Returns the number of tensors."""
+    assert len(args) == len(binder)
+    tensors = 0
+    for i, (a, b) in enumerate(zip(args, binder)):
+        if isinstance(b, torch.Tensor):
+            tensors += 1
+            assert type(a) is int and a == b.data_ptr(), f"argument {i}: {a!r} is not the tensor's pointer"
+        else:
+            assert a == b and type(a) is type(b), f"argument {i}: {a!r} != {b!r}"
+    return tensors

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from strategies import TOLERANCES, check_close
+from strategies import TOLERANCES, check_close, check_direct_arguments
 
 import kvdecode
 from kvdecode import KVDecodeError, StaticKVCache
@@ -106,15 +106,7 @@ def test_direct_append_arguments_are_the_binder_arguments_as_pointers(monkeypatc
     spec32, spec64 = (spec for _, _, spec in seen)
     assert spec32 != spec64  # int32 and int64 lengths compile apart
     for args, binder, _ in seen:
-        assert len(args) == len(binder)
-        tensors = 0
-        for i, (a, b) in enumerate(zip(args, binder)):
-            if isinstance(b, torch.Tensor):
-                tensors += 1
-                assert isinstance(a, int) and a == b.data_ptr(), i
-            else:
-                assert a == b and type(a) is type(b), i
-        assert tensors == 7
+        assert check_direct_arguments(args, binder) == 7
 
 
 def test_layout_views_share_the_storage():

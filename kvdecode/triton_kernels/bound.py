@@ -31,7 +31,7 @@ import torch
 
 from .._interpret import interpreter_active
 
-__all__ = ["BoundKernel", "compile_counts", "reset_compile_counts"]
+__all__ = ["BoundKernel", "bound_kernel", "compile_counts", "reset_compile_counts"]
 
 log = logging.getLogger("kvdecode.triton")
 
@@ -128,3 +128,21 @@ class BoundKernel:
             _note_variant(self.name, kernel)
         if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             self._compiled[spec] = kernel
+
+
+_REGISTRY: dict[tuple, BoundKernel] = {}
+
+
+def bound_kernel(fn, name: str, device: torch.device, **options) -> BoundKernel:
+    """The process's one :class:`BoundKernel` of ``fn`` with ``options`` on ``device``, for kernels that
+    belong to no plan (the append and mask-lengths kernels): their direct launches skip
+    ``JITFunction.run`` once a specialization has been met. Off CUDA, or under the interpreter, the
+    kernel launches through ``fn[grid]`` every time."""
+    index = device.index if device.type == "cuda" and not interpreter_active() else None
+    if index is None and device.type == "cuda":  # "cuda" without an index: the current device's
+        index = None if interpreter_active() else torch.cuda.current_device()
+    key = (fn, name, index, tuple(sorted(options.items())))
+    found = _REGISTRY.get(key)
+    if found is None:
+        found = _REGISTRY.setdefault(key, BoundKernel(fn, name, options, index))
+    return found

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import check_direct_arguments
 
 import kvdecode.hf
 from kvdecode import ops  # noqa: F401  (registers torch.ops.kvdecode.mask_lengths)
@@ -112,15 +113,15 @@ def test_long_rows_are_cut_into_chunks_merged_by_a_second_kernel(monkeypatch):
     mask[0, 0, 2, 650] = mask[1, 0, 0, 5] = True
     got = mask_lengths_triton(mask, 3, tile=64, chunk=64 * 4)  # 4 rows x 16 keys... x 4 tiles = 64 keys
     assert [n for n, _ in launched] == ["_mask_lengths_kernel", "_mask_lengths_merge"]
-    assert launched[0][1] == (2, 11) and launched[1][1] == (2,)  # ceil(700 / 64) chunks
+    assert launched[0][1] == (2, 11, 1) and launched[1][1] == (2, 1, 1)  # ceil(700 / 64) chunks
     assert (got[0].tolist(), got[1].tolist()) == _contract(mask, 3) == ([651, 8], [650, 5])
     launched.clear()
     mask_lengths_triton(torch.zeros(1, 1, 1, 5000, dtype=torch.bool), 1, tile=16, chunk=16)
-    assert launched[0][1] == (1, 313)  # 5000 / 16
+    assert launched[0][1] == (1, 313, 1)  # 5000 / 16
     monkeypatch.setattr(ml, "_MAX_CHUNKS", 64)
     launched.clear()
     got = mask_lengths_triton(torch.ones(1, 1, 1, 5000, dtype=torch.bool), 1, tile=16, chunk=16)
-    assert launched[0][1] == (1, 63) and got[0].tolist() == [5000] and got[1].tolist() == [0]
+    assert launched[0][1] == (1, 63, 1) and got[0].tolist() == [5000] and got[1].tolist() == [0]
 
 
 @pytest.mark.parametrize(
@@ -172,3 +173,27 @@ def test_gpu_long_rows_match_the_torch_path():
     got = torch.ops.kvdecode.mask_lengths(view, 4)
     want = mask_lengths_torch(view, 4)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("capacity", [64, 4096])
+def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(monkeypatch, capacity):
+    """One chunk (the scan alone) and several (scan and merge): the direct launches' integers are the
+    binder's tensors' pointers, and the key holds the partials' alignment (``first`` is a view at an
+    offset that follows B)."""
+    from kvdecode import _mask_lengths
+
+    seen = []
+
+    def recorder(fn, name, device, **options):
+        return lambda grid, args, spec, binder: seen.append((name, args, binder(), spec))
+
+    monkeypatch.setattr(_mask_lengths, "bound_kernel", recorder)
+    mask = torch.ones(3, 1, 1, capacity, dtype=torch.bool)
+    mask_lengths_triton(mask, 1, tile=16, chunk=256)
+    names = [name for name, *_ in seen]
+    assert names == (
+        ["mask_lengths_kernel"] if capacity <= 256 else ["mask_lengths_kernel", "mask_lengths_merge"]
+    )
+    for _, args, binder, spec in seen:
+        assert check_direct_arguments(args, binder) >= 3
+        assert len(spec) >= 3 and all(type(flag) is bool for flag in spec[:3])
