@@ -28,6 +28,14 @@ markdown under ``--out`` (default ``bench/results/``) and a PNG plot of ms/step 
 importable. ``--quick`` runs two rows without compilation (about a minute on an H200).
 
     python3 bench/bench_generate.py [--layers 8] [--quick] [--out DIR]
+
+A full run with the compiled column on every row takes longer than one 10-minute device call; split
+it by rows and join the parts (the results are rewritten after every row, so a part cut short by its
+time limit keeps the rows it finished)::
+
+    python3 bench/bench_generate.py --compile all --rows 1x2048x1024,1x32768x1024 --tag part1
+    python3 bench/bench_generate.py --compile all --rows 8x32768x16384,8x32768x16384x4096 --tag part2
+    python3 bench/bench_generate.py --merge hf-generate-*-part1.json hf-generate-*-part2.json
 """
 
 from __future__ import annotations
@@ -90,8 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--rows",
         type=_rows_arg,
-        help="run only these rows, 'BxCAPxL' comma-separated (e.g. 1x2048x1024,8x2048x1024); a run split "
-        "across calls, its parts joined with --merge",
+        help="run exactly these rows, 'BxCAPxL' or 'BxCAPxLxWINDOW' comma-separated (e.g. "
+        "1x2048x1024,8x32768x16384x4096; --window adds none then); a run split across calls, its parts "
+        "joined with --merge",
     )
     p.add_argument("--tag", default="", help="appended to the results' file names (e.g. part1)")
     p.add_argument("--render", type=Path, help="write the .md (and .png) of an earlier run's JSON; no run")
@@ -101,14 +110,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _rows_arg(text: str) -> tuple[tuple[int, int, int], ...]:
+def _rows_arg(text: str) -> tuple[tuple[int, int, int, int], ...]:
     try:
         rows = tuple(tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item)
     except ValueError:
         rows = ()
-    if not rows or any(len(r) != 3 or min(r) < 1 or r[2] > r[1] for r in rows):
-        raise argparse.ArgumentTypeError(f"--rows wants 'BxCAPxL,...' with 1 <= L <= CAP, got {text!r}")
-    return rows
+    if not rows or any(len(r) not in (3, 4) or min(r) < 1 or r[2] > r[1] for r in rows):
+        raise argparse.ArgumentTypeError(
+            f"--rows wants 'BxCAPxL[xWINDOW],...' with 1 <= L <= CAP and WINDOW >= 1, got {text!r}"
+        )
+    return tuple((*r, 0) if len(r) == 3 else r for r in rows)
 
 
 def environment() -> dict:
@@ -526,14 +537,28 @@ def main(argv=None) -> int:
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = ((2, 64, 32), (2, 64, 60)) if args.tiny else QUICK_ROWS if args.quick else ROWS
-    rows = args.rows or rows
     rows = [(*row, 0) for row in rows]
-    if args.window:  # --tiny: a window of at most 16 in its 64-slot cache, so that it slides
+    if args.rows:
+        rows = list(args.rows)
+    elif args.window:  # --tiny: a window of at most 16 in its 64-slot cache, so that it slides
         window = min(args.window, 16) if args.tiny else args.window
         rows += [(*row, window) for row in (((2, 64, 60),) if args.tiny else WINDOW_ROWS)]
     started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _stem(env) + ("-quick" if args.quick else "-tiny" if args.tiny else "")
+    stem += f"-{args.tag}" if args.tag else ""
+
+    def save(done: list) -> None:  # after every row: a run cut short by a time limit keeps its rows
+        meta = dict(
+            env=env, layers=args.layers, rows=[list(r) for r in done], backends=backends, argv=sys.argv[1:],
+            kvdecode_plans=plans_made(),
+        )  # fmt: skip
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+        (out / f"{stem}.md").write_text(markdown(records, env, args.layers, backends))
+
     records, model = [], None
-    for row in rows:
+    for i, row in enumerate(rows):
         if model is None or getattr(model.config, "sliding_window", None) != (row[3] or None):
             del model
             model = build_model(args.layers, args.tiny, device, window=row[3])
@@ -542,16 +567,7 @@ def main(argv=None) -> int:
         # FP8StaticCache keeps sliding layers in the model's dtype: on a window row it is kvdecode again
         row_backends = [b for b in backends if not (row[3] and b == FP8_BACKEND)]
         records += run_row(model, row, row_backends, _modes_for(row, args, started), args, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _stem(env) + ("-quick" if args.quick else "-tiny" if args.tiny else "")
-    stem += f"-{args.tag}" if args.tag else ""
-    meta = dict(
-        env=env, layers=args.layers, rows=[list(r) for r in rows], backends=backends, argv=sys.argv[1:],
-        kvdecode_plans=plans_made(),
-    )  # fmt: skip
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
-    (out / f"{stem}.md").write_text(markdown(records, env, args.layers, backends))
+        save(rows[: i + 1])
     plotted = plot(records, out / f"{stem}.png")
     print(f"wrote {out / stem}.json, .md{', .png' if plotted else ' (no matplotlib: no plot)'}")
     print(f"total {time.perf_counter() - started:.1f} s")
