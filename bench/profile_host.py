@@ -8,7 +8,8 @@ whether the direct launch path is in use (:class:`kvdecode.triton_kernels.bound.
 ``--parts`` times the pieces of one ``DecodePlan.run`` (Triton) separately, 1000 back-to-back calls each
 then one sync (:func:`kvdecode.timing.host_overhead_us`): the signature test, the partials' allocation,
 each kernel's launch through :class:`BoundKernel`, the compiled kernel's own launcher called bare, the
-stream lookup, and the whole ``run`` beside torch SDPA, so the host cost can be attributed.
+stream lookup, the whole ``run``, ``decode_attention``, the torch op and its implementation called
+directly (the op's dispatch), beside torch SDPA, so the host cost can be attributed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def parts(q, k, lens, out) -> None:
     rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out
+    )
+    from kvdecode.ops import _decode_attention_impl
+
+    scale = q.shape[-1] ** -0.5
+    rows["torch.ops.kvdecode.decode_attention (positional)"] = lambda: torch.ops.kvdecode.decode_attention(
+        q, k, k, lens, None, None, out, scale, 1000
+    )
+    rows["the op's implementation called directly"] = lambda: _decode_attention_impl(
+        q, k, k, lens, None, None, out, scale, 1000
     )
     rows["torch SDPA (exact slice, enable_gqa)"] = lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k[:, :, :1000], k[:, :, :1000], enable_gqa=True
