@@ -84,7 +84,7 @@ def parts(q, k, lens, out) -> None:
             continue
         grid, args, spec, with_tensors = captured[bound.name]
         name = f"BoundKernel {bound.name} ({len(args)} args)"
-        rows[name] = lambda b=bound, g=grid, a=args, s=spec: b(g, a, s)
+        rows[name] = lambda b=bound, g=grid, a=args, s=spec, t=with_tensors: b(g, a, s, lambda: t)
         kernel = bound._compiled.get(spec)
         if kernel is not None:
             stream = torch._C._cuda_getCurrentRawStream(0)
