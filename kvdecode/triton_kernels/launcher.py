@@ -141,18 +141,25 @@ class SplitKVLauncher:
             part_lse_ptr = part_ptr + 4 * self.n_part * self.problem.head_dim
         else:
             part_ptr = part_lse_ptr = lens_ptr  # never read nor written with one split
-        lse_strides = [lse.stride(0), lse.stride(1)] if write_lse else [0, 0]
-        o_strides = [out.stride(0), out.stride(1), out.stride(2)]
+        lse_strides = lse.stride()[:2] if write_lse else (0, 0)
+        o_strides = out.stride()[:3]
         k_scale, v_scale = scales if scales is not None else (None, None)
         ptrs = [
             out.data_ptr(), lse.data_ptr() if write_lse else part_lse_ptr, part_ptr, part_lse_ptr,
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lens_ptr,
-            *[lens_ptr if t is None else t.data_ptr() for t in (kv_start, mask, k_scale, v_scale, sinks)],
+            lens_ptr if kv_start is None else kv_start.data_ptr(),
+            lens_ptr if mask is None else mask.data_ptr(),
+            lens_ptr if k_scale is None else k_scale.data_ptr(),
+            lens_ptr if v_scale is None else v_scale.data_ptr(),
+            lens_ptr if sinks is None else sinks.data_ptr(),
         ]  # fmt: skip
         # the partials come from the caching allocator (512-byte aligned) at a fixed offset: their alignment
-        # never changes, so only the callers' pointers and strides decide the specialization
-        spec = (write_lse, *o_strides, *lse_strides, ptrs[0] % 16 == 0, ptrs[1] % 16 == 0,
-                *[p % 16 == 0 for p in ptrs[4:]])  # fmt: skip
+        # never changes, so only the callers' pointers and strides decide the specialization. Every pointer
+        # 16-byte aligned (the common case) is one flag; otherwise one per pointer
+        p = ptrs
+        aligned = not ((p[0] | p[1] | p[4] | p[5] | p[6] | p[7] | p[8] | p[9] | p[10] | p[11] | p[12]) & 15)
+        flags = True if aligned else (p[0] % 16 == 0, p[1] % 16 == 0, *[x % 16 == 0 for x in p[4:]])
+        spec = (write_lse, o_strides, lse_strides, flags)
 
         def tensors():  # the same arguments as tensors, for Triton's binder (a new specialization)
             if part is None:

@@ -133,3 +133,22 @@ def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(splits):
         assert check_direct_arguments(args, binder) >= 5  # the merge: out, lse, the two partials, sinks
     named = {id(t) for t in (out, lse, q, k8, v8, lens, kv_start, mask, k_scale, v_scale, sinks)}
     assert named <= {id(b) for b in seen[0][1] if isinstance(b, torch.Tensor)}
+
+
+def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
+    """Triton compiles a 16-byte-aligned pointer apart from an unaligned one: a launch with q one
+    element off the alignment must not reuse the aligned launch's kernel (the key's last field is one
+    flag when every pointer is aligned, else one per pointer)."""
+    base = torch.randn(2 * 4 * 16 + 1)
+    q_aligned = base[: 2 * 4 * 16].view(2, 4, 1, 16)
+    q_off = base[1:].view(2, 4, 1, 16)  # 4 bytes past a 16-byte boundary
+    k = torch.randn(2, 2, 64, 16)
+    lens = torch.tensor([64, 30], dtype=torch.int32)
+    launcher = SplitKVLauncher(kvdecode.DecodeProblem.from_tensors(q_aligned, k, k, lens))
+    keys = []
+    launcher._split = launcher._merge = lambda grid, args, spec, binder: keys.append(spec)
+    for q in (q_aligned, q_off, q_aligned):
+        launcher(q, k, k, lens, None, None, torch.empty_like(q_aligned), None)
+    first, off, again = (keys[0], keys[len(keys) // 3], keys[2 * len(keys) // 3])
+    assert first == again and first[-1] is True
+    assert off != first and off[-1][2] is False and sum(not f for f in off[-1]) == 1  # q alone
