@@ -87,14 +87,28 @@ def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=
 
 
 def check_outputs(
-    p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+    p: DecodeProblem,
+    q,
+    k_cache,
+    v_cache,
+    seq_lens,
+    kv_start,
+    mask,
+    out,
+    lse,
+    scales=None,
+    sinks=None,
+    sig: Signature | None = None,
 ) -> None:
     """``out`` and ``lse`` (either may be None) for a call whose inputs match ``p``: the fast test against
-    its signature (which sizes every input), else the full checks naming the fault. The one output
-    check of :func:`kvdecode.decode_attention`, ``DecodePlan.run`` and ``StaticKVCache.attend``."""
+    its signature (which sizes every input; ``sig``, when the caller holds it, saves looking it up),
+    else the full checks naming the fault. The one output check of :func:`kvdecode.decode_attention`,
+    ``DecodePlan.run`` and ``StaticKVCache.attend``."""
     k_scale, v_scale = scales if scales is not None else (None, None)
     others = (kv_start, mask, k_scale, v_scale)
-    if not outputs_ok(signature(p), q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
+    if sig is None:
+        sig = signature(p)
+    if not outputs_ok(sig, q, k_cache, v_cache, seq_lens, out, lse, sinks, others):
         check_buffers(p, out, lse)
         outputs = {n: t for n, t in (("out", out), ("lse", lse)) if t is not None}
         check_outputs_disjoint(

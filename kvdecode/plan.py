@@ -113,7 +113,18 @@ class DecodePlan:
         sizes every input, else the full checks naming the fault."""
         if out is not None or lse is not None:
             check_outputs(
-                self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks
+                self.problem,
+                q,
+                k_cache,
+                v_cache,
+                seq_lens,
+                kv_start,
+                mask,
+                out,
+                lse,
+                scales,
+                sinks,
+                sig=self._sig,
             )
             return_lse = return_lse or lse is not None
         return self._launch(
