@@ -28,7 +28,7 @@ from ._interpret import interpreter_active, on_device
 # isort: on
 
 from .quant import FP8_MAX
-from .triton_kernels.bound import bound_kernel
+from .triton_kernels.bound import bound_kernel, int_class
 
 __all__ = ["append_kv"]
 
@@ -161,9 +161,9 @@ def append_kv(
         quant and interpreter_active(), 3 if k_cache.dtype == torch.float8_e4m3fn else 2,
         -6 if k_cache.dtype == torch.float8_e4m3fn else -14,
     )  # fmt: skip
-    # Triton specializes on the pointers' dtypes and 16-byte alignment and on each integer's value (1, a
-    # multiple of 16): launches with equal dtypes, alignments, integers and constants share one kernel
-    spec = (*[t.dtype for t in tensors], *[p % 16 == 0 for p in ptrs], *ints, *consts)
+    # Triton specializes on the pointers' dtypes and 16-byte alignment, on each integer's class (1, its
+    # width, a multiple of 16) and on the constants: launches equal in all of them share one kernel
+    spec = (*[t.dtype for t in tensors], *[p % 16 == 0 for p in ptrs], *map(int_class, ints), *consts)
     with on_device(k_cache.device):
         _bound(k_cache.device, 1 if block_t * block_d <= 512 else 4)(
             grid, _args(ptrs, ints, consts), spec, lambda: _args(tensors, ints, consts)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._interpret import on_device
-from .triton_kernels.bound import bound_kernel
+from .triton_kernels.bound import bound_kernel, int_class
 
 # isort: on
 
@@ -141,7 +141,7 @@ def mask_lengths_triton(
         scan(
             (batch, num_chunks, 1),
             [ptrs[0], *scan_ints[:3], ptrs[1], ptrs[2], *scan_ints[3:], *scan_consts],
-            (*aligned[:3], *scan_ints, *scan_consts),
+            (*aligned[:3], *map(int_class, scan_ints), *scan_consts),
             lambda: [mask, *scan_ints[:3], filled, first, *scan_ints[3:], *scan_consts],
         )
         if not single:
@@ -151,7 +151,7 @@ def mask_lengths_triton(
             merge(
                 (batch, 1, 1),
                 [*ptrs[1:], *tail],
-                (*aligned[1:], *tail),
+                (*aligned[1:], *map(int_class, tail[:2]), *tail[2:]),
                 lambda: [filled, first, seq_lens, kv_start, *tail],
             )
     return seq_lens, kv_start

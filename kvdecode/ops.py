@@ -268,6 +268,12 @@ def _append_impl(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale
             f"k_scale {'None' if k_scale is None else 'a tensor'} and v_scale "
             f"{'None' if v_scale is None else 'a tensor'}"
         )
+    named = (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new), ("seq_lens", seq_lens))
+    for name, t in (*named, ("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is not None and t.device != k_cache.device:  # the kernel would read another device's address
+            raise KVDecodeError(
+                f"{name} must be on k_cache's device ({k_cache.device}), got {t.device}; move it there"
+            )
     append_kv(k_cache, v_cache, k_new, v_new, seq_lens, None if k_scale is None else (k_scale, v_scale))
     torch.autograd.graph.increment_version(k_cache)  # written by a kernel: autograd sees the writes
     torch.autograd.graph.increment_version(v_cache)

@@ -191,3 +191,19 @@ def test_reduce_overhead_replays_follow_device_lengths():
         got = step(q, k, v, lens, start).clone()
         ref, _ = reference_decode_attention(q, k, v, lens, kv_start=start)
         assert_close_to_reference(got, ref, got.dtype, f"reduce-overhead replay at length {n}")
+
+
+def test_append_op_refuses_a_tensor_on_another_device_before_any_launch():
+    """The append kernel's direct launch takes raw addresses: a tensor on another device than the
+    cache would be read at a host (or another GPU's) address, so the op's implementation names it.
+    (Called directly: with a meta tensor among the arguments the dispatcher runs the op's fake.)"""
+    from kvdecode.ops import _append_impl
+
+    k = torch.zeros(2, 2, 8, 16)
+    new = torch.ones(2, 2, 1, 16)
+    lens = torch.tensor([3, 1], dtype=torch.int32)
+    with pytest.raises(kvdecode.KVDecodeError, match=r"k_new must be on k_cache's device \(cpu\)"):
+        _append_impl(k, k, new.to("meta"), new, lens)
+    with pytest.raises(kvdecode.KVDecodeError, match="seq_lens must be on k_cache's device"):
+        _append_impl(k, k, new, new, lens.to("meta"))
+    assert k.eq(0).all()  # nothing written

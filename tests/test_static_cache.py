@@ -105,6 +105,10 @@ def test_direct_append_arguments_are_the_binder_arguments_as_pointers(monkeypatc
         _append.append_kv(k, v, new, new[:, :, :2].float() if not fp8 else new, lens, scales)
     spec32, spec64 = (spec for _, _, spec in seen)
     assert spec32 != spec64  # int32 and int64 lengths compile apart
+    if fp8:  # the new tokens' dtype too (an fp8 cache takes fp16, bf16 or fp32 and quantizes)
+        _append.append_kv(k, v, new.half(), new.half(), torch.tensor([5, 9], dtype=torch.int32), scales)
+        assert seen[-1][2] != spec32
+        seen.pop()
     for args, binder, _ in seen:
         assert check_direct_arguments(args, binder) == 7
 

@@ -31,7 +31,7 @@ import torch
 
 from .._interpret import interpreter_active
 
-__all__ = ["BoundKernel", "bound_kernel", "compile_counts", "reset_compile_counts"]
+__all__ = ["BoundKernel", "bound_kernel", "compile_counts", "int_class", "reset_compile_counts"]
 
 log = logging.getLogger("kvdecode.triton")
 
@@ -67,6 +67,17 @@ try:
     _HOOKS_OWNER = _knobs.runtime
 except (ImportError, AttributeError):  # older Triton: hooks live on CompiledKernel
     from triton.compiler import CompiledKernel as _HOOKS_OWNER
+
+
+def int_class(value: int) -> object:
+    """What Triton specializes an integer argument on (Triton 3.6 and 3.9 alike): 1 becomes a constant;
+    any other value is typed by its range (i32, i64, u64) and marked when divisible by 16. A key made of
+    these classes (not of the values) lets calls whose integers differ only in value share a kernel, and
+    stays bounded however many values a process meets."""
+    if value == 1:
+        return 1
+    width = 0 if -(2**31) <= value < 2**31 else 1 if value < 2**63 else 2
+    return (width, value % 16 == 0)
 
 
 def _hooks():
@@ -121,6 +132,10 @@ class BoundKernel:
                            meta, enter, leave, *args)  # fmt: skip
                 return
             except Exception as exc:  # an unknown Triton: its binder path is always right
+                # For good, and for every caller of this BoundKernel (the append and mask-lengths kernels
+                # have one per process and device). An exception raised after the launch was queued (a
+                # launch hook's) would launch it twice below: harmless for kvdecode's kernels, which
+                # write the same values when run twice.
                 log.debug("%s: direct launch failed (%s); using JITFunction.run from now on", self.name, exc)
                 self.direct = False
         kernel = self.fn[grid](*(args if binder_args is None else binder_args()), **self.options)

@@ -152,3 +152,25 @@ def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
     first, off, again = (keys[0], keys[len(keys) // 3], keys[2 * len(keys) // 3])
     assert first == again and first[-1] is True
     assert off != first and off[-1][2] is False and sum(not f for f in off[-1]) == 1  # q alone
+
+
+def test_int_class_is_what_triton_specializes_integers_on():
+    """Two integers with the same class must get the same specialization from Triton, and two with
+    different classes different ones: a key built from ``int_class`` then neither reuses a kernel
+    compiled for another specialization nor splits calls Triton would serve with one kernel."""
+    from triton.backends.compiler import BaseBackend
+
+    from kvdecode.triton_kernels.bound import int_class
+
+    native_specialize_impl = getattr(
+        pytest.importorskip("triton.runtime.jit"), "native_specialize_impl", None
+    )  # Triton's own classifier (3.6 and 3.9 have it)
+    if native_specialize_impl is None:
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+
+    values = [0, 1, 2, 15, 16, 17, 32, 1000, 1024, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 3,
+              -1, -16, -17, -(2**31), -(2**31) - 1, 2**63, 2**63 + 16]  # fmt: skip
+    triton_key = {v: native_specialize_impl(BaseBackend, v, False, True, True) for v in values}
+    for a in values:
+        for b in values:
+            assert (int_class(a) == int_class(b)) == (triton_key[a] == triton_key[b]), (a, b)

@@ -194,6 +194,11 @@ def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(monkeypatc
     assert names == (
         ["mask_lengths_kernel"] if capacity <= 256 else ["mask_lengths_kernel", "mask_lengths_merge"]
     )
-    for _, args, binder, spec in seen:
+    for _, args, binder, _ in seen:
         assert check_direct_arguments(args, binder) >= 3
-        assert len(spec) >= 3 and all(type(flag) is bool for flag in spec[:3])
+    seen.clear()
+    base = torch.ones(3 * capacity + 1, dtype=torch.bool)
+    mask_lengths_triton(base[: 3 * capacity].view(3, 1, 1, capacity), 1, tile=16, chunk=256)
+    mask_lengths_triton(base[1:].view(3, 1, 1, capacity), 1, tile=16, chunk=256)  # 1 byte off 16
+    scans = [spec for name, _, _, spec in seen if name == "mask_lengths_kernel"]
+    assert scans[0] != scans[1] and scans[0][0] is True and scans[1][0] is False
