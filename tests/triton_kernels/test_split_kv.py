@@ -219,6 +219,9 @@ def test_masks_that_hide_whole_rows(device, data):
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
+# each example a new shape family (compiles): 162 s of the 252 s pass at 50 smoke examples (12-05),
+# 261 s with 14 workers (12-05b: bench/results/h200-2026-12-05b/call11-gpu-test-times.txt)
+@smoke_examples(25)
 @given(data=st.data())
 def test_lengths_past_capacity_never_nan(device, data):
     """seq_lens > capacity is invalid (validate=True rejects it); without validation the kernel clamps:
