@@ -165,7 +165,8 @@ def append_kv(
     # width, a multiple of 16) and on the constants: launches equal in all of them share one kernel
     spec = (*[t.dtype for t in tensors], *[p % 16 == 0 for p in ptrs], *map(int_class, ints), *consts)
     with on_device(k_cache.device):
-        _bound(k_cache.device, 1 if block_t * block_d <= 512 else 4)(
+        warps = 1 if block_t * block_d <= 512 else 4
+        bound_kernel(_append_kv_kernel, "append_kv_kernel", k_cache.device, num_warps=warps)(
             grid, _args(ptrs, ints, consts), spec, lambda: _args(tensors, ints, consts)
         )
 
@@ -175,7 +176,3 @@ def _args(t, ints, consts) -> list:
     seq_lens, k_scale, v_scale."""
     return [t[0], *ints[0:3], t[1], *ints[3:6], t[2], *ints[6:10], t[3], *ints[10:14], t[4], ints[14],
             t[5], t[6], *ints[15:], *consts]  # fmt: skip
-
-
-def _bound(device: torch.device, num_warps: int):
-    return bound_kernel(_append_kv_kernel, "append_kv_kernel", device, num_warps=num_warps)

@@ -87,19 +87,9 @@ def call_inputs(q, k_cache, v_cache, seq_lens, kv_start=None, mask=None, scales=
 
 
 def check_outputs(
-    p: DecodeProblem,
-    q,
-    k_cache,
-    v_cache,
-    seq_lens,
-    kv_start,
-    mask,
-    out,
-    lse,
-    scales=None,
-    sinks=None,
+    p: DecodeProblem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None,
     sig: Signature | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """``out`` and ``lse`` (either may be None) for a call whose inputs match ``p``: the fast test against
     its signature (which sizes every input; ``sig``, when the caller holds it, saves looking it up),
     else the full checks naming the fault. The one output check of :func:`kvdecode.decode_attention`,

@@ -52,7 +52,7 @@ import torch
 
 from .api import decode_attention as _decode_attention
 from .errors import KVDecodeError
-from .problem import check_softcap, check_window
+from .problem import check_device, check_softcap, check_window
 
 __all__ = [
     "APPEND_OP_NAME",
@@ -270,10 +270,8 @@ def _append_impl(k_cache, v_cache, k_new, v_new, seq_lens, k_scale=None, v_scale
         )
     named = (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new), ("seq_lens", seq_lens))
     for name, t in (*named, ("k_scale", k_scale), ("v_scale", v_scale)):
-        if t is not None and t.device != k_cache.device:  # the kernel would read another device's address
-            raise KVDecodeError(
-                f"{name} must be on k_cache's device ({k_cache.device}), got {t.device}; move it there"
-            )
+        if t is not None:  # the kernel would read another device's address
+            check_device(name, t, k_cache.device, anchor="k_cache")
     append_kv(k_cache, v_cache, k_new, v_new, seq_lens, None if k_scale is None else (k_scale, v_scale))
     torch.autograd.graph.increment_version(k_cache)  # written by a kernel: autograd sees the writes
     torch.autograd.graph.increment_version(v_cache)

@@ -113,19 +113,9 @@ class DecodePlan:
         sizes every input, else the full checks naming the fault."""
         if out is not None or lse is not None:
             check_outputs(
-                self.problem,
-                q,
-                k_cache,
-                v_cache,
-                seq_lens,
-                kv_start,
-                mask,
-                out,
-                lse,
-                scales,
-                sinks,
+                self.problem, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks,
                 sig=self._sig,
-            )
+            )  # fmt: skip
             return_lse = return_lse or lse is not None
         return self._launch(
             q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, return_lse, scales, sinks

@@ -213,7 +213,7 @@ class DecodeProblem:
         _check_rank("v_cache", v_cache, "[B, H_kv, capacity, D]")
         device = q.device
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-            _check_device(name, t, device)
+            check_device(name, t, device)
         _check_dtype(q, k_cache, v_cache)
         batch, num_q_heads, q_len, head_dim = q.shape
         _check_shapes(q, k_cache, v_cache)
@@ -284,10 +284,12 @@ def _check_rank(name: str, t: torch.Tensor, legend: str) -> None:
         )
 
 
-def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+def check_device(name: str, t: torch.Tensor, device: torch.device, anchor: str = "q") -> None:
+    """``t`` on ``device`` (``anchor``'s device), else a :class:`KVDecodeError` naming ``name``."""
     if t.device != device:
         raise KVDecodeError(
-            f"{name} must be on q's device ({device}), got {t.device}; move it with .to({str(device)!r})"
+            f"{name} must be on {anchor}'s device ({device}), got {t.device}; "
+            f"move it with .to({str(device)!r})"
         )
 
 

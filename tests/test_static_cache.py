@@ -93,7 +93,7 @@ def test_direct_append_arguments_are_the_binder_arguments_as_pointers(monkeypatc
         def __call__(self, grid, args, spec, binder):
             seen.append((args, binder(), spec))
 
-    monkeypatch.setattr(_append, "_bound", lambda device, num_warps: Recorder())
+    monkeypatch.setattr(_append, "bound_kernel", lambda fn, name, device, **options: Recorder())
     new = torch.randn(2, 2, 3, 16, dtype=torch.bfloat16)
     if fp8:
         k, k_scale = quantize_fp8(torch.randn(2, 2, 32, 16))

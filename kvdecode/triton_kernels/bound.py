@@ -153,9 +153,10 @@ def bound_kernel(fn, name: str, device: torch.device, **options) -> BoundKernel:
     belong to no plan (the append and mask-lengths kernels): their direct launches skip
     ``JITFunction.run`` once a specialization has been met. Off CUDA, or under the interpreter, the
     kernel launches through ``fn[grid]`` every time."""
-    index = device.index if device.type == "cuda" and not interpreter_active() else None
-    if index is None and device.type == "cuda":  # "cuda" without an index: the current device's
-        index = None if interpreter_active() else torch.cuda.current_device()
+    if device.type != "cuda" or interpreter_active():
+        index = None
+    else:  # "cuda" without an index: the current device's
+        index = device.index if device.index is not None else torch.cuda.current_device()
     key = (fn, name, index, tuple(sorted(options.items())))
     found = _REGISTRY.get(key)
     if found is None:

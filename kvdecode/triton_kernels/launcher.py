@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import triton
 
@@ -153,12 +156,10 @@ class SplitKVLauncher:
             lens_ptr if v_scale is None else v_scale.data_ptr(),
             lens_ptr if sinks is None else sinks.data_ptr(),
         ]  # fmt: skip
-        # the partials come from the caching allocator (512-byte aligned) at a fixed offset: their alignment
-        # never changes, so only the callers' pointers and strides decide the specialization. Every pointer
-        # 16-byte aligned (the common case) is one flag; otherwise one per pointer
-        p = ptrs
-        aligned = not ((p[0] | p[1] | p[4] | p[5] | p[6] | p[7] | p[8] | p[9] | p[10] | p[11] | p[12]) & 15)
-        flags = True if aligned else (p[0] % 16 == 0, p[1] % 16 == 0, *[x % 16 == 0 for x in p[4:]])
+        # Triton specializes on each pointer's 16-byte alignment: one flag when all are aligned (the common
+        # case), else one per pointer (the partials' never change within a plan: allocator blocks at a
+        # fixed offset)
+        flags = True if not (functools.reduce(operator.or_, ptrs) & 15) else tuple(p % 16 == 0 for p in ptrs)
         spec = (write_lse, o_strides, lse_strides, flags)
 
         def tensors():  # the same arguments as tensors, for Triton's binder (a new specialization)
