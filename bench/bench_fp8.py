@@ -82,6 +82,16 @@ def _variants(base: SplitKVConfig) -> list[tuple[str, SplitKVConfig, str]]:
         # one warp twice, for 11% fewer instructions per tile in all; more splits keep the SMs as full
         ("w1 s*4", SplitKVConfig(min(MAX_SPLITS, 4 * s), n, 1, st), "fp16-ptx"),
         ("w2 s*2", SplitKVConfig(min(MAX_SPLITS, 2 * s), n, 2, st), "fp16-ptx"),
+        # four KV heads per CTA: the softmax on 16 real rows (266 vs 351 loop instructions per head and
+        # tile, kernel_sass.py --heads, Triton 3.6); a quarter of the CTAs, so 4x the splits
+        ("hp4 s*4", SplitKVConfig(min(MAX_SPLITS, 4 * s), n, w, st, heads_per_cta=4), "fp16-ptx"),
+        ("hp4 s*4 st2", SplitKVConfig(min(MAX_SPLITS, 4 * s), n, w, 2, heads_per_cta=4), "fp16-ptx"),
+        (
+            "hp4 s*8 n/2",
+            SplitKVConfig(min(MAX_SPLITS, 8 * s), max(16, n // 2), w, st, heads_per_cta=4),
+            "fp16-ptx",
+        ),
+        ("hp2 s*2", SplitKVConfig(min(MAX_SPLITS, 2 * s), n, w, st, heads_per_cta=2), "fp16-ptx"),
     ]
     seen, kept = {(base, "fp16-ptx")}, []
     for name, cfg, compute in out:  # the default, or a config met already (8 warps tuned): not timed again

@@ -7,6 +7,11 @@ Triton wheel ships them); the GPU machine's Triton may lower differently, so che
 
     python bench/kernel_sass.py                          # the variants of bench/NOTES.md (fp8 section)
     python bench/kernel_sass.py --kv fp8e4nv --mode 3 --stages 3 --block-n 64 --top 30
+    python bench/kernel_sass.py --heads 1 4 --kv bf16 --stages 2 --block-n 32   # KV heads per CTA
+    python bench/kernel_sass.py --kernel /tmp/old_split_kv.py                   # another version's kernel
+
+With ``--heads``, the loop count is also given per KV head (a program with 4 heads runs 4 heads' tiles
+per iteration), and the shared memory each variant asks for (the H200 gives a CTA at most 227 KB).
 """
 
 from __future__ import annotations
@@ -43,18 +48,21 @@ RUNTIME.update({n: "i32" for n in (
 )})  # fmt: skip
 
 
-def _kernel():
+def _kernel(path: Path = KERNEL):
     # loaded from its file, not through kvdecode: importing kvdecode on a machine without a GPU turns
     # on Triton's interpreter, which cannot compile
-    spec = importlib.util.spec_from_file_location("split_kv", KERNEL)
+    spec = importlib.util.spec_from_file_location("split_kv", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.split_kv_kernel
 
 
-def compile_sass(kv: str, mode: int, stages: int, block_n: int, warps: int = 4) -> str:
-    """SASS of the split kernel: H_q 32 / H_kv 8 (GROUP 4), D 128, T_q 1, bf16 q, several splits."""
-    fn = _kernel()
+def compile_sass(
+    kv: str, mode: int, stages: int, block_n: int, warps: int = 4, heads: int = 1, kernel: Path = KERNEL
+) -> tuple[str, str]:
+    """``(SASS, its resources: shared memory, registers, local memory)`` of the split kernel: H_q 32 /
+    H_kv 8 (GROUP 4), D 128, T_q 1, bf16 q, several splits, ``heads`` KV heads per program."""
+    fn = _kernel(kernel)
     names = fn.arg_names
     ptr = {"Out": "*bf16", "Lse": "*fp32", "PartO": "*fp32", "PartLse": "*fp32", "Q": "*bf16", "K": f"*{kv}",
            "V": f"*{kv}", "SeqLens": "*i32", "KvStart": "*i32", "Mask": "*i32", "KScale": "*fp32",
@@ -63,6 +71,10 @@ def compile_sass(kv: str, mode: int, stages: int, block_n: int, warps: int = 4) 
                  HAS_KV_START=False, MASK_KIND=0, WRITE_LSE=False, INTERP_BF16=False, DOT_PRECISION="ieee",
                  USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0, HAS_WINDOW=False, HAS_SOFTCAP=False,
                  HAS_SINKS=False)  # fmt: skip
+    if "HEADS" in names:
+        const.update(HEADS=heads, BLOCK_M=max(16, 4 * heads))
+    elif heads != 1:
+        raise SystemExit(f"{kernel} has no HEADS parameter (one KV head per program)")
     missing = [n for n in names if n not in const and n not in ptr and n not in RUNTIME]
     if missing:  # a new parameter: say what it is rather than compile it as a run-time int
         raise SystemExit(f"kernel_sass.py does not know the kernel's parameters {missing}; add them")
@@ -81,7 +93,14 @@ def compile_sass(kv: str, mode: int, stages: int, block_n: int, warps: int = 4) 
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         cmd = [str(tools / "cuobjdump"), "-sass", str(cubin)]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        cmd = [str(tools / "cuobjdump"), "-res-usage", str(cubin)]
+        usage = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    spill = re.search(r"LOCAL:(\d+)", usage)
+    return sass, f"{compiled.metadata.shared} B shared, {regs.group(1) if regs else '?'} registers, " + (
+        f"{spill.group(1) if spill else '?'} B local"
+    )
 
 
 def loop_opcodes(sass: str) -> collections.Counter:
@@ -110,16 +129,23 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--heads", type=int, nargs="+", default=[1], help="KV heads per program (HEADS)")
+    ap.add_argument("--kernel", type=Path, default=KERNEL, help="a split_kv.py (default: this tree's)")
     args = ap.parse_args()
     variants = DEFAULT if args.kv is None else [(args.kv, args.mode or 0, args.stages, args.block_n)]
     print(
-        f"triton {triton.__version__}, sm90, H 32/8, D 128, bf16 q, 4 warps; loop = one K/V tile per thread"
+        f"triton {triton.__version__}, sm90, H 32/8, D 128, bf16 q, {args.warps} warps; loop = one "
+        f"iteration per thread; kernel {args.kernel}"
     )
     for kv, mode, stages, block_n in variants:
-        ops = loop_opcodes(compile_sass(kv, mode, stages, block_n))
-        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
-        head = f"{kv:<8} KV_FP8={mode} stages={stages} block_n={block_n}"
-        print(f"{head}: {sum(ops.values())} instructions; {top}")
+        for heads in args.heads:
+            sass, shared = compile_sass(kv, mode, stages, block_n, args.warps, heads, args.kernel)
+            ops = loop_opcodes(sass)
+            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+            head = f"{kv:<8} KV_FP8={mode} stages={stages} block_n={block_n} heads={heads}"
+            total = sum(ops.values())
+            print(f"{head}: {total} instructions ({total / heads:.0f} per KV head), {shared}; {top}")
     return 0
 
 

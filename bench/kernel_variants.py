@@ -27,14 +27,14 @@ from kvdecode.problem import DecodeProblem
 from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, floor_us, kv_bytes, steady_state_layers
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
-from kvdecode.triton_kernels.config import heuristic_config, tuned_config
+from kvdecode.triton_kernels.config import MAX_SPLITS, heuristic_config, tuned_config
 
 HQ, HKV, D, DT = 32, 8, 128, torch.bfloat16
 
 
 def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
     r = base.__class__
-    s = base.num_splits
+    s, st = base.num_splits, base.num_stages
     return {
         "base": base,
         "nopdl": r(s, base.block_n, base.num_warps, base.num_stages, use_pdl=False),
@@ -49,6 +49,15 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "w8": r(s, base.block_n, 8, base.num_stages),
         # one warp: no cross-warp softmax (2 CTA syncs a tile instead of 9), more splits to fill the SMs
         "w1s*4": r(min(64, 4 * s), base.block_n, 1, base.num_stages),
+        # several KV heads per CTA (GQA 32/8: 4 heads fill the dot's 16 rows): the loop's instructions per
+        # head and tile drop to 0.52x (kernel_sass.py --heads 1 4); a quarter of the CTAs, so 4x the splits;
+        # 4 heads' tiles a pipeline stage (137 KB of shared memory at n64 and 2 stages)
+        "hp2": r(min(MAX_SPLITS, 2 * s), base.block_n, base.num_warps, base.num_stages, heads_per_cta=2),
+        "hp4": r(min(MAX_SPLITS, 4 * s), base.block_n, base.num_warps, min(2, st), heads_per_cta=4),
+        "hp4n32": r(min(MAX_SPLITS, 4 * s), 32, base.num_warps, base.num_stages, heads_per_cta=4),
+        "hp4n32s*2": r(min(MAX_SPLITS, 8 * s), 32, base.num_warps, base.num_stages, heads_per_cta=4),
+        "hp4w8": r(min(MAX_SPLITS, 4 * s), base.block_n, 8, min(2, st), heads_per_cta=4),
+        "hp4s1": r(1, base.block_n, base.num_warps, min(2, st), heads_per_cta=4),
     }
 
 

@@ -19,7 +19,8 @@ files written by ``kvdecode tune``. Schema (``schema_version`` 2; version 1 file
           "batches": {"{B}": {
             "threshold": int or null,         # null: cuDNN never won (or was not measured)
             "lengths": {"{L}": {              # a point: capacity L, every row filled to L
-              "config": {"num_splits": int, "block_n": int, "num_warps": int, "num_stages": int},
+              "config": {"num_splits": int, "block_n": int, "num_warps": int, "num_stages": int,
+                         "heads_per_cta": int (optional, absent = 1)},
               "triton_us": float, "default_us": float, "default_config": {...}, "cudnn_us": float or null,
               "cudnn_reason": str (when cudnn_us is null), "searched": int}}}}}}
     }

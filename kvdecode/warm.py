@@ -117,7 +117,8 @@ def warmup(
                 p = _problem(batch, num_q_heads, num_kv_heads, head_dim, q_len, cap, dtype, device, kv_start)
                 cfg = default_config(p)
                 bucket = merge_bucket(cfg.num_splits) if cfg.num_splits > 1 else 1
-                variants.setdefault((q_len, cfg.block_n, cfg.num_warps, cfg.num_stages, bucket), (cfg, cap))
+                key = (q_len, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.heads_per_cta, bucket)
+                variants.setdefault(key, (cfg, cap))
     for (q_len, *_), (cfg, _) in variants.items():
         splits = cfg.num_splits
         cap = max(splits * cfg.block_n, q_len, 16)

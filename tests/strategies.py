@@ -311,8 +311,12 @@ def length_edges(capacity: int) -> list[int]:
 
 
 @st.composite
-def heads(draw: st.DrawFn, max_kv_heads: int) -> tuple[int, int]:
-    """(H_q, H_kv) with ratio in GQA_GROUPS, or MQA (H_kv = 1, many query heads)."""
+def heads(draw: st.DrawFn, max_kv_heads: int, kv_heads: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """(H_q, H_kv) with ratio in GQA_GROUPS, or MQA (H_kv = 1, many query heads); ``kv_heads``: H_kv
+    from these only (no MQA unless 1 is among them)."""
+    if kv_heads is not None:
+        num_kv = draw(st.sampled_from(kv_heads))
+        return draw(st.sampled_from(GQA_GROUPS)) * num_kv, num_kv
     if draw(st.integers(0, 7)) == 0:
         return draw(st.sampled_from((4, 8, 16, 32) if max_kv_heads > 2 else (4, 5, 8))), 1
     group = draw(st.sampled_from(GQA_GROUPS))
@@ -350,15 +354,16 @@ def cases(
     head_dims: tuple[int, ...] | None = None,
     windows: bool = True,
     sinks: bool = True,
+    kv_heads: tuple[int, ...] | None = None,
 ) -> Case:
     """A valid decode call (``T_q <= seq_lens <= capacity``, ``0 <= kv_start <= seq_lens - T_q``), a third
     of them with a sliding window (1, tile and split edges, T_q, the capacity and past it) and a quarter
     with a logit softcap (``windows=False`` leaves out both) and a quarter with attention sinks, float32
-    or of q's dtype (``sinks=False`` leaves them out)."""
+    or of q's dtype (``sinks=False`` leaves them out). ``kv_heads``: the KV head counts to draw from."""
     sz = sizes_for(device)
     dtype = draw(st.sampled_from(dtypes))
     head_dim = draw(st.sampled_from(head_dims or sz.head_dims))
-    num_q, num_kv = draw(heads(sz.max_kv_heads))
+    num_q, num_kv = draw(heads(sz.max_kv_heads, kv_heads))
     batch = draw(st.integers(1, sz.max_batch))
     q_lens = (1, 1, 2, 3, 4, 5, 7, 8) + ((9, 16) if sz.max_q_len >= 16 else ())
     q_len = draw(st.sampled_from(q_lens if sz.max_q_len >= 8 else (1, 2)))
@@ -399,6 +404,15 @@ def cases(
         sinks_dtype=draw(st.sampled_from((torch.float32, dtype))) if with_sinks else torch.float32,
         **spec,
     )
+
+
+def packed_heads_options(case: Case) -> list[int]:
+    """The ``heads_per_cta`` values > 1 that serve ``case``: powers of two dividing H_kv whose query rows
+    (``heads * group * T_q``) fit one row block (``8192 // BLOCK_D`` rows, at least 16)."""
+    block_d = max(16, 1 << (case.head_dim - 1).bit_length())
+    rows = case.num_q_heads // case.num_kv_heads * case.q_len
+    options = [1 << k for k in range(1, 4)]
+    return [h for h in options if case.num_kv_heads % h == 0 and h * rows <= max(16, 8192 // block_d)]
 
 
 def with_(case: Case, **changes) -> Case:

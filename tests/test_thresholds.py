@@ -89,6 +89,10 @@ def test_round_trip_and_lookups(tmp_path):
         (lambda r: r["families"][FAM["key"]]["batches"]["1"].update(threshold=0), "threshold"),
         (lambda r: r["families"][FAM["key"]]["batches"]["1"]["lengths"]["1024"]["config"].pop("block_n"),
          "config"),
+        (lambda r: r["families"][FAM["key"]]["batches"]["1"]["lengths"]["1024"]["config"].update(
+            heads_per_cta=3), r"config.heads_per_cta must be a power of two in 1..64, got 3"),
+        (lambda r: r["families"][FAM["key"]]["batches"]["1"]["lengths"]["1024"]["config"].update(
+            heads_per_cta=True), r"config.heads_per_cta must be .* got True"),
     ],
 )  # fmt: skip
 def test_malformed_v2_tables_are_refused(tmp_path, mutate, match):
@@ -192,6 +196,27 @@ def test_default_config_follows_the_table_and_keeps_the_heuristic(tmp_path, monk
     assert config_mod.default_config(_cuda_problem(9, 8192)).num_splits == 2  # batch bucket 16
     other = DecodeProblem(**{**p.__dict__, "num_q_heads": 64})
     assert config_mod.default_config(other, 132) == config_mod.heuristic_config(other, 132)
+
+
+def test_a_packed_point_gives_a_packed_config_and_an_unpacked_one_does_not(tmp_path, monkeypatch):
+    """``heads_per_cta`` travels from the table to the plan's config (absent: 1, as tables written before
+    the field); one that does not fit the problem (a table edited by hand) leaves it to the heuristic."""
+    monkeypatch.setattr(config_mod, "interpreter_active", lambda: False)
+    monkeypatch.setattr(environment, "device_gpu_name", lambda device: GPU)
+    p = _cuda_problem(1, 2048)
+    raw = _table()
+    point = raw["families"][FAM["key"]]["batches"]["1"]["lengths"]["2048"]
+    assert "heads_per_cta" not in point["config"]
+    thresholds.use_table(save_table(raw, tmp_path / "plain.json"))
+    assert config_mod.tuned_config(p)[0].heads_per_cta == 1
+    point["config"]["heads_per_cta"] = 4
+    thresholds.use_table(save_table(raw, tmp_path / "packed.json"))
+    cfg = config_mod.default_config(p)
+    assert cfg.heads_per_cta == 4 and cfg.name.endswith("_hp4") and cfg.num_splits == 8
+    point["config"]["heads_per_cta"] = 16  # 8 KV heads: does not divide
+    thresholds.use_table(save_table(raw, tmp_path / "bad.json"))
+    assert config_mod.tuned_config(p) is None
+    assert config_mod.default_config(p, 132) == config_mod.heuristic_config(p, 132)
 
 
 def test_masked_problems_take_the_masked_family_and_leave_the_crossovers_alone(tmp_path, monkeypatch):

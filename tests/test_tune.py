@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from kvdecode import cli, thresholds
+from kvdecode import DecodeProblem, cli, thresholds
 from kvdecode.presets import PRESETS
-from kvdecode.triton_kernels.config import SplitKVConfig
+from kvdecode.triton_kernels.config import SplitKVConfig, packing_options
 from kvdecode.tuning import crossover
+from kvdecode.tuning.measure import config_dict
 from kvdecode.tuning.runner import Progress
 from kvdecode.tuning.search import search, split_candidates, split_cap
 from kvdecode.tuning.spec import length_grid, parse_int_list
@@ -149,6 +150,37 @@ def test_search_tries_one_warp_and_then_the_splits_again():
     default = SplitKVConfig(num_splits=8, block_n=64, num_warps=4, num_stages=2)
     found, us, _ = search(default, 65536, 128, measure, coarse=False)
     assert found.num_warps == 1 and found.num_splits >= 32 and us == 7.0
+
+
+def test_search_tries_packed_heads_with_the_splits_scaled_and_only_when_asked():
+    """Packing 4 KV heads per CTA quarters the CTAs: the search starts it at 4x the split count (and halves
+    block_n once, for the shared memory), and never tries it without ``heads``."""
+
+    def measure(cfg):
+        if cfg.heads_per_cta == 4:
+            return 6.0 - (cfg.num_splits >= 32) - (cfg.block_n == 32)  # best: hp4, 32+ splits, n32
+        return 10.0 - (cfg.num_splits == 8)
+
+    default = SplitKVConfig(num_splits=8, block_n=64, num_warps=4, num_stages=2)
+    found, us, _ = search(default, 65536, 128, measure, coarse=False, heads=(2, 4))
+    assert (found.heads_per_cta, found.block_n, us) == (4, 32, 4.0) and found.num_splits >= 32
+    tried = []
+    search(default, 65536, 128, lambda cfg: tried.append(cfg) or measure(cfg), coarse=True)
+    assert {cfg.heads_per_cta for cfg in tried} == {1}
+    assert config_dict(found)["heads_per_cta"] == 4 and "heads_per_cta" not in config_dict(default)
+
+
+def test_packing_options_replace_padding_rows_only():
+    def problem(hq, hkv, q_len):
+        return DecodeProblem(1, hq, hkv, 128, q_len, 1024, torch.bfloat16, torch.device("cpu"),
+                             (hq * 128, 128, 128, 1), (1,) * 4, (1,) * 4, 0.1)  # fmt: skip
+
+    assert packing_options(problem(32, 8, 1)) == (2, 4)  # group 4: 4 heads fill the 16 rows
+    assert packing_options(problem(32, 8, 2)) == (2,)
+    assert packing_options(problem(32, 4, 1)) == (2,)  # group 8
+    assert packing_options(problem(32, 2, 1)) == ()  # group 16 fills a dot alone
+    assert packing_options(problem(6, 6, 1)) == (2,)  # MHA: 4 and 8 do not divide 6 KV heads
+    assert packing_options(problem(16, 16, 1)) == (2, 4, 8, 16)
 
 
 def test_format_results_and_progress():

@@ -28,8 +28,10 @@ import threading
 from collections import Counter
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .._interpret import interpreter_active
+from ..errors import KVDecodeError
 
 __all__ = ["BoundKernel", "bound_kernel", "compile_counts", "int_class", "reset_compile_counts"]
 
@@ -138,7 +140,14 @@ class BoundKernel:
                 # write the same values when run twice.
                 log.debug("%s: direct launch failed (%s); using JITFunction.run from now on", self.name, exc)
                 self.direct = False
-        kernel = self.fn[grid](*(args if binder_args is None else binder_args()), **self.options)
+        try:
+            kernel = self.fn[grid](*(args if binder_args is None else binder_args()), **self.options)
+        except OutOfResources as exc:  # a configuration this GPU cannot run: before anything was launched
+            options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+            raise KVDecodeError(
+                f"{self.name} ({options}) does not fit this GPU: {exc}; choose a configuration with fewer "
+                "stages, a smaller block_n or fewer heads_per_cta (or let kvdecode pick one)"
+            ) from exc
         if kernel is not None:  # None under the interpreter
             _note_variant(self.name, kernel)
         if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):

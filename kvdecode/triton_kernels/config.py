@@ -18,10 +18,12 @@ from ..problem import DecodeProblem
 __all__ = [
     "MAX_SPLITS",
     "SplitKVConfig",
+    "check_heads_per_cta",
     "default_config",
     "fp8_config",
     "heuristic_config",
     "interpreter_active",
+    "packing_options",
     "tile_shape",
     "tuned_config",
 ]
@@ -47,6 +49,11 @@ class SplitKVConfig:
     use_pdl : bool or None
         Programmatic dependent launch (Hopper+): the merge kernel starts while the split kernel drains.
         ``None`` = on where the device and Triton support it.
+    heads_per_cta : int
+        KV heads one program serves (a power of two dividing ``H_kv``), their query rows packed into one
+        row block: with GQA group 4 at ``T_q = 1``, 4 heads fill the 16 rows a dot needs, so the softmax
+        works on no padding rows. ``heads_per_cta * group * T_q`` must fit one row block
+        (:func:`tile_shape`); :func:`check_heads_per_cta` says why a value does not serve a problem.
     """
 
     num_splits: int
@@ -54,6 +61,7 @@ class SplitKVConfig:
     num_warps: int = 4
     num_stages: int = 2
     use_pdl: bool | None = None
+    heads_per_cta: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_splits <= MAX_SPLITS:
@@ -64,19 +72,52 @@ class SplitKVConfig:
             raise KVDecodeError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise KVDecodeError(f"num_stages must be >= 1, got {self.num_stages}")
+        hp = self.heads_per_cta
+        if not isinstance(hp, int) or hp < 1 or hp & (hp - 1):
+            raise KVDecodeError(f"heads_per_cta must be a power of two >= 1, got {hp!r}")
 
     @property
     def name(self) -> str:
         pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
-        return f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}"
+        heads = "" if self.heads_per_cta == 1 else f"_hp{self.heads_per_cta}"
+        return f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}{heads}"
 
 
-def tile_shape(problem: DecodeProblem) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_D)``: packed query rows per program and the padded head dim."""
+def tile_shape(problem: DecodeProblem, heads_per_cta: int = 1) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_D)``: packed query rows per program (``heads_per_cta`` KV heads' rows) and the
+    padded head dim."""
     block_d = max(16, triton.next_power_of_2(problem.head_dim))
+    rows = problem.group_size * problem.q_len * heads_per_cta
+    return min(max(16, triton.next_power_of_2(rows)), block_m_cap(block_d)), block_d
+
+
+def block_m_cap(block_d: int) -> int:
+    """Most query rows a program holds: the ``[BLOCK_M, BLOCK_D]`` fp32 accumulator stays in registers."""
+    return max(16, 8192 // block_d)
+
+
+def packing_options(problem: DecodeProblem) -> tuple[int, ...]:
+    """The ``heads_per_cta`` values > 1 worth trying: those whose rows still fit the 16 a dot must have
+    (``heads * group * T_q <= 16``), i.e. that replace padding rows with real ones and add no rows."""
     rows = problem.group_size * problem.q_len
-    block_m_cap = max(16, 8192 // block_d)  # keep the [BLOCK_M, BLOCK_D] accumulator in registers
-    return min(max(16, triton.next_power_of_2(rows)), block_m_cap), block_d
+    return tuple(h for h in (2, 4, 8, 16) if h * rows <= 16 and check_heads_per_cta(problem, h) is None)
+
+
+def check_heads_per_cta(problem: DecodeProblem, heads_per_cta: int) -> str | None:
+    """Why ``heads_per_cta`` KV heads per program cannot serve ``problem``, or None when they can."""
+    if heads_per_cta == 1:
+        return None
+    p = problem
+    if p.num_kv_heads % heads_per_cta:
+        return f"heads_per_cta={heads_per_cta} does not divide the {p.num_kv_heads} KV heads"
+    rows = heads_per_cta * p.group_size * p.q_len
+    cap = block_m_cap(tile_shape(p)[1])
+    if rows > cap:
+        return (
+            f"heads_per_cta={heads_per_cta} packs {rows} query rows (group {p.group_size} x T_q {p.q_len} "
+            f"per head), more than one row block holds at head dim {p.head_dim} ({cap})"
+        )
+    return None
 
 
 def sm_count(device: torch.device) -> int:
@@ -111,7 +152,7 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
     block_d = tile_shape(problem)[1]
     block_n = max(16, min(config.block_n, FP8_TILE_BYTES // block_d))
     splits = cap_splits(problem, config.num_splits, block_n)
-    return SplitKVConfig(splits, block_n, config.num_warps, FP8_STAGES, config.use_pdl)
+    return SplitKVConfig(splits, block_n, config.num_warps, FP8_STAGES, config.use_pdl, config.heads_per_cta)
 
 
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:
@@ -141,9 +182,13 @@ def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[
     batch, length, point = found
     cfg = point["config"]
     splits = cap_splits(p, cfg["num_splits"], cfg["block_n"])
+    heads = cfg.get("heads_per_cta", 1)
+    if check_heads_per_cta(p, heads) is not None:  # a table edited by hand: the family's key says it fits
+        return None
     config = SplitKVConfig(
-        num_splits=splits, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]
-    )
+        num_splits=splits, block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        heads_per_cta=heads,
+    )  # fmt: skip
     return config, f"{table.path} [{family} b{batch} L{length}]"
 
 

@@ -13,7 +13,15 @@ from ..backends import Launcher
 from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 from .bound import BoundKernel
-from .config import LOG2E_CONST, MAX_SPLITS, SplitKVConfig, default_config, interpreter_active, tile_shape
+from .config import (
+    LOG2E_CONST,
+    MAX_SPLITS,
+    SplitKVConfig,
+    check_heads_per_cta,
+    default_config,
+    interpreter_active,
+    tile_shape,
+)
 from .split_kv import merge_kernel, split_kv_kernel
 
 __all__ = ["SplitKVLauncher", "TritonBackend"]
@@ -80,13 +88,17 @@ class SplitKVLauncher:
             raise KVDecodeError("fp8_compute='fp16-ptx' needs a GPU (the interpreter runs no inline PTX)")
         self.problem = p = problem
         self.config = cfg = config or default_config(problem)
-        block_m, block_d = tile_shape(problem)
+        heads = cfg.heads_per_cta
+        why = check_heads_per_cta(problem, heads)
+        if why is not None:
+            raise KVDecodeError(f"config {cfg.name}: {why}; use heads_per_cta=1 (or a divisor that fits)")
+        block_m, block_d = tile_shape(problem, heads)
         rows = p.group_size * p.q_len
         self.use_pdl = _pdl_available(p.device) if cfg.use_pdl is None else cfg.use_pdl
         if self.use_pdl and not _pdl_available(p.device):
             self.use_pdl = False
         self.num_splits = splits = cfg.num_splits
-        self.split_grid = (splits, p.batch * p.num_kv_heads, triton.cdiv(rows, block_m))
+        self.split_grid = (splits, p.batch * p.num_kv_heads // heads, triton.cdiv(rows * heads, block_m))
         self.merge_grid = (p.batch * p.num_kv_heads * rows, 1, 1)
         interp_bf16 = (
             interpreter_active() and p.dtype == torch.bfloat16
@@ -98,13 +110,14 @@ class SplitKVLauncher:
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
             p.has_sinks, _MASK_KIND[p.mask_kind],
         ]  # fmt: skip
-        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND
+        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS
         self._split_end = [
             interp_bf16,
             "ieee",
             self.use_pdl,
             0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
+            heads,
         ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0

@@ -100,29 +100,32 @@ def _fp8_to_fp16(x):
 
 
 @triton.jit
-def _fp8_tiles(k_tile, v_tile, dtype: tl.constexpr, KV_FP8: tl.constexpr):
-    """K and V tiles in the dtype of the dots (see ``split_kv_kernel``'s ``KV_FP8``); every conversion is
+def _kv_tile(x, dtype: tl.constexpr, KV_FP8: tl.constexpr, IS_V: tl.constexpr):
+    """A K or V tile in the dtype of the dots (see ``split_kv_kernel``'s ``KV_FP8``); every conversion is
     exact (fp8 values are representable in fp16 and bf16). 16-bit tiles come back as they are."""
     if KV_FP8 == 1:  # q's dtype
-        k_tile = k_tile.to(dtype)
-        v_tile = v_tile.to(dtype)
+        x = x.to(dtype)
     if KV_FP8 == 2:  # fp16 through Triton casts (the interpreter's path)
-        k_tile = _fp8_to_fp16_tl(k_tile)
-        v_tile = _fp8_to_fp16_tl(v_tile)
+        x = _fp8_to_fp16_tl(x)
     if KV_FP8 == 3:  # fp16, V in PTX where it is loaded
-        k_tile = k_tile.to(tl.float16)
-        v_tile = _fp8_to_fp16(v_tile)
-    return k_tile, v_tile
+        x = _fp8_to_fp16(x) if IS_V else x.to(tl.float16)
+    return x
 
 
 @triton.jit
-def _tile_update(
-    acc,
+def _dot(a, b, acc, INTERP_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32 (``acc`` None: ``a @ b``); in fp32 operands under the interpreter (see
+    ``INTERP_BF16``), else in ``b``'s dtype."""
+    if INTERP_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    return tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _online_softmax(
+    s,
     m_i,
     l_i,
-    q,
-    k_tile,
-    v_tile,
     offs_n,
     offs_m,
     lo,
@@ -138,19 +141,14 @@ def _tile_update(
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    """One K/V tile of the online softmax, in base 2; returns ``(acc, m, l)``.
+    """One K/V tile's raw scores ``s = q @ k^T`` through the online softmax, in base 2; returns
+    ``(p, alpha, m_new, l_new)``: the tile's probabilities and the factor the accumulator is rescaled by.
 
     Key ``j`` is visible to row ``i`` (token ``t = i % T_Q``) when ``lo <= j < hi``,
     ``j <= q_pos0 + t`` (bottom-right causal), ``j >= win_lo0 + t`` with a window (for T_Q = 1 ``lo``
-    already says so), and where a bool mask is True.
+    already says so), and where a bool mask is True. Rows ``>= M`` are padding: their mask is not read.
     """
-    if INTERP_BF16:
-        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision=DOT_PRECISION)
-    else:
-        s = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION)
     s = s * qk_scale
     if HAS_SOFTCAP:  # base 2: s = log2(e) x, so log2(e) cap(x) = c2 tanh(s / c2), c2 = log2(e) softcap
         c2 = softcap * 1.4426950408889634
@@ -177,11 +175,7 @@ def _tile_update(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if INTERP_BF16:
-        acc = acc * alpha[:, None] + tl.dot(p, v_tile.to(tl.float32), input_precision=DOT_PRECISION)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["window", "softcap", "num_splits"])
@@ -242,27 +236,41 @@ def split_kv_kernel(
     KV_FP8: tl.constexpr,  # 0 K/V in q's dtype; fp8 tiles converted (exactly) to 1 q's dtype, 2 fp16,
     # 3 fp16 with V converted in PTX where it is loaded (the GPU default, see _fp8_to_fp16)
     SCALE_KIND: tl.constexpr,  # 0 none, 1 one k/v scale, 2 one per KV head
+    HEADS: tl.constexpr,  # KV heads per program (their query rows packed into one BLOCK_M block)
 ):
-    """One program: the tiles ``split, split + num_splits, ...`` of one (row, KV head), for one block of
-    packed query rows.
+    """One program: the tiles ``split, split + num_splits, ...`` of one row and ``HEADS`` KV heads, for one
+    block of packed query rows.
 
-    Tiles are dealt round-robin so that, without ``kv_start``, the first tile's address does not depend on
-    the length: its K/V loads are issued together with the loads of ``seq_lens`` and ``q`` (one memory
-    round trip instead of two); the length then masks what is not visible.
+    Rows are packed head-major: row ``i`` is query row ``i % M`` of KV head ``h_kv0 + i // M`` (its query
+    head is ``h_kv0 * GROUP + i // T_Q`` either way). With ``HEADS > 1`` (one row block: ``HEADS * M <=
+    BLOCK_M``) a tile's scores come from one dot per KV head, each row keeping its own head's (a
+    ``tl.where``), gathered into one ``[BLOCK_M, BLOCK_N]`` tile; the softmax then runs once for all the
+    heads' rows, which fill the rows a dot must have (16) instead of padding them; ``p @ v`` is one dot
+    per head with the other heads' rows of ``p`` zeroed.
+
+    With one head, tiles are dealt round-robin so that, without ``kv_start``, the first tile's address does
+    not depend on the length: its K/V loads are issued together with the loads of ``seq_lens`` and ``q``
+    (one memory round trip instead of two); the length then masks what is not visible. With several,
+    ``HEADS`` tiles of K and of V would have to be held in registers for that; their first tile is loaded
+    in the loop.
     """
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
+    tl.static_assert(H_KV % HEADS == 0, "HEADS must divide H_KV")
+    tl.static_assert(HEADS == 1 or HEADS * GROUP * T_Q <= BLOCK_M, "packed heads need one row block")
     M: tl.constexpr = GROUP * T_Q
+    ROWS: tl.constexpr = HEADS * M  # real query rows of a program (HEADS == 1: of all its row blocks)
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H_KV
-    h_kv = bh % H_KV
+    b = bh // (H_KV // HEADS)
+    h_kv = (bh % (H_KV // HEADS)) * HEADS  # the program's first KV head
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < M
+    m_ok = offs_m < ROWS
     d_ok = offs_d[None, :] < HEAD_DIM
     head = h_kv * GROUP + offs_m // T_Q
     tok = offs_m % T_Q
+    kv_of_row = offs_m // M  # 0..HEADS-1 (padding rows: HEADS and beyond)
     b64 = b.to(tl.int64)
     k_ptrs = K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_d[None, :]
@@ -276,8 +284,12 @@ def split_kv_kernel(
         qk_scale = qk_scale * tl.load(KScale)
         v_scale = tl.load(VScale)
     if SCALE_KIND == 2:
-        qk_scale = qk_scale * tl.load(KScale + h_kv)
-        v_scale = tl.load(VScale + h_kv)
+        if HEADS == 1:
+            qk_scale = qk_scale * tl.load(KScale + h_kv)
+            v_scale = tl.load(VScale + h_kv)
+        else:  # per row: its KV head's
+            qk_scale = qk_scale * tl.load(KScale + h_kv + kv_of_row, mask=m_ok, other=1.0)[:, None]
+            v_scale = tl.load(VScale + h_kv + kv_of_row, mask=m_ok, other=1.0)[:, None]
 
     # lengths are clamped so that nothing outside the cache is ever read
     seq_len = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
@@ -292,9 +304,10 @@ def split_kv_kernel(
     if HAS_KV_START or HAS_WINDOW:
         tile = lo // BLOCK_N + split
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_cache = offs_n[:, None] < capacity
-    k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=in_cache & d_ok, other=0.0)
-    v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=in_cache & d_ok, other=0.0)
+    if HEADS == 1:
+        in_cache = offs_n[:, None] < capacity
+        k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=in_cache & d_ok, other=0.0)
+        v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=in_cache & d_ok, other=0.0)
     q_ptrs = Q + b64 * stride_qb + head[:, None].to(tl.int64) * stride_qh + tok[:, None] * stride_qt
     q = tl.load(q_ptrs + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
     if KV_FP8 >= 2 and Q.dtype.element_ty == tl.bfloat16:
@@ -308,32 +321,51 @@ def split_kv_kernel(
         down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
         q = (qf * up[:, None]).to(tl.float16)
         qk_scale = qk_scale * down[:, None]  # [BLOCK_M, 1]: s_ij * qk_scale broadcasts over the keys
-    k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
     mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
-    # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
-    # zero their V rows, since p = 0 times NaN would still poison p @ v
-    v_tile = tl.where(((offs_n >= lo) & (offs_n < seq_len))[:, None], v_tile, 0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _tile_update(
-        acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
-        stride_mn, qk_scale, softcap, M, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16, DOT_PRECISION,
-    )  # fmt: skip
     step = 1 if SINGLE else num_splits
-    for t in range(tile + step, tl.cdiv(seq_len, BLOCK_N), step):
+    if HEADS == 1:
+        k_tile = _kv_tile(k_tile, q.dtype, KV_FP8, False)
+        v_tile = _kv_tile(v_tile, q.dtype, KV_FP8, True)
+        # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
+        # zero their V rows, since p = 0 times NaN would still poison p @ v
+        v_tile = tl.where(((offs_n >= lo) & (offs_n < seq_len))[:, None], v_tile, 0.0)
+        s = _dot(q, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERP_BF16, DOT_PRECISION)
+        p, alpha, m_i, l_i = _online_softmax(
+            s, m_i, l_i, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr, stride_mn, qk_scale,
+            softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
+        )  # fmt: skip
+        acc = _dot(p, v_tile, acc * alpha[:, None], INTERP_BF16, DOT_PRECISION)
+        tile += step
+    for t in range(tile, tl.cdiv(seq_len, BLOCK_N), step):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
-        k_tile = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
-        v_tile = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
-        k_tile, v_tile = _fp8_tiles(k_tile, v_tile, q.dtype, KV_FP8)
-        acc, m_i, l_i = _tile_update(
-            acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
-            stride_mn, qk_scale, softcap, M, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16,
-            DOT_PRECISION,
+        zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        s = zeros
+        for j in tl.static_range(HEADS):  # one dot per KV head, with that head's query rows only
+            k_j = tl.load(
+                k_ptrs + j * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0
+            )
+            k_j = tl.trans(_kv_tile(k_j, q.dtype, KV_FP8, False))
+            if HEADS == 1:
+                s = _dot(q, k_j, s, INTERP_BF16, DOT_PRECISION)
+            else:  # each row keeps its own head's scores (q masked per head instead: 4 A operands, slower)
+                s = tl.where((kv_of_row == j)[:, None], _dot(q, k_j, zeros, INTERP_BF16, DOT_PRECISION), s)
+        p, alpha, m_i, l_i = _online_softmax(
+            s, m_i, l_i, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr, stride_mn, qk_scale,
+            softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
         )  # fmt: skip
+        acc = acc * alpha[:, None]
+        for j in tl.static_range(HEADS):  # p @ v per KV head, with the other heads' rows of p zeroed
+            v_j = tl.load(
+                v_ptrs + j * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0
+            )
+            p_j = p if HEADS == 1 else tl.where((kv_of_row == j)[:, None], p, 0.0)
+            acc = _dot(p_j, _kv_tile(v_j, q.dtype, KV_FP8, True), acc, INTERP_BF16, DOT_PRECISION)
 
     has_any = l_i > 0.0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]  # zeros where nothing was visible
@@ -355,7 +387,7 @@ def split_kv_kernel(
             tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # base 2 -> natural log
     else:
         # every split writes its partial (zeros when empty) so the merge loads LSEs and partials at once
-        row = bh.to(tl.int64) * M + offs_m
+        row = (b64 * H_KV + h_kv) * M + offs_m  # = (b * H_kv + h_kv of the row) * M + its query row
         tl.store(PartLse + row * num_splits + split, lse2, mask=m_ok)
         po_ptrs = PartO + (row[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(po_ptrs, o, mask=m_ok[:, None] & d_ok)

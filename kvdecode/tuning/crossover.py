@@ -117,6 +117,7 @@ def format_results(raw: dict) -> str:
             for n, p in sorted(entry["lengths"].items(), key=lambda kv: int(kv[0])):
                 c = p["config"]
                 cfg = f"s{c['num_splits']} n{c['block_n']} w{c['num_warps']} st{c['num_stages']}"
+                cfg += f" hp{c['heads_per_cta']}" if c.get("heads_per_cta", 1) != 1 else ""
                 cudnn = p.get("cudnn_us")
                 winner = "cudnn" if cudnn is not None and cudnn < p["triton_us"] else "triton"
                 lines.append(

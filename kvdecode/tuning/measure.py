@@ -20,7 +20,7 @@ from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 from ..reference import float32_reference_rows, within_tolerance
 from ..timing import RESERVE_BYTES, STEADY_REPLAYS, LayerStack, layers_that_fit
-from ..triton_kernels.config import SplitKVConfig, heuristic_config, tile_shape
+from ..triton_kernels.config import SplitKVConfig, heuristic_config, packing_options, tile_shape
 from .search import search
 from .spec import Point, family_mask
 
@@ -32,7 +32,8 @@ class SkipPoint(Exception):
 
 
 def config_dict(cfg: SplitKVConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k != "use_pdl"}
+    """The table's record of ``cfg`` (``heads_per_cta`` only when packed: older readers know the rest)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "use_pdl" and (k != "heads_per_cta" or v != 1)}
 
 
 class PointBench:
@@ -120,6 +121,7 @@ def tune_point(bench: PointBench, *, sm_count: int, coarse: bool, search_replays
         tile_shape(problem)[1],
         lambda cfg: bench.triton_us(cfg, search_replays),
         coarse=coarse,
+        heads=packing_options(problem),
     )
     note = None
     ok, err = bench.check(best) if best != default else (True, 0.0)

@@ -9,7 +9,11 @@ compiles per family. The search is coordinate descent from the heuristic default
    then the split axis again when either changed (the tile count, or a CTA's throughput, and with it
    the useful split count: one warp skips the cross-warp softmax, 2 CTA barriers a tile instead of 8-9
    on sm90, but needs more CTAs to keep the SMs' memory pipes full);
-3. **stages**: other ``num_stages`` for the best so far.
+3. **packed heads** (families with padding rows, e.g. GQA group 4 at T_q 1): for each
+   ``heads_per_cta`` in ``heads``, the best so far with that many KV heads per CTA, the split count
+   scaled by it (as many CTAs as before) and the split axis around that, and ``block_n`` halved
+   (a packed CTA stages that many K/V tiles per pipeline stage);
+4. **stages**: other ``num_stages`` for the best so far.
 
 ``--coarse`` trims each axis. Compiles are shared across batch sizes and lengths: the kernel's
 constants are the family's shape and the configuration, not B or L.
@@ -56,12 +60,16 @@ def stage_candidates(*, coarse: bool) -> list[int]:
     return [1, 3] if coarse else [1, 3, 4]
 
 
-def search_size(heuristic: int, tiles: int, block_d: int, *, coarse: bool) -> int:
+def search_size(
+    heuristic: int, tiles: int, block_d: int, *, coarse: bool, heads: tuple[int, ...] = ()
+) -> int:
     """About how many configurations :func:`search` measures (for the dry-run estimate)."""
+    splits = len(split_candidates(heuristic, tiles, coarse=coarse, cap=split_cap(block_d)))
     return (
-        2 * len(split_candidates(heuristic, tiles, coarse=coarse, cap=split_cap(block_d)))
+        2 * splits
         + len(tile_candidates(block_d, coarse=coarse))
         - 2
+        + len(heads) * (splits + 1)
         + len(stage_candidates(coarse=coarse))
     )
 
@@ -73,8 +81,11 @@ def search(
     measure: Callable[[SplitKVConfig], float],
     *,
     coarse: bool,
+    heads: tuple[int, ...] = (),
 ) -> tuple[SplitKVConfig, float, int]:
     """Coordinate descent from ``default``; returns (best config, its time, configurations measured).
+
+    ``heads``: the ``heads_per_cta`` values > 1 to try (``config.packing_options`` of the problem).
 
     ``measure(config)`` returns µs, or ``math.inf`` when the configuration failed (compile error, out of
     resources): it is then skipped. Each configuration is measured once.
@@ -91,7 +102,7 @@ def search(
 
     def with_(cfg: SplitKVConfig, **change) -> SplitKVConfig:
         fields = dict(num_splits=cfg.num_splits, block_n=cfg.block_n, num_warps=cfg.num_warps)
-        fields.update(num_stages=cfg.num_stages, use_pdl=cfg.use_pdl)
+        fields.update(num_stages=cfg.num_stages, use_pdl=cfg.use_pdl, heads_per_cta=cfg.heads_per_cta)
         fields.update(change)
         tiles = math.ceil(capacity / fields["block_n"])
         fields["num_splits"] = max(1, min(fields["num_splits"], tiles, split_cap(block_d)))
@@ -113,5 +124,10 @@ def search(
         best = min((best, tiled), key=timed)
     else:
         best = tiled
+    for h in heads:
+        packed = with_(best, heads_per_cta=h, num_splits=best.num_splits * h // best.heads_per_cta)
+        packed = split_axis(packed)
+        halved = with_(packed, block_n=max(16, packed.block_n // 2), num_splits=2 * packed.num_splits)
+        best = best_of([best, packed, halved])
     best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
     return best, seen[best], len(seen)

@@ -205,7 +205,7 @@ READ_BPS = 2.8e12
 
 def plan_point(point: Point, *, sm_count: int, budget: int, coarse: bool, replays: int) -> PointPlan:
     """Layers, configurations searched and estimated seconds of one point (no compiles counted)."""
-    from ..triton_kernels.config import heuristic_config, tile_shape
+    from ..triton_kernels.config import heuristic_config, packing_options, tile_shape
     from .search import search_size
 
     problem = family_problem(point.family, point.batch, point.length, torch.device("cuda"))
@@ -215,7 +215,9 @@ def plan_point(point: Point, *, sm_count: int, budget: int, coarse: bool, replay
         return PointPlan(point, 0, 0, 0.0, f"one layer ({nbytes / 1e9:.1f} GB of KV) does not fit")
     default = heuristic_config(problem, sm_count)
     tiles = math.ceil(point.length / default.block_n)
-    configs = search_size(default.num_splits, tiles, tile_shape(problem)[1], coarse=coarse)
+    configs = search_size(
+        default.num_splits, tiles, tile_shape(problem)[1], coarse=coarse, heads=packing_options(problem)
+    )
     replay_s = layers * max(nbytes / READ_BPS, 5e-6)
     host_s = HOST_S + layers * LAUNCH_S * 4  # 3 warm-up passes and the capture launch every layer
     search_s = configs * (host_s + (4 + replays) * replay_s)

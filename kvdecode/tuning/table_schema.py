@@ -11,7 +11,8 @@ would break a plan later. What is checked:
   1..:data:`~kvdecode.thresholds.NEVER` (a family batch's may be null);
 - family batch and length keys: canonical decimal integers >= 1 (``"16"``, not ``"016"`` or ``"²"``);
 - each point's ``config``: ``num_splits`` 1..128, ``block_n`` a power of two in 16..1024,
-  ``num_warps`` one of 1, 2, 4, 8, 16, ``num_stages`` 1..8;
+  ``num_warps`` one of 1, 2, 4, 8, 16, ``num_stages`` 1..8, and when present ``heads_per_cta`` a power
+  of two in 1..64 (absent: 1);
 - metadata: ``gpu_name`` a string; ``sm_count`` an int >= 1, ``versions`` a dict of strings and
   ``date`` a string (required in version 2); ``provisional``/``partial`` booleans when present.
 
@@ -29,7 +30,14 @@ from pathlib import Path
 
 from ..errors import KVDecodeError
 
-__all__ = ["CONFIG_RULES", "MAX_DEPTH", "MAX_TABLE_BYTES", "check_table", "read_table_json"]
+__all__ = [
+    "CONFIG_RULES",
+    "MAX_DEPTH",
+    "MAX_TABLE_BYTES",
+    "OPTIONAL_CONFIG_RULES",
+    "check_table",
+    "read_table_json",
+]
 
 MAX_TABLE_BYTES = 16 * 2**20  # the largest tables kvdecode tune writes are a few hundred KB
 MAX_DEPTH = 32  # the schema nests 8 deep; deeper is corruption (and json would recurse without bound)
@@ -50,6 +58,9 @@ CONFIG_RULES = {  # field: (test, rule text); kept in step with triton_kernels.c
     "block_n": (_pow2(16, 1024), "a power of two in 16..1024"),
     "num_warps": (lambda v: v in (1, 2, 4, 8, 16), "one of 1, 2, 4, 8, 16"),
     "num_stages": (lambda v: 1 <= v <= 8, "an int in 1..8"),
+}
+OPTIONAL_CONFIG_RULES = {  # absent: the default (tables written before the field existed)
+    "heads_per_cta": (_pow2(1, 64), "a power of two in 1..64"),
 }
 
 
@@ -138,6 +149,10 @@ def _check_config(where: str, cfg: object) -> None:
         raise _Bad(where, "a dict", type(cfg).__name__)
     for name, (test, rule) in CONFIG_RULES.items():
         value = cfg.get(name)
+        if not (_is_int(value) and test(value)):
+            raise _Bad(f"{where}.{name}", rule, value)
+    for name, (test, rule) in OPTIONAL_CONFIG_RULES.items():
+        value = cfg.get(name, 1)
         if not (_is_int(value) and test(value)):
             raise _Bad(f"{where}.{name}", rule, value)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import cases, check_close, check_lse, make_inputs
+from strategies import cases, check_close, check_lse, make_inputs, packed_heads_options
 
 import kvdecode
 from kvdecode.reference import reference_decode_attention, relative_l2_error
@@ -55,6 +55,33 @@ def test_fp8_caches_match_the_reference_on_the_dequantized_cache(case, fp8, kind
         print(f"{problem.name}: rel L2 vs unquantized K/V {relative_l2_error(out, exact):.2e}")
 
 
+@given(data=st.data(), fp8=st.sampled_from(FP8), kind=st.sampled_from(["per_head", "scalar", "none"]))
+def test_fp8_packed_kv_heads_match_the_reference(data, fp8, kind):
+    """Several KV heads per program with fp8 caches: per-head scales become per-row ones (each row its
+    KV head's k_scale in the logit scale, v_scale on the output), bf16 q rescaled for the fp16 dots."""
+    case = data.draw(cases(dtypes=(torch.float16, torch.bfloat16), kv_heads=(2, 4)), label="case")
+    options = packed_heads_options(case)
+    assume(options)
+    heads = data.draw(st.sampled_from(options), label="heads_per_cta")
+    splits = data.draw(st.sampled_from((1, 3)), label="splits")
+    x = make_inputs(case, "cpu")
+    k8, k_scale = quantize(x.k, fp8, kind == "per_head")
+    v8, v_scale = quantize(x.v, fp8, kind == "per_head")
+    if kind == "per_head":  # scales far apart, so a row given another head's scale is caught
+        k_scale = k_scale * torch.logspace(-2, 2, case.num_kv_heads, base=2.0)
+        v_scale = v_scale * torch.logspace(2, -2, case.num_kv_heads, base=2.0)
+    scales = {} if kind == "none" else dict(k_scale=k_scale, v_scale=v_scale)
+    ref, _ = reference_decode_attention(x.q, k8, v8, x.seq_lens, **x.kwargs(), **scales)
+    problem = kvdecode.DecodeProblem.from_tensors(x.q, k8, v8, x.seq_lens, **x.kwargs(), **scales)
+    out = torch.full_like(x.out, float("nan"))
+    cfg = SplitKVConfig(num_splits=splits, block_n=16, heads_per_cta=heads)
+    SplitKVLauncher(problem, cfg)(
+        x.q, k8, v8, x.seq_lens, x.kv_start, x.mask, out, None,
+        scales=(k_scale, v_scale) if scales else None, sinks=x.sinks,
+    )  # fmt: skip
+    check_close(out, ref, case.dtype, f"{problem.name} {cfg.name}", case.seed, repro=repr(case))
+
+
 @pytest.mark.parametrize("fp8", FP8)
 def test_fp8_result_is_independent_of_the_split_count(fp8):
     gen = torch.Generator().manual_seed(3)
@@ -94,6 +121,38 @@ def test_gpu_one_and_two_warp_ctas_match_the_reference(kv, warps):
                 q, k, v, lens, None, None, out, None
             )
             check_close(out, ref, torch.bfloat16, f"{problem.name} w{warps} s{splits}", 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [torch.bfloat16, *FP8])
+def test_gpu_packed_kv_heads_at_the_shapes_the_tuner_tries(kv):
+    """Four (and two) KV heads per CTA at H 32/8, D 128 with the configurations ``kernel_variants.py`` and
+    the tuner try (137-154 KB of shared memory with 4 heads' tiles a stage): compiled on the GPU, against
+    the reference, T_q 1 and 3, ragged rows (one of a single key), per-head scales far apart for fp8."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for q_len in (1, 3):
+        q = torch.randn(4, 32, q_len, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+        k = torch.randn(4, 8, 1000, 128, device="cuda", generator=gen).to(kv)
+        v = torch.randn(4, 8, 1000, 128, device="cuda", generator=gen).to(kv)
+        lens = torch.tensor([1000, 333, q_len, 64], dtype=torch.int32, device="cuda")
+        scales = {}
+        if kv != torch.bfloat16:
+            scales = dict(k_scale=torch.logspace(-2, 2, 8, base=2.0, device="cuda"),
+                          v_scale=torch.logspace(2, -2, 8, base=2.0, device="cuda"))  # fmt: skip
+        problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens, **scales)
+        ref, _ = reference_decode_attention(q, k, v, lens, **scales)
+        configs = [
+            SplitKVConfig(num_splits=8, block_n=64, num_warps=4, num_stages=2, heads_per_cta=4),
+            SplitKVConfig(num_splits=1, block_n=32, num_warps=4, num_stages=3, heads_per_cta=4),
+            SplitKVConfig(num_splits=16, block_n=64, num_warps=8, num_stages=3, heads_per_cta=2),
+        ]
+        for cfg in configs:
+            out = torch.full_like(q, float("nan"))
+            SplitKVLauncher(problem, cfg)(
+                q, k, v, lens, None, None, out, None,
+                scales=(scales["k_scale"], scales["v_scale"]) if scales else None,
+            )  # fmt: skip
+            check_close(out, ref, torch.bfloat16, f"{problem.name} {cfg.name}", 7)
 
 
 def _fp8_inputs():

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from conftest import smoke_examples
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import (
     TOLERANCES,
@@ -25,6 +25,7 @@ from strategies import (
     check_lse,
     make_inputs,
     make_out,
+    packed_heads_options,
     poison_unfilled,
     with_,
 )
@@ -32,7 +33,7 @@ from strategies import (
 import kvdecode
 from kvdecode import DecodeProblem, UnsupportedError, reference_decode_attention
 from kvdecode.problem import SUPPORTED_DTYPES
-from kvdecode.triton_kernels import SplitKVConfig, TritonBackend
+from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher, TritonBackend
 from kvdecode.triton_kernels.config import MAX_SPLITS, interpreter_active
 
 DEVICES = [
@@ -154,6 +155,55 @@ def test_split_count_invariance(device, data):
             check_lse(lse, first_lse, case.dtype, vs, case.seed)
         except AssertionError as e:
             raise AssertionError(f"{e}\n  reproduce: {case.repro()}") from None
+
+
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
+@pytest.mark.parametrize("device", DEVICES)
+@smoke_examples(25)
+@given(data=st.data())
+def test_packed_kv_heads_match_reference(device, data):
+    """Several KV heads per program (``heads_per_cta``: their query rows share one row block, one dot per
+    head summed into one score tile, one softmax) against the float64 reference, with everything the one-head
+    path has: masks, kv_start, T_q > 1, windows, softcap, sinks, layouts, one split (the output written
+    directly) and several (the merge); NaN-poisoned out and lse prove every element is written."""
+    kv_heads = (2, 4) if device == "cpu" else (2, 4, 8)
+    case = data.draw(cases(device, kv_heads=kv_heads), label="case")
+    options = packed_heads_options(case)
+    assume(options)
+    heads = data.draw(st.sampled_from(options), label="heads_per_cta")
+    splits = data.draw(st.sampled_from((1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)), label="splits")
+    block_n = data.draw(st.sampled_from((16, 32, 64)), label="block_n")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads)
+    launch = TritonBackend().make_launcher(problem, config=cfg)
+    assert launch.split_grid[1:] == (case.batch * case.num_kv_heads // heads, 1)
+    lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
+    launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, x.out, lse, sinks=x.sinks)
+    try:
+        check_all(case, x.out, lse, ref_out, ref_lse)
+    except AssertionError as e:
+        raise AssertionError(f"config {cfg.name}: {e}") from None
+
+
+def test_packed_kv_heads_that_do_not_fit_are_refused_by_name():
+    """A ``heads_per_cta`` that does not divide H_kv, or whose rows overflow a row block, is a clear
+    ``KVDecodeError`` before any launch; a value that is not a power of two is refused by the config."""
+    q = torch.zeros(1, 8, 1, 128)
+    k = torch.zeros(1, 2, 64, 128)
+    problem = DecodeProblem.from_tensors(q, k, k, torch.tensor([64], dtype=torch.int32))
+    with pytest.raises(kvdecode.KVDecodeError, match=r"heads_per_cta=4 does not divide the 2 KV heads"):
+        SplitKVLauncher(problem, SplitKVConfig(num_splits=1, heads_per_cta=4))
+    q = torch.zeros(1, 128, 1, 128)  # group 32: two heads' 64 rows fill one row block at D 128, 4 overflow
+    k = torch.zeros(1, 4, 64, 128)
+    problem = DecodeProblem.from_tensors(q, k, k, torch.tensor([64], dtype=torch.int32))
+    assert SplitKVLauncher(problem, SplitKVConfig(num_splits=1, heads_per_cta=2)).split_grid == (1, 2, 1)
+    with pytest.raises(kvdecode.KVDecodeError, match=r"packs 128 query rows .* \(64\)"):
+        SplitKVLauncher(problem, SplitKVConfig(num_splits=1, heads_per_cta=4))
+    for bad in (0, 3, -2, 2.0):
+        with pytest.raises(kvdecode.KVDecodeError, match=rf"a power of two >= 1, got {bad}"):
+            SplitKVConfig(num_splits=1, heads_per_cta=bad)
 
 
 # ---- empty rows and out-of-range device lengths ----
