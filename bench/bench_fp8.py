@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_bandwidth import measure_ceiling
 
 import kvdecode
+from kvdecode.errors import KVDecodeError
 from kvdecode.quant import quantize_fp8
 from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, gbps, steady_state_layers
@@ -65,9 +65,10 @@ def _scales(kv_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tens
     )
 
 
-def _variants(base: SplitKVConfig) -> list[tuple[str, SplitKVConfig, str]]:
+def _variants(base: SplitKVConfig, fp8: bool = True) -> list[tuple[str, SplitKVConfig, str]]:
     """``(name, config, fp8_compute)`` beside the default: the earlier kernel (tl casts; the
-    bench-fp8-sweep-run3 default) and pipeline depths / tile sizes / warps around the default."""
+    bench-fp8-sweep-run3 default) and pipeline depths / tile sizes / warps around the default; for bf16
+    (``fp8=False``) the packed-heads ones only (the tuner searched the rest)."""
     s, n, w, st = base.num_splits, base.block_n, base.num_warps, base.num_stages
     out = [
         ("tl-casts", base, "fp16"),
@@ -93,6 +94,8 @@ def _variants(base: SplitKVConfig) -> list[tuple[str, SplitKVConfig, str]]:
         ),
         ("hp2 s*2", SplitKVConfig(min(MAX_SPLITS, 2 * s), n, w, st, heads_per_cta=2), "fp16-ptx"),
     ]
+    if not fp8:
+        out = [entry for entry in out if entry[0].startswith("hp")]
     seen, kept = {(base, "fp16-ptx")}, []
     for name, cfg, compute in out:  # the default, or a config met already (8 warps tuned): not timed again
         if (cfg, compute) not in seen:
@@ -113,9 +116,9 @@ def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, 
     us = stack.steady_us(lambda q, k, v, out: the_plan.run(q, k, v, lens, out=out, **scales))
     base = the_plan.launcher.config
     swept = {}
-    if sweep and scales:  # fp8 only: bf16 configs were searched by the tuner
+    if sweep:
         pair = (scales["k_scale"], scales["v_scale"]) if scales else None
-        for name, cfg, compute in _variants(base):
+        for name, cfg, compute in _variants(base, fp8=bool(scales)):
             launch = SplitKVLauncher(problem, cfg, fp8_compute=compute)
 
             def run(q, k, v, out, launch=launch):
@@ -123,7 +126,7 @@ def _time(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device, 
 
             try:
                 swept[f"{name}:{cfg.name}"] = round(stack.steady_us(run), 3)
-            except OutOfResources as exc:  # e.g. a doubled tile with more stages: too much shared memory
+            except KVDecodeError as exc:  # e.g. a doubled tile with more stages: too much shared memory
                 swept[f"{name}:{cfg.name}"] = f"out of resources: {exc}"
     stack.close()
     return us, read, base.name, swept

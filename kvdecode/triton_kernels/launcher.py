@@ -32,6 +32,18 @@ _SCALE_KIND = {"none": 0, "scalar": 1, "per_head": 2}
 _FP8_COMPUTE = {"q": 1, "fp16": 2, "fp16-ptx": 3}
 
 
+def _mask_kind(p: DecodeProblem) -> int:
+    """The kernel's ``MASK_KIND``: a bool mask whose one row of keys serves every query row of a batch row
+    (broadcast over the heads, and over the tokens or one token: a transformers step's ``[B, 1, 1, L]``)
+    is loaded once per tile, not once per row (3)."""
+    kind = _MASK_KIND[p.mask_kind]
+    if kind == 1:
+        _, s_h, s_t, _ = p.mask_strides
+        if (s_h == 0 or p.num_q_heads == 1) and (s_t == 0 or p.q_len == 1):
+            return 3
+    return kind
+
+
 def _pdl_available(device: torch.device) -> bool:
     if device.type != "cuda" or interpreter_active():
         return False
@@ -108,7 +120,7 @@ class SplitKVLauncher:
         self._split_tail = [
             p.scale * LOG2E_CONST, p.capacity, p.window or 0, p.softcap or 1.0, splits, splits == 1, *common,
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
-            p.has_sinks, _MASK_KIND[p.mask_kind],
+            p.has_sinks, _mask_kind(p),
         ]  # fmt: skip
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS
         self._split_end = [

@@ -138,7 +138,7 @@ def _online_softmax(
     softcap,
     M: tl.constexpr,
     T_Q: tl.constexpr,
-    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool (True = attend), 2 additive, 3 bool with one row of keys
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
@@ -148,6 +148,7 @@ def _online_softmax(
     Key ``j`` is visible to row ``i`` (token ``t = i % T_Q``) when ``lo <= j < hi``,
     ``j <= q_pos0 + t`` (bottom-right causal), ``j >= win_lo0 + t`` with a window (for T_Q = 1 ``lo``
     already says so), and where a bool mask is True. Rows ``>= M`` are padding: their mask is not read.
+    ``mask_row_ptr``: each row's mask row, or with ``MASK_KIND == 3`` the one row every query row shares.
     """
     s = s * qk_scale
     if HAS_SOFTCAP:  # base 2: s = log2(e) x, so log2(e) cap(x) = c2 tanh(s / c2), c2 = log2(e) softcap
@@ -169,6 +170,9 @@ def _online_softmax(
             mask_row_ptr[:, None] + offs_n[None, :] * stride_mask_n, mask=visible & row_ok, other=0.0
         )
         s = s + mvals.to(tl.float32) * 1.4426950408889634  # additive mask, natural log -> base 2
+    if MASK_KIND == 3:  # one [BLOCK_N] load for all rows, not one per row and key
+        n_ok = (offs_n >= lo) & (offs_n < hi)
+        visible = visible & (tl.load(mask_row_ptr + offs_n * stride_mask_n, mask=n_ok, other=0) != 0)[None, :]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -228,7 +232,7 @@ def split_kv_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    MASK_KIND: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive, 3 bool shared by every query row of a batch row
     WRITE_LSE: tl.constexpr,
     INTERP_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -321,7 +325,10 @@ def split_kv_kernel(
         down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
         q = (qf * up[:, None]).to(tl.float16)
         qk_scale = qk_scale * down[:, None]  # [BLOCK_M, 1]: s_ij * qk_scale broadcasts over the keys
-    mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
+    if MASK_KIND == 3:  # one row of keys for the whole batch row (a transformers step's [B, 1, 1, L])
+        mask_row_ptr = Mask + b64 * stride_mb
+    else:
+        mask_row_ptr = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + tok * stride_mt
     q_pos0 = seq_len - T_Q
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
