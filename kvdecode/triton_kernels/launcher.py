@@ -116,11 +116,12 @@ class SplitKVLauncher:
             interpreter_active() and p.dtype == torch.bfloat16
         )  # Triton 3.9 interpreter: bf16 tl.dot reads raw bits and fp32->bf16 truncates
         common = [p.num_kv_heads, p.group_size, p.q_len, p.head_dim]  # H_KV, GROUP, T_Q, HEAD_DIM
+        self.mask_kind = _mask_kind(p)  # the kernel's MASK_KIND
         self._mask_strides = list(p.mask_strides or (0, 0, 0, 0))
         self._split_tail = [
             p.scale * LOG2E_CONST, p.capacity, p.window or 0, p.softcap or 1.0, splits, splits == 1, *common,
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
-            p.has_sinks, _mask_kind(p),
+            p.has_sinks, self.mask_kind,
         ]  # fmt: skip
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS
         self._split_end = [

@@ -8,6 +8,7 @@ import torch
 from strategies import check_direct_arguments
 
 import kvdecode
+from kvdecode import DecodeProblem
 from kvdecode import warm as warmup_module
 from kvdecode.quant import quantize_fp8
 from kvdecode.reference import assert_close_to_reference, assert_lse_close, reference_decode_attention
@@ -174,3 +175,22 @@ def test_int_class_is_what_triton_specializes_integers_on():
     for a in values:
         for b in values:
             assert (int_class(a) == int_class(b)) == (triton_key[a] == triton_key[b]), (a, b)
+
+
+@pytest.mark.parametrize(
+    "shape, q_len, dtype, kind",
+    [
+        ((2, 1, 1, 64), 1, torch.bool, 3),  # a transformers step: one row of keys, loaded once per tile
+        ((2, 1, 1, 64), 3, torch.bool, 3),  # broadcast over the tokens too
+        ((1, 1, 1, 64), 1, torch.bool, 3),  # and over the batch
+        ((2, 1, 3, 64), 3, torch.bool, 1),  # a row per token
+        ((2, 8, 1, 64), 1, torch.bool, 1),  # a row per head
+        ((2, 1, 1, 64), 1, torch.float32, 2),  # additive
+    ],
+)
+def test_a_mask_shared_by_every_query_row_takes_the_one_row_kernel(shape, q_len, dtype, kind):
+    q = torch.zeros(2, 8, q_len, 16)
+    k = torch.zeros(2, 2, 64, 16)
+    mask = torch.ones(shape, dtype=dtype) if dtype == torch.bool else torch.zeros(shape, dtype=dtype)
+    problem = DecodeProblem.from_tensors(q, k, k, torch.full((2,), 64, dtype=torch.int32), mask=mask)
+    assert SplitKVLauncher(problem, SplitKVConfig(num_splits=1)).mask_kind == kind
