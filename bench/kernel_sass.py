@@ -58,7 +58,14 @@ def _kernel(path: Path = KERNEL):
 
 
 def compile_sass(
-    kv: str, mode: int, stages: int, block_n: int, warps: int = 4, heads: int = 1, kernel: Path = KERNEL
+    kv: str,
+    mode: int,
+    stages: int,
+    block_n: int,
+    warps: int = 4,
+    heads: int = 1,
+    kernel: Path = KERNEL,
+    fused: bool = False,
 ) -> tuple[str, str]:
     """``(SASS, its resources: shared memory, registers, local memory)`` of the split kernel: H_q 32 /
     H_kv 8 (GROUP 4), D 128, T_q 1, bf16 q, several splits, ``heads`` KV heads per program."""
@@ -66,11 +73,11 @@ def compile_sass(
     names = fn.arg_names
     ptr = {"Out": "*bf16", "Lse": "*fp32", "PartO": "*fp32", "PartLse": "*fp32", "Q": "*bf16", "K": f"*{kv}",
            "V": f"*{kv}", "SeqLens": "*i32", "KvStart": "*i32", "Mask": "*i32", "KScale": "*fp32",
-           "VScale": "*fp32", "Sinks": "*fp32"}  # fmt: skip
+           "VScale": "*fp32", "Sinks": "*fp32", "Counters": "*i32"}  # fmt: skip
     const = dict(SINGLE=False, H_KV=8, GROUP=4, T_Q=1, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=128,
                  HAS_KV_START=False, MASK_KIND=0, WRITE_LSE=False, INTERP_BF16=False, DOT_PRECISION="ieee",
                  USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0, HAS_WINDOW=False, HAS_SOFTCAP=False,
-                 HAS_SINKS=False)  # fmt: skip
+                 HAS_SINKS=False, FUSED_MERGE=fused)  # fmt: skip
     if "HEADS" in names:
         const.update(HEADS=heads, BLOCK_M=max(16, 4 * heads))
     elif heads != 1:
@@ -132,6 +139,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--heads", type=int, nargs="+", default=[1], help="KV heads per program (HEADS)")
     ap.add_argument("--kernel", type=Path, default=KERNEL, help="a split_kv.py (default: this tree's)")
+    ap.add_argument("--fused-merge", action="store_true", help="the last split merges (FUSED_MERGE)")
     args = ap.parse_args()
     variants = DEFAULT if args.kv is None else [(args.kv, args.mode or 0, args.stages, args.block_n)]
     print(
@@ -140,7 +148,9 @@ def main() -> int:
     )
     for kv, mode, stages, block_n in variants:
         for heads in args.heads:
-            sass, shared = compile_sass(kv, mode, stages, block_n, args.warps, heads, args.kernel)
+            sass, shared = compile_sass(
+                kv, mode, stages, block_n, args.warps, heads, args.kernel, args.fused_merge
+            )
             ops = loop_opcodes(sass)
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
             head = f"{kv:<8} KV_FP8={mode} stages={stages} block_n={block_n} heads={heads}"

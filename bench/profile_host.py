@@ -48,8 +48,11 @@ def profile(name: str, fn, calls: int) -> None:
 
 
 def parts(q, k, lens, out) -> None:
+    from dataclasses import replace
+
     from kvdecode._checks import inputs_match
     from kvdecode.timing import host_overhead_us
+    from kvdecode.triton_kernels import SplitKVLauncher
     from kvdecode.triton_kernels.bound import _hooks
 
     tri = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
@@ -93,6 +96,10 @@ def parts(q, k, lens, out) -> None:
                     kn.run(g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a)
                 )
     rows["launcher (allocation + both launches)"] = lambda: la(q, k, k, lens, None, None, out, None)
+    fused = SplitKVLauncher(la.problem, replace(la.config, fused_merge=True))
+    rows["launcher, fused merge (allocation + one launch)"] = lambda: fused(
+        q, k, k, lens, None, None, out, None
+    )
     rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out

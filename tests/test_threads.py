@@ -83,6 +83,27 @@ def test_one_plan_run_from_threads_on_the_default_stream():
     _hammer(lambda q, k, v, lens: the_plan.run(q, k, v, lens), private_streams=False)
 
 
+@pytest.mark.parametrize("private_streams", [False, True], ids=["default-stream", "own-streams"])
+def test_one_fused_merge_launcher_from_threads(private_streams):
+    """The fused merge's counters (one buffer per stream, left at zero by each call) shared by threads:
+    on one stream their calls run in order; on their own streams each has its own buffer."""
+    from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher
+
+    q, k, v, lens, _ = _inputs(0)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+    launch = SplitKVLauncher(problem, SplitKVConfig(num_splits=16, block_n=64, fused_merge=True))
+    assert launch.fused
+
+    def call(q, k, v, lens):
+        out = torch.full_like(q, float("nan"))
+        launch(q, k, v, lens, None, None, out, None)
+        return out
+
+    _hammer(call, private_streams)
+    assert all(not c.any() for c in launch._counters.values())
+    assert len(launch._counters) == (THREADS if private_streams else 1)  # pooled streams: 4 distinct
+
+
 def test_static_cache_from_threads_on_the_default_stream():
     caches, refs = [], []
     for seed in range(THREADS):

@@ -117,6 +117,10 @@ class BoundKernel:
     def _torch_stream(self, index: int) -> int:
         return torch.cuda.current_stream(index).cuda_stream
 
+    def current_stream(self) -> int:
+        """The raw handle of the stream this kernel launches on now (0 under the interpreter)."""
+        return 0 if self.device_index is None else self._stream(self.device_index)
+
     def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple, binder_args=None) -> None:
         """Launch on ``grid``; ``spec`` must determine Triton's specialization of ``args`` (alignments and
         per-call integers): launches with an equal ``spec`` share one compiled kernel. ``args`` may hold

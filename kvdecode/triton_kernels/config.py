@@ -54,6 +54,10 @@ class SplitKVConfig:
         row block: with GQA group 4 at ``T_q = 1``, 4 heads fill the 16 rows a dot needs, so the softmax
         works on no padding rows. ``heads_per_cta * group * T_q`` must fit one row block
         (:func:`tile_shape`); :func:`check_heads_per_cta` says why a value does not serve a problem.
+    fused_merge : bool
+        With several splits, the last split of each (row, KV heads) to finish merges the partials, so one
+        kernel runs instead of two (one launch less on the host). It counts finished splits in a small
+        int32 buffer per stream that it leaves at zero (under CUDA-graph capture: one zeroed per call).
     """
 
     num_splits: int
@@ -62,6 +66,7 @@ class SplitKVConfig:
     num_stages: int = 2
     use_pdl: bool | None = None
     heads_per_cta: int = 1
+    fused_merge: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_splits <= MAX_SPLITS:
@@ -75,12 +80,17 @@ class SplitKVConfig:
         hp = self.heads_per_cta
         if not isinstance(hp, int) or hp < 1 or hp & (hp - 1):
             raise KVDecodeError(f"heads_per_cta must be a power of two >= 1, got {hp!r}")
+        if not isinstance(self.fused_merge, bool):
+            raise KVDecodeError(f"fused_merge must be True or False, got {self.fused_merge!r}")
 
     @property
     def name(self) -> str:
         pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
         heads = "" if self.heads_per_cta == 1 else f"_hp{self.heads_per_cta}"
-        return f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}{heads}"
+        fused = "_fm" if self.fused_merge else ""
+        return (
+            f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}{heads}{fused}"
+        )
 
 
 def tile_shape(problem: DecodeProblem, heads_per_cta: int = 1) -> tuple[int, int]:
@@ -152,7 +162,15 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
     block_d = tile_shape(problem)[1]
     block_n = max(16, min(config.block_n, FP8_TILE_BYTES // block_d))
     splits = cap_splits(problem, config.num_splits, block_n)
-    return SplitKVConfig(splits, block_n, config.num_warps, FP8_STAGES, config.use_pdl, config.heads_per_cta)
+    return SplitKVConfig(
+        splits,
+        block_n,
+        config.num_warps,
+        FP8_STAGES,
+        config.use_pdl,
+        config.heads_per_cta,
+        config.fused_merge,
+    )
 
 
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:

@@ -123,7 +123,10 @@ class SplitKVLauncher:
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
             p.has_sinks, self.mask_kind,
         ]  # fmt: skip
-        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS
+        self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
+        self._n_counters = self.split_grid[1] * self.split_grid[2]
+        self._counters: dict[int, torch.Tensor] = {}  # raw stream -> its counters (eager calls)
+        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS, FUSED_MERGE
         self._split_end = [
             interp_bf16,
             "ieee",
@@ -131,6 +134,7 @@ class SplitKVLauncher:
             0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
             heads,
+            self.fused,
         ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
@@ -173,6 +177,7 @@ class SplitKVLauncher:
         lse_strides = lse.stride()[:2] if write_lse else (0, 0)
         o_strides = out.stride()[:3]
         k_scale, v_scale = scales if scales is not None else (None, None)
+        counters = self._counters_for_call(q.device) if self.fused else None
         ptrs = [
             out.data_ptr(), lse.data_ptr() if write_lse else part_lse_ptr, part_ptr, part_lse_ptr,
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lens_ptr,
@@ -181,6 +186,7 @@ class SplitKVLauncher:
             lens_ptr if k_scale is None else k_scale.data_ptr(),
             lens_ptr if v_scale is None else v_scale.data_ptr(),
             lens_ptr if sinks is None else sinks.data_ptr(),
+            lens_ptr if counters is None else counters.data_ptr(),
         ]  # fmt: skip
         # Triton specializes on each pointer's 16-byte alignment: one flag when all are aligned (the common
         # case), else one per pointer (the partials' never change within a plan: allocator blocks at a
@@ -193,7 +199,7 @@ class SplitKVLauncher:
                 part_t = part_lse_t = seq_lens
             else:
                 part_t, part_lse_t = part, part[self.n_part * self.problem.head_dim :]
-            found = (kv_start, mask, k_scale, v_scale, sinks)
+            found = (kv_start, mask, k_scale, v_scale, sinks, counters)
             return (out, lse if write_lse else part_lse_t, part_t, part_lse_t, q, k_cache, v_cache, seq_lens,
                     *[seq_lens if t is None else t for t in found])  # fmt: skip
 
@@ -201,18 +207,38 @@ class SplitKVLauncher:
             self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse), spec,
             lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse),
         )  # fmt: skip
-        if self.n_part:
+        if self.n_part and not self.fused:
             self._merge(
                 self.merge_grid, self._merge_args(ptrs, o_strides, lse_strides, write_lse), spec,
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
+
+    def _counters_for_call(self, device: torch.device) -> torch.Tensor:
+        """The fused merge's counters (int32 zeros, one per program row) for this call.
+
+        Eager: one buffer per stream, made once and left at zero by every call (the last split of a row
+        zeroes its counter); calls on one stream run in order, so they never share it at once, and calls
+        on other streams have their own. Under CUDA-graph capture: a buffer owned by this call (zeroed in
+        the graph, so every replay starts at zero), never one an eager call or another graph uses."""
+        index = self.device_index
+        if index is not None and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(self._n_counters, dtype=torch.int32, device=device)
+        stream = self._split.current_stream()
+        found = self._counters.get(stream)
+        if found is None:
+            if len(self._counters) >= 64:  # streams come and go: forget the old ones (stream-ordered frees)
+                self._counters.clear()
+            found = self._counters.setdefault(
+                stream, torch.zeros(self._n_counters, dtype=torch.int32, device=device)
+            )
+        return found
 
     def _split_args(self, t, o_strides, lse_strides, write_lse) -> list:
         """The split kernel's arguments, ``t`` the call's tensors (or their pointers) in the order of
         ``_launch``'s ``tensors``."""
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[4], *self._q_strides, t[5],
                 *self._k_strides, t[6], *self._v_strides, t[7], t[8], t[9], *self._mask_strides,
-                t[10], t[11], t[12], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
+                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
 
     def _merge_args(self, t, o_strides, lse_strides, write_lse) -> list:
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[12], *self._merge_tail, write_lse,

@@ -22,7 +22,8 @@ Query row ``i = g * T_q + t`` is head ``h_kv * GROUP + g`` at position ``p = seq
 sees keys ``kv_start[b] <= j <= p`` (bottom-right causal), and with a sliding window only
 ``j >= p - window + 1``: the tiles before the first query's window are never read. A row with nothing
 visible writes zeros and ``LSE = -inf``. With ``num_splits == 1`` the split kernel writes the final output
-itself.
+itself; with ``FUSED_MERGE`` the last of a program row's splits to finish merges them (a per-row counter
+in ``Counters``, which it leaves at zero for the next call), and no merge kernel runs.
 """
 
 from __future__ import annotations
@@ -182,6 +183,77 @@ def _online_softmax(
     return p, alpha, m_new, l_i
 
 
+@triton.jit
+def _write_out(
+    o,
+    lse2,
+    Out,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    Lse,
+    stride_lb,
+    stride_lh,
+    Sinks,
+    b64,
+    head,
+    tok,
+    m_ok,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    """Store a program's final rows: ``o`` normalized over the keys, ``lse2`` their base-2 LSE; a sink
+    joins the denominator (``o`` keeps its share ``2^(lse2 - total)``)."""
+    if HAS_SINKS:
+        lse2, share = _with_sink(lse2, tl.load(Sinks + head, mask=m_ok, other=0.0))
+        o = o * share[:, None]
+    out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
+    tl.store(out_ptrs + offs_d[None, :], _to_out(o, Out.dtype.element_ty, INTERP_BF16),
+             mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))  # fmt: skip
+    if WRITE_LSE:
+        lse_ptrs = Lse + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok
+        tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # base 2 -> natural log
+
+
+@triton.jit
+def _merge_partials(
+    PartO,
+    PartLse,
+    row,
+    num_splits,
+    m_ok,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(o, LSE2)`` of rows ``row`` from their ``num_splits`` partials, in split order, LSE-weighted with a
+    running maximum (one pass; the loads of split ``s`` do not wait for split ``s - 1``'s sums). Loaded
+    through L2 (``.cg``): other CTAs wrote them during this kernel."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(PartLse + row * num_splits + s, mask=m_ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(PartO + (row[:, None] * num_splits + s) * HEAD_DIM + offs_d[None, :],
+                      mask=m_ok[:, None] & d_ok, other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with anything visible yet
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse_s - m_safe)  # 0 for an empty split
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        w_sum = w_sum * alpha + w
+        m = m_new
+    has_any = w_sum > 0.0
+    o = acc / tl.where(has_any, w_sum, 1.0)[:, None]
+    lse2 = tl.where(has_any, m + tl.log2(tl.where(has_any, w_sum, 1.0)), float("-inf"))
+    return o, lse2
+
+
 @triton.jit(do_not_specialize=["window", "softcap", "num_splits"])
 def split_kv_kernel(
     Out,
@@ -215,6 +287,7 @@ def split_kv_kernel(
     KScale,  # float32 [1] or [H_kv]: dequantizes fp8 K (used when SCALE_KIND > 0)
     VScale,  # float32 [1] or [H_kv]: dequantizes fp8 V
     Sinks,  # [H_q] fp32/bf16/fp16: attention sinks (used when HAS_SINKS, by this kernel when SINGLE)
+    Counters,  # int32 [grid 1 x grid 2], zeros: splits done per program row (used when FUSED_MERGE)
     qk_scale,  # scale * log2(e)
     capacity,
     window,  # sliding window (keys a query sees, itself included); used when HAS_WINDOW
@@ -241,6 +314,7 @@ def split_kv_kernel(
     # 3 fp16 with V converted in PTX where it is loaded (the GPU default, see _fp8_to_fp16)
     SCALE_KIND: tl.constexpr,  # 0 none, 1 one k/v scale, 2 one per KV head
     HEADS: tl.constexpr,  # KV heads per program (their query rows packed into one BLOCK_M block)
+    FUSED_MERGE: tl.constexpr,  # the last split of a program row merges the partials (no merge kernel)
 ):
     """One program: the tiles ``split, split + num_splits, ...`` of one row and ``HEADS`` KV heads, for one
     block of packed query rows.
@@ -380,24 +454,31 @@ def split_kv_kernel(
         o = o * v_scale  # the merge is linear in the partials: scaling them scales the output
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
     if SINGLE:
-        if HAS_SINKS:  # the sink joins the denominator: o keeps its share 2^(lse2 - total)
-            lse2, share = _with_sink(lse2, tl.load(Sinks + head, mask=m_ok, other=0.0))
-            o = o * share[:, None]
-        out_ptrs = Out + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + tok[:, None] * stride_ot
-        tl.store(
-            out_ptrs + offs_d[None, :],
-            _to_out(o, Out.dtype.element_ty, INTERP_BF16),
-            mask=m_ok[:, None] & d_ok,
-        )
-        if WRITE_LSE:
-            lse_ptrs = Lse + b64 * stride_lb + head.to(tl.int64) * stride_lh + tok
-            tl.store(lse_ptrs, lse2 * 0.6931471805599453, mask=m_ok)  # base 2 -> natural log
+        _write_out(o, lse2, Out, stride_ob, stride_oh, stride_ot, Lse, stride_lb, stride_lh, Sinks, b64, head,
+                   tok, m_ok, offs_d, HEAD_DIM, HAS_SINKS, WRITE_LSE, INTERP_BF16)  # fmt: skip
     else:
         # every split writes its partial (zeros when empty) so the merge loads LSEs and partials at once
         row = (b64 * H_KV + h_kv) * M + offs_m  # = (b * H_kv + h_kv of the row) * M + its query row
         tl.store(PartLse + row * num_splits + split, lse2, mask=m_ok)
         po_ptrs = PartO + (row[:, None] * num_splits + split) * HEAD_DIM + offs_d[None, :]
         tl.store(po_ptrs, o, mask=m_ok[:, None] & d_ok)
+        if FUSED_MERGE:
+            # The last split of this program row to finish merges: every thread's stores precede the
+            # counter's release (bar.sync, then one thread's acq_rel atomic at GPU scope); its acquire
+            # precedes the merge's loads. It then zeroes the counter for the next call (none of this
+            # call's programs touches it again).
+            tl.debug_barrier()
+            counter = Counters + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                tl.store(counter, 0)
+                o, lse2 = _merge_partials(
+                    PartO, PartLse, row, num_splits, m_ok, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D
+                )
+                _write_out(
+                    o, lse2, Out, stride_ob, stride_oh, stride_ot, Lse, stride_lb, stride_lh, Sinks, b64,
+                    head, tok, m_ok, offs_d, HEAD_DIM, HAS_SINKS, WRITE_LSE, INTERP_BF16,
+                )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -32,8 +32,10 @@ class SkipPoint(Exception):
 
 
 def config_dict(cfg: SplitKVConfig) -> dict:
-    """The table's record of ``cfg`` (``heads_per_cta`` only when packed: older readers know the rest)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "use_pdl" and (k != "heads_per_cta" or v != 1)}
+    """The table's record of ``cfg`` (``heads_per_cta`` only when packed: older readers know the rest; the
+    merge's form is not tuned)."""
+    skip = {"use_pdl": None, "heads_per_cta": 1, "fused_merge": False}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip or (k != "use_pdl" and v != skip[k])}
 
 
 class PointBench:

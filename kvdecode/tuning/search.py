@@ -103,6 +103,7 @@ def search(
     def with_(cfg: SplitKVConfig, **change) -> SplitKVConfig:
         fields = dict(num_splits=cfg.num_splits, block_n=cfg.block_n, num_warps=cfg.num_warps)
         fields.update(num_stages=cfg.num_stages, use_pdl=cfg.use_pdl, heads_per_cta=cfg.heads_per_cta)
+        fields.update(fused_merge=cfg.fused_merge)
         fields.update(change)
         tiles = math.ceil(capacity / fields["block_n"])
         fields["num_splits"] = max(1, min(fields["num_splits"], tiles, split_cap(block_d)))

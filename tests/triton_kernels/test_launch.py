@@ -194,3 +194,47 @@ def test_a_mask_shared_by_every_query_row_takes_the_one_row_kernel(shape, q_len,
     mask = torch.ones(shape, dtype=dtype) if dtype == torch.bool else torch.zeros(shape, dtype=dtype)
     problem = DecodeProblem.from_tensors(q, k, k, torch.full((2,), 64, dtype=torch.int32), mask=mask)
     assert SplitKVLauncher(problem, SplitKVConfig(num_splits=1)).mask_kind == kind
+
+
+@pytest.mark.gpu
+def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
+    """The fused merge's counters: eager calls on the current stream and on a side stream (one buffer
+    each, left at zero), and a CUDA graph whose replays zero their own (captured) buffer; every output
+    NaN-poisoned first and checked against the reference."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(3, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(3, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(3, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lens = torch.tensor([4096, 1000, 1], dtype=torch.int32, device="cuda")
+    ref, ref_lse = reference_decode_attention(q, k, v, lens)
+    problem = DecodeProblem.from_tensors(q, k, v, lens)
+    for heads in (1, 4):
+        cfg = SplitKVConfig(num_splits=24, block_n=64, heads_per_cta=heads, fused_merge=True)
+        launch = SplitKVLauncher(problem, cfg)
+        out = torch.empty_like(q)
+        lse = torch.empty(3, 32, 1, device="cuda")
+
+        def check(what, out=out, lse=lse, name=cfg.name):
+            assert_close_to_reference(out, ref, torch.bfloat16, f"{name} {what}")
+            assert_lse_close(lse, ref_lse, torch.bfloat16, f"{name} {what}")
+
+        side = torch.cuda.Stream()
+        for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
+            with torch.cuda.stream(stream):
+                for i in range(3):
+                    out.fill_(float("nan"))
+                    lse.fill_(float("nan"))
+                    launch(q, k, v, lens, None, None, out, lse)
+                    stream.synchronize()
+                    check(f"eager call {i}")
+        assert len(launch._counters) == 2 and all(not c.any() for c in launch._counters.values())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):  # (captured on the side stream: its buffer is not used)
+            launch(q, k, v, lens, None, None, out, lse)
+        assert len(launch._counters) == 2  # the graph took a buffer of its own
+        for i in range(3):
+            out.fill_(float("nan"))
+            lse.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            check(f"replay {i}")

@@ -187,6 +187,37 @@ def test_packed_kv_heads_match_reference(device, data):
         raise AssertionError(f"config {cfg.name}: {e}") from None
 
 
+@pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
+@pytest.mark.parametrize("device", DEVICES)
+@smoke_examples(25)
+@given(data=st.data())
+def test_fused_merge_matches_reference_call_after_call(device, data):
+    """The last split of each program row merges (``fused_merge``; no merge kernel): against the float64
+    reference, one KV head or several per program, several calls in a row on one launcher (the
+    counters it leaves at zero serve the next call), NaN-poisoned outputs each time."""
+    kv_heads = (1, 2, 4) if device == "cpu" else (1, 2, 4, 8)
+    case = data.draw(cases(device, kv_heads=kv_heads), label="case")
+    heads = data.draw(st.sampled_from([1, *packed_heads_options(case)]), label="heads_per_cta")
+    splits = data.draw(st.sampled_from((2, 3, 5) if device == "cpu" else (2, 8, 33, 128)), label="splits")
+    block_n = data.draw(st.sampled_from((16, 32, 64)), label="block_n")
+    x = make_inputs(case, device)
+    ref_out, ref_lse = reference(x)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads, fused_merge=True)
+    launch = TritonBackend().make_launcher(problem, config=cfg)
+    assert launch.fused
+    for call in range(2):
+        out = make_out(case, device)
+        lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
+        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse, sinks=x.sinks)
+        try:
+            check_all(case, out, lse, ref_out, ref_lse)
+        except AssertionError as e:
+            raise AssertionError(f"config {cfg.name}, call {call}: {e}") from None
+    (counters,) = launch._counters.values()
+    assert counters.numel() == launch.split_grid[1] * launch.split_grid[2] and not counters.any()
+
+
 def test_packed_kv_heads_that_do_not_fit_are_refused_by_name():
     """A ``heads_per_cta`` that does not divide H_kv, or whose rows overflow a row block, is a clear
     ``KVDecodeError`` before any launch; a value that is not a power of two is refused by the config."""
