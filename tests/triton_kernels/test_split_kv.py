@@ -68,6 +68,18 @@ def reference(x):
     return reference_decode_attention(x.q, x.k, x.v, x.seq_lens, **x.kwargs())
 
 
+def launch_and_check(case: Case, x, launch, what: str, ref_out, ref_lse, device):
+    """One launch into NaN-poisoned ``out`` and ``lse``, checked against the reference; ``(out, lse)``."""
+    out = make_out(case, device)
+    lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
+    launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse, sinks=x.sinks)
+    try:
+        check_all(case, out, lse, ref_out, ref_lse)
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from None
+    return out, lse
+
+
 # ---- the main property ----
 
 
@@ -139,13 +151,7 @@ def test_split_count_invariance(device, data):
     for s in splits:
         cfg = SplitKVConfig(num_splits=s, block_n=block_n)
         launch = TritonBackend().make_launcher(problem, config=cfg)
-        out = make_out(case, device)
-        lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
-        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse, sinks=x.sinks)
-        try:
-            check_all(case, out, lse, ref_out, ref_lse)
-        except AssertionError as e:
-            raise AssertionError(f"config {cfg.name}: {e}") from None
+        out, lse = launch_and_check(case, x, launch, f"config {cfg.name}", ref_out, ref_lse, device)
         results.append((cfg.name, out, lse))
     first_name, first_out, first_lse = results[0]
     for cfg_name, out, lse in results[1:]:
@@ -179,12 +185,7 @@ def test_packed_kv_heads_match_reference(device, data):
     cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads)
     launch = TritonBackend().make_launcher(problem, config=cfg)
     assert launch.split_grid[1:] == (case.batch * case.num_kv_heads // heads, 1)
-    lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
-    launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, x.out, lse, sinks=x.sinks)
-    try:
-        check_all(case, x.out, lse, ref_out, ref_lse)
-    except AssertionError as e:
-        raise AssertionError(f"config {cfg.name}: {e}") from None
+    launch_and_check(case, x, launch, f"config {cfg.name}", ref_out, ref_lse, device)
 
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
@@ -207,13 +208,7 @@ def test_fused_merge_matches_reference_call_after_call(device, data):
     launch = TritonBackend().make_launcher(problem, config=cfg)
     assert launch.fused
     for call in range(2):
-        out = make_out(case, device)
-        lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
-        launch(x.q, x.k, x.v, x.seq_lens, x.kv_start, x.mask, out, lse, sinks=x.sinks)
-        try:
-            check_all(case, out, lse, ref_out, ref_lse)
-        except AssertionError as e:
-            raise AssertionError(f"config {cfg.name}, call {call}: {e}") from None
+        launch_and_check(case, x, launch, f"config {cfg.name}, call {call}", ref_out, ref_lse, device)
     (counters,) = launch._counters.values()
     assert counters.numel() == launch.split_grid[1] * launch.split_grid[2] and not counters.any()
 
