@@ -77,11 +77,15 @@ def compile_sass(
     const = dict(SINGLE=False, H_KV=8, GROUP=4, T_Q=1, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=128,
                  HAS_KV_START=False, MASK_KIND=0, WRITE_LSE=False, INTERP_BF16=False, DOT_PRECISION="ieee",
                  USE_PDL=True, KV_FP8=mode, SCALE_KIND=2 if mode else 0, HAS_WINDOW=False, HAS_SOFTCAP=False,
-                 HAS_SINKS=False, FUSED_MERGE=fused)  # fmt: skip
+                 HAS_SINKS=False)  # fmt: skip
     if "HEADS" in names:
         const.update(HEADS=heads, BLOCK_M=max(16, 4 * heads))
     elif heads != 1:
         raise SystemExit(f"{kernel} has no HEADS parameter (one KV head per program)")
+    if "FUSED_MERGE" in names:
+        const.update(FUSED_MERGE=fused)
+    elif fused:
+        raise SystemExit(f"{kernel} has no FUSED_MERGE parameter")
     missing = [n for n in names if n not in const and n not in ptr and n not in RUNTIME]
     if missing:  # a new parameter: say what it is rather than compile it as a run-time int
         raise SystemExit(f"kernel_sass.py does not know the kernel's parameters {missing}; add them")
