@@ -213,6 +213,9 @@ def test_a_packed_point_gives_a_packed_config_and_an_unpacked_one_does_not(tmp_p
     thresholds.use_table(save_table(raw, tmp_path / "packed.json"))
     cfg = config_mod.default_config(p)
     assert cfg.heads_per_cta == 4 and cfg.name.endswith("_hp4") and cfg.num_splits == 8
+    fp8 = DecodeProblem(**{**p.__dict__, "kv_dtype": torch.float8_e4m3fn, "kv_scale_kind": "scalar"})
+    from_table = config_mod.default_config(fp8)  # a 16-bit point's packing is not fp8's: unmeasured
+    assert from_table.heads_per_cta == 1 and from_table.num_splits == 2 and from_table.num_stages == 3
     point["config"]["heads_per_cta"] = 16  # 8 KV heads: does not divide
     thresholds.use_table(save_table(raw, tmp_path / "bad.json"))
     assert config_mod.tuned_config(p) is None

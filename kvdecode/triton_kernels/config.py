@@ -157,20 +157,15 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
     The tuning tables and the heuristic were measured on 16-bit caches. With fp8 the kernel spends its
     time converting tiles, not waiting for them: on the H200 (``bench-fp8-sweep-run3.log``) tiles of
     8 KB (64 keys at D 128) with a 3-stage pipeline were the fastest or within 3% of it in every cell of
-    B 1..16 x L 4k..128k, up to 25% faster than the 16-bit configuration. The split count is kept.
+    B 1..16 x L 4k..128k, up to 25% faster than the 16-bit configuration. The split count is kept (per
+    CTA row: a packed 16-bit point's count is divided by its heads). Packed KV heads are not carried over:
+    a 16-bit point's ``heads_per_cta`` says nothing of fp8 (whose 3 stages of tiles and converted tiles
+    may not fit the shared memory), and fp8 with packed heads is not yet measured.
     """
     block_d = tile_shape(problem)[1]
     block_n = max(16, min(config.block_n, FP8_TILE_BYTES // block_d))
-    splits = cap_splits(problem, config.num_splits, block_n)
-    return SplitKVConfig(
-        splits,
-        block_n,
-        config.num_warps,
-        FP8_STAGES,
-        config.use_pdl,
-        config.heads_per_cta,
-        config.fused_merge,
-    )
+    splits = cap_splits(problem, max(1, config.num_splits // config.heads_per_cta), block_n)
+    return SplitKVConfig(splits, block_n, config.num_warps, FP8_STAGES, config.use_pdl, 1, config.fused_merge)
 
 
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:

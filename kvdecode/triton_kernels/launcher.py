@@ -219,7 +219,9 @@ class SplitKVLauncher:
         Eager: one buffer per stream, made once and left at zero by every call (the last split of a row
         zeroes its counter); calls on one stream run in order, so they never share it at once, and calls
         on other streams have their own. Under CUDA-graph capture: a buffer owned by this call (zeroed in
-        the graph, so every replay starts at zero), never one an eager call or another graph uses."""
+        the graph, so every replay starts at zero), never one an eager call or another graph uses.
+        A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
+        behind; nothing else can, since every program of a call counts once and the last one zeroes."""
         index = self.device_index
         if index is not None and torch.cuda.is_current_stream_capturing():
             return torch.zeros(self._n_counters, dtype=torch.int32, device=device)

@@ -438,7 +438,7 @@ def split_kv_kernel(
                 k_j = tl.trans(k_1)
             else:
                 k_j = tl.load(
-                    k_ptrs + j * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn,
+                    k_ptrs + stride_kh.to(tl.int64) * j + offs_n[:, None].to(tl.int64) * stride_kn,
                     mask=n_ok & d_ok,
                     other=0.0,
                 )
@@ -457,7 +457,7 @@ def split_kv_kernel(
                 acc = _dot(p, v_1, acc, INTERP_BF16, DOT_PRECISION)
             else:
                 v_j = tl.load(
-                    v_ptrs + j * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn,
+                    v_ptrs + stride_vh.to(tl.int64) * j + offs_n[:, None].to(tl.int64) * stride_vn,
                     mask=n_ok & d_ok,
                     other=0.0,
                 )

@@ -80,7 +80,12 @@ def compile_variant(variant) -> dict:
         )
     except Exception as exc:  # reported by the test, with the compiler's message
         return dict(error=f"{type(exc).__name__}: {exc}"[-3000:])
-    return dict(cubin=bool(compiled.asm.get("cubin")), shared=compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    atom = ptx.find("atom.global.gpu.acq_rel.add")  # the fused merge's counter
+    found = atom >= 0
+    return dict(cubin=bool(compiled.asm.get("cubin")), shared=compiled.metadata.shared, atom=found,
+                barrier_first=found and ptx.rfind("bar.sync", 0, atom) > ptx.rfind("st.global", 0, atom),
+                cg_loads=found and ".cg" in ptx[atom:])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +103,10 @@ def test_split_kernel_compiles_for_sm90(compiled, variant):
     assert "error" not in found, found.get("error")
     assert found["cubin"], "no cubin"
     assert found["shared"] <= 227 * 1024, f"{found['shared']} B of shared memory"
+    fused = variant[9]
+    # the fused merge's ordering, as compiled: a CTA barrier after the partials' last store, then the
+    # GPU-scope acq_rel counter, then the partials loaded through L2; none of it without the fused merge
+    assert found["atom"] == fused and found["barrier_first"] == fused and found["cg_loads"] == fused, found
 
 
 if __name__ == "__main__":

@@ -227,6 +227,13 @@ def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
                     launch(q, k, v, lens, None, None, out, lse)
                     stream.synchronize()
                     check(f"eager call {i}")
+                # back to back, no sync between them: each call reuses the counters the last one zeroed
+                outs = [torch.full_like(q, float("nan")) for _ in range(4)]
+                for o in outs:
+                    launch(q, k, v, lens, None, None, o, None)
+                stream.synchronize()
+                for i, o in enumerate(outs):
+                    assert_close_to_reference(o, ref, torch.bfloat16, f"{cfg.name} back-to-back call {i}")
         assert len(launch._counters) == 2 and all(not c.any() for c in launch._counters.values())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):  # (captured on the side stream: its buffer is not used)

@@ -124,6 +124,52 @@ def test_many_packed_rows_span_several_row_blocks(device):
     ref_out, ref_lse = reference(x)
     out, lse = run_triton(case, x)
     check_all(case, out, lse, ref_out, ref_lse)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    cfg = SplitKVConfig(num_splits=3, block_n=16, fused_merge=True)  # each row block its own counter
+    launch = TritonBackend().make_launcher(problem, config=cfg)
+    assert launch.split_grid[2] == 2
+    for call in range(2):
+        launch_and_check(case, x, launch, f"{cfg.name}, call {call}", ref_out, ref_lse, device)
+
+
+def test_packed_heads_with_a_shared_mask_row_and_several_tokens():
+    """Packed heads (2 per program) with the one-row mask kernel (MASK_KIND 3: a ``[B, 1, 1, L]`` bool
+    mask broadcast over heads and tokens, with holes), T_q 3, kv_start, sinks, one split and several."""
+    case = Case(
+        batch=2, num_q_heads=8, num_kv_heads=4, head_dim=32, q_len=3, capacity=80, dtype=torch.bfloat16,
+        seq_lens=(80, 41), kv_start=(5, 0), mask_kind="bool", mask_shape=(2, 1, 1, 80), mask_density=0.6,
+        sinks=True, seed=91,
+    )  # fmt: skip
+    x = make_inputs(case, "cpu")
+    ref_out, ref_lse = reference(x)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    for splits in (1, 3):
+        cfg = SplitKVConfig(num_splits=splits, block_n=16, heads_per_cta=2, fused_merge=splits == 3)
+        launch = TritonBackend().make_launcher(problem, config=cfg)
+        assert launch.mask_kind == 3
+        launch_and_check(case, x, launch, cfg.name, ref_out, ref_lse, "cpu")
+
+
+def test_packed_heads_reach_kv_heads_past_2_gib_of_elements():
+    """The offset of a program's later KV heads (``j * stride_kh``) is 64-bit: with 8 heads per program
+    and a head stride of 2^29 elements, head 7 starts 3.8e9 elements in (an overflow in 32 bits read far
+    outside the cache). A head-major buffer viewed as BHSD; the untouched storage is never paged in."""
+    stride_h, cap, d = 1 << 29, 32, 16
+    storage = torch.empty(7 * stride_h + cap * d, dtype=torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(5)
+    k = storage.as_strided((1, 8, cap, d), (cap * d, stride_h, d, 1))
+    v = torch.empty(8 * cap * d, dtype=torch.float8_e4m3fn).view(1, 8, cap, d)
+    k.copy_(torch.randn(1, 8, cap, d, generator=gen).to(torch.float8_e4m3fn))
+    v.copy_(torch.randn(1, 8, cap, d, generator=gen).to(torch.float8_e4m3fn))
+    q = torch.randn(1, 16, 1, d, generator=gen).to(torch.bfloat16)
+    lens = torch.tensor([cap - 3], dtype=torch.int32)
+    ref, _ = reference_decode_attention(q, k, v, lens)
+    problem = DecodeProblem.from_tensors(q, k, v, lens)
+    out = torch.full_like(q, math.nan)
+    SplitKVLauncher(problem, SplitKVConfig(num_splits=2, block_n=16, heads_per_cta=8))(
+        q, k, v, lens, None, None, out, None
+    )
+    check_close(out, ref, torch.bfloat16, "heads 8, stride_kh 2^29", 5)
 
 
 # ---- split-count invariance ----
