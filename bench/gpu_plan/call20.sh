@@ -1,4 +1,4 @@
-# Next GPU session, call 4 (~500 s), if call 17 shows a packed (heads_per_cta) variant ahead of base at B 16 L 1k/4k:
+# Next GPU session, call 4 (~500 s), if call 18 (kernel_variants) shows a packed (heads_per_cta) variant ahead of base at B 16 L 1k/4k:
 # retune B 4/16/64 x L 1k/4k of the H 32/8 D 128 bf16 family (the tuner now searches heads_per_cta), then the
 # grid's batch cells side by side with torch SDPA on the retuned table. Install the table only if it wins:
 # cp /tmp/w20/retune.json kvdecode/tuning/default_h200.json (with the results files under bench/results/).
