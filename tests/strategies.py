@@ -415,6 +415,21 @@ def packed_heads_options(case: Case) -> list[int]:
     return [h for h in options if case.num_kv_heads % h == 0 and h * rows <= max(16, 8192 // block_d)]
 
 
+SHARED_MEMORY_BUDGET = 160 * 1024  # below the 227 KB an H100/H200 CTA may have: room for what is not counted
+
+
+def tiles_that_fit(case: Case, heads: int, stages: int = 2, block_ns=(16, 32, 64)) -> list[int]:
+    """The ``block_n`` values whose K/V staging fits a CTA's shared memory with ``heads`` KV heads per
+    program: heads x 2 tiles x block_n x BLOCK_D x element bytes x (stages - 1) buffers (Triton 3.6 gave
+    137 KB for 4 bf16 heads of 64 keys at D 128 and 2 stages, 131 KB by this count). On a GPU a config over
+    the limit is refused (``KVDecodeError``), which is not what these tests are about."""
+    block_d = max(16, 1 << (case.head_dim - 1).bit_length())
+    size = case.dtype.itemsize
+    return [
+        n for n in block_ns if heads * 2 * n * block_d * size * max(1, stages - 1) <= SHARED_MEMORY_BUDGET
+    ]
+
+
 def with_(case: Case, **changes) -> Case:
     return replace(case, **changes)
 

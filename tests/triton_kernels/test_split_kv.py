@@ -27,6 +27,7 @@ from strategies import (
     make_out,
     packed_heads_options,
     poison_unfilled,
+    tiles_that_fit,
     with_,
 )
 
@@ -224,7 +225,9 @@ def test_packed_kv_heads_match_reference(device, data):
     assume(options)
     heads = data.draw(st.sampled_from(options), label="heads_per_cta")
     splits = data.draw(st.sampled_from((1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)), label="splits")
-    block_n = data.draw(st.sampled_from((16, 32, 64)), label="block_n")
+    fits = tiles_that_fit(case, heads)
+    assume(fits)
+    block_n = data.draw(st.sampled_from(fits), label="block_n")
     x = make_inputs(case, device)
     ref_out, ref_lse = reference(x)
     problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
@@ -246,7 +249,9 @@ def test_fused_merge_matches_reference_call_after_call(device, data):
     case = data.draw(cases(device, kv_heads=kv_heads), label="case")
     heads = data.draw(st.sampled_from([1, *packed_heads_options(case)]), label="heads_per_cta")
     splits = data.draw(st.sampled_from((2, 3, 5) if device == "cpu" else (2, 8, 33, 128)), label="splits")
-    block_n = data.draw(st.sampled_from((16, 32, 64)), label="block_n")
+    fits = tiles_that_fit(case, heads)
+    assume(fits)
+    block_n = data.draw(st.sampled_from(fits), label="block_n")
     x = make_inputs(case, device)
     ref_out, ref_lse = reference(x)
     problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
