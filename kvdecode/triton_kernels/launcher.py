@@ -150,9 +150,13 @@ class SplitKVLauncher:
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
         self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
-        self._merge = BoundKernel(
-            merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
-        )
+        self._merge = (
+            None
+            if self.fused
+            else BoundKernel(
+                merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
+            )
+        )  # (with the fused merge the split kernel merges)
 
     def __call__(
         self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None

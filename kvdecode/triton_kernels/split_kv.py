@@ -184,6 +184,24 @@ def _online_softmax(
 
 
 @triton.jit
+def _tile_update(
+    acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, hi, q_pos0, win_lo0, mask_row_ptr, stride_mask_n,
+    qk_scale, softcap, M: tl.constexpr, T_Q: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One K/V tile of one KV head (tiles in the dots' dtype): ``q @ k^T``, the online softmax (see
+    :func:`_online_softmax`), ``p @ v``; returns ``(acc, m, l)``."""
+    zeros = tl.zeros([acc.shape[0], k_tile.shape[0]], tl.float32)
+    s = _dot(q, tl.trans(k_tile), zeros, INTERP_BF16, DOT_PRECISION)
+    p, alpha, m_i, l_i = _online_softmax(
+        s, m_i, l_i, offs_n, offs_m, lo, hi, q_pos0, win_lo0, mask_row_ptr, stride_mask_n, qk_scale, softcap,
+        M, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
+    )  # fmt: skip
+    return _dot(p, v_tile, acc * alpha[:, None], INTERP_BF16, DOT_PRECISION), m_i, l_i
+
+
+@triton.jit
 def _write_out(
     o,
     lse2,
@@ -415,47 +433,44 @@ def split_kv_kernel(
         # the speculative tile may cover unfilled or left-padded slots, which may hold anything (NaN too):
         # zero their V rows, since p = 0 times NaN would still poison p @ v
         v_tile = tl.where(((offs_n >= lo) & (offs_n < seq_len))[:, None], v_tile, 0.0)
-        s = _dot(q, tl.trans(k_tile), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), INTERP_BF16, DOT_PRECISION)
-        p, alpha, m_i, l_i = _online_softmax(
-            s, m_i, l_i, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr, stride_mn, qk_scale,
-            softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
+        acc, m_i, l_i = _tile_update(
+            acc, m_i, l_i, q, k_tile, v_tile, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
+            stride_mn, qk_scale, softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16,
+            DOT_PRECISION,
         )  # fmt: skip
-        acc = _dot(p, v_tile, acc * alpha[:, None], INTERP_BF16, DOT_PRECISION)
         tile += step
     for t in range(tile, tl.cdiv(seq_len, BLOCK_N), step):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ((offs_n >= lo) & (offs_n < seq_len))[:, None]  # invisible slots load as zeros
-        zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = zeros
         if HEADS == 1:  # both tiles loaded and converted first: V loaded after the softmax held 137
             # registers instead of 126 in the fp8 kernel (sm90, Triton 3.6), one CTA an SM fewer
             v_1 = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn, mask=n_ok & d_ok, other=0.0)
             k_1 = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn, mask=n_ok & d_ok, other=0.0)
             k_1 = _kv_tile(k_1, q.dtype, KV_FP8, False)
             v_1 = _kv_tile(v_1, q.dtype, KV_FP8, True)
-        for j in tl.static_range(HEADS):  # one dot per KV head, with that head's query rows only
-            if HEADS == 1:
-                k_j = tl.trans(k_1)
-            else:
+            acc, m_i, l_i = _tile_update(
+                acc, m_i, l_i, q, k_1, v_1, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr,
+                stride_mn, qk_scale, softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP, INTERP_BF16,
+                DOT_PRECISION,
+            )  # fmt: skip
+        else:
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            s = zeros
+            for j in tl.static_range(HEADS):  # one dot per KV head; each row keeps its own head's scores
+                # (q masked per head instead: 4 A operands staged, slower)
                 k_j = tl.load(
                     k_ptrs + stride_kh.to(tl.int64) * j + offs_n[:, None].to(tl.int64) * stride_kn,
                     mask=n_ok & d_ok,
                     other=0.0,
                 )
                 k_j = tl.trans(_kv_tile(k_j, q.dtype, KV_FP8, False))
-            if HEADS == 1:
-                s = _dot(q, k_j, s, INTERP_BF16, DOT_PRECISION)
-            else:  # each row keeps its own head's scores (q masked per head instead: 4 A operands, slower)
                 s = tl.where((kv_of_row == j)[:, None], _dot(q, k_j, zeros, INTERP_BF16, DOT_PRECISION), s)
-        p, alpha, m_i, l_i = _online_softmax(
-            s, m_i, l_i, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr, stride_mn, qk_scale,
-            softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
-        )  # fmt: skip
-        acc = acc * alpha[:, None]
-        for j in tl.static_range(HEADS):  # p @ v per KV head, with the other heads' rows of p zeroed
-            if HEADS == 1:
-                acc = _dot(p, v_1, acc, INTERP_BF16, DOT_PRECISION)
-            else:
+            p, alpha, m_i, l_i = _online_softmax(
+                s, m_i, l_i, offs_n, offs_m, lo, seq_len, q_pos0, win_lo0, mask_row_ptr, stride_mn, qk_scale,
+                softcap, ROWS, T_Q, MASK_KIND, HAS_WINDOW, HAS_SOFTCAP,
+            )  # fmt: skip
+            acc = acc * alpha[:, None]
+            for j in tl.static_range(HEADS):  # p @ v per KV head, with the other heads' rows of p zeroed
                 v_j = tl.load(
                     v_ptrs + stride_vh.to(tl.int64) * j + offs_n[:, None].to(tl.int64) * stride_vn,
                     mask=n_ok & d_ok,

@@ -34,8 +34,12 @@ class SkipPoint(Exception):
 def config_dict(cfg: SplitKVConfig) -> dict:
     """The table's record of ``cfg`` (``heads_per_cta`` only when packed: older readers know the rest; the
     merge's form is not tuned)."""
-    skip = {"use_pdl": None, "heads_per_cta": 1, "fused_merge": False}
-    return {k: v for k, v in asdict(cfg).items() if k not in skip or (k != "use_pdl" and v != skip[k])}
+    fields = asdict(cfg)
+    del fields["use_pdl"]
+    for name, default in (("heads_per_cta", 1), ("fused_merge", False)):
+        if fields[name] == default:
+            del fields[name]
+    return fields
 
 
 class PointBench:

@@ -220,21 +220,29 @@ def test_packed_kv_heads_match_reference(device, data):
     path has: masks, kv_start, T_q > 1, windows, softcap, sinks, layouts, one split (the output written
     directly) and several (the merge); NaN-poisoned out and lse prove every element is written."""
     kv_heads = (2, 4) if device == "cpu" else (2, 4, 8)
+    splits = (1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)
+    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, kv_heads, (), splits)
+    assert launch.split_grid[1:] == (case.batch * case.num_kv_heads // cfg.heads_per_cta, 1)
+    launch_and_check(case, x, launch, f"config {cfg.name}", ref_out, ref_lse, device)
+
+
+def _draw_packed_call(data, device, kv_heads, extra_heads, splits, **config):
+    """A case with ``kv_heads`` KV heads, a ``heads_per_cta`` that serves it (or one of ``extra_heads``),
+    a split count of ``splits`` and a tile that fits the shared memory: ``(case, inputs, config, launcher,
+    reference out, reference lse)``."""
     case = data.draw(cases(device, kv_heads=kv_heads), label="case")
-    options = packed_heads_options(case)
+    options = [*extra_heads, *packed_heads_options(case)]
     assume(options)
     heads = data.draw(st.sampled_from(options), label="heads_per_cta")
-    splits = data.draw(st.sampled_from((1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)), label="splits")
+    num_splits = data.draw(st.sampled_from(splits), label="splits")
     fits = tiles_that_fit(case, heads)
     assume(fits)
     block_n = data.draw(st.sampled_from(fits), label="block_n")
     x = make_inputs(case, device)
     ref_out, ref_lse = reference(x)
     problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
-    cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads)
-    launch = TritonBackend().make_launcher(problem, config=cfg)
-    assert launch.split_grid[1:] == (case.batch * case.num_kv_heads // heads, 1)
-    launch_and_check(case, x, launch, f"config {cfg.name}", ref_out, ref_lse, device)
+    cfg = SplitKVConfig(num_splits=num_splits, block_n=block_n, heads_per_cta=heads, **config)
+    return case, x, cfg, TritonBackend().make_launcher(problem, config=cfg), ref_out, ref_lse
 
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
@@ -246,17 +254,9 @@ def test_fused_merge_matches_reference_call_after_call(device, data):
     reference, one KV head or several per program, several calls in a row on one launcher (the
     counters it leaves at zero serve the next call), NaN-poisoned outputs each time."""
     kv_heads = (1, 2, 4) if device == "cpu" else (1, 2, 4, 8)
-    case = data.draw(cases(device, kv_heads=kv_heads), label="case")
-    heads = data.draw(st.sampled_from([1, *packed_heads_options(case)]), label="heads_per_cta")
-    splits = data.draw(st.sampled_from((2, 3, 5) if device == "cpu" else (2, 8, 33, 128)), label="splits")
-    fits = tiles_that_fit(case, heads)
-    assume(fits)
-    block_n = data.draw(st.sampled_from(fits), label="block_n")
-    x = make_inputs(case, device)
-    ref_out, ref_lse = reference(x)
-    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
-    cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads, fused_merge=True)
-    launch = TritonBackend().make_launcher(problem, config=cfg)
+    splits = (2, 3, 5) if device == "cpu" else (2, 8, 33, 128)
+    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, kv_heads, (1,), splits,
+                                                               fused_merge=True)  # fmt: skip
     assert launch.fused
     for call in range(2):
         launch_and_check(case, x, launch, f"config {cfg.name}, call {call}", ref_out, ref_lse, device)
