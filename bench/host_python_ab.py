@@ -10,7 +10,8 @@ be compared in one sitting::
 
 Problem: B 1, H 32/8, D 128, bf16, capacity 256 on the CPU (the Triton interpreter's plan; its launches
 replaced by no-ops). Prints the best of 5 rounds of 20000 calls, µs per call, for ``DecodePlan.run(out=)``
-and ``decode_attention(out=, backend="triton", max_seq_len=)``; with ``--attend``
+and ``decode_attention(out=, backend="triton", max_seq_len=)``; with ``--fused`` ``DecodePlan.run`` at 4
+splits, with a merge kernel and with ``fused_merge``; with ``--attend``
 ``StaticKVCache.attend(layer, q, out=)`` (plain and left-padded); with ``--hf`` also (best of 3 rounds of
 5000) the call one layer of a transformers decode step makes, ``decode_attention_op`` with kv_start, a
 sliced bool mask and a BSHD out, and the whole attention function of that layer
@@ -33,6 +34,9 @@ B, HQ, HKV, D, CAP = 1, 32, 8, 128, 256
 class _NoLaunch:
     def __call__(self, grid, args, spec, binder_args=None) -> None:
         pass
+
+    def current_stream(self) -> int:  # (the fused merge's scratch is per stream)
+        return 0
 
 
 def _stub_launches() -> None:
@@ -64,10 +68,36 @@ def main() -> None:
     run_us, call_us = min(r for r, _ in rounds), min(c for _, c in rounds)
     print(f"{label}: DecodePlan.run {run_us:.2f} us, decode_attention {call_us:.2f} us", end="")
     print(" (best of 5 rounds, launches stubbed)")
+    if "--fused" in sys.argv:
+        _fused(label, the_plan, q, k, v, lens, out)
     if "--attend" in sys.argv:
         _attend(label, q)
     if "--hf" in sys.argv:
         _hf_layer(label, q, k, v)
+
+
+def _fused(label: str, the_plan, q, k, v, lens, out) -> None:
+    """``DecodePlan.run`` with 4 splits, a merge kernel against ``fused_merge`` (one launch, the stream's
+    scratch instead of partials allocated per call)."""
+    from dataclasses import replace
+
+    from kvdecode.triton_kernels import SplitKVLauncher
+
+    times = {}
+    for fused in (False, True):
+        config = replace(the_plan.launcher.config, num_splits=4, fused_merge=fused)
+        launcher = SplitKVLauncher(the_plan.problem, config)
+        split_plan = kvdecode.DecodePlan(the_plan.problem, the_plan.choice, False, launcher)
+        split_plan.run(q, k, v, lens, out=out)  # (interpreter launches)
+        launcher._split = launcher._merge = _NoLaunch()
+        times["fused merge" if fused else "merge kernel"] = min(
+            host_overhead_us(lambda p=split_plan: p.run(q, k, v, lens, out=out), n=20000) for _ in range(5)
+        )
+    print(
+        f"{label}: DecodePlan.run, 4 splits: " + ", ".join(f"{n} {us:.2f} us" for n, us in times.items()),
+        end="",
+    )
+    print(" (best of 5 rounds, launches stubbed)")
 
 
 def _attend(label: str, q) -> None:

@@ -97,10 +97,12 @@ def parts(q, k, lens, out) -> None:
                 )
     rows["launcher (allocation + both launches)"] = lambda: la(q, k, k, lens, None, None, out, None)
     fused = SplitKVLauncher(la.problem, replace(la.config, fused_merge=True))
-    rows["launcher, fused merge (allocation + one launch)"] = lambda: fused(
+    rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: fused(
         q, k, k, lens, None, None, out, None
     )
     rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
+    fused_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, fused)
+    rows["DecodePlan.run, fused merge (triton, out=)"] = lambda: fused_plan.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out
     )

@@ -85,8 +85,8 @@ def test_one_plan_run_from_threads_on_the_default_stream():
 
 @pytest.mark.parametrize("private_streams", [False, True], ids=["default-stream", "own-streams"])
 def test_one_fused_merge_launcher_from_threads(private_streams):
-    """The fused merge's counters (one buffer per stream, left at zero by each call) shared by threads:
-    on one stream their calls run in order; on their own streams each has its own buffer."""
+    """The fused merge's scratch (partials and counters per stream, the counters left at zero by each call)
+    shared by threads: on one stream their calls run in order; on their own streams each has its own."""
     from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher
 
     q, k, v, lens, _ = _inputs(0)
@@ -100,8 +100,8 @@ def test_one_fused_merge_launcher_from_threads(private_streams):
         return out
 
     _hammer(call, private_streams)
-    assert all(not c.any() for c in launch._counters.values())
-    assert len(launch._counters) == (THREADS if private_streams else 1)  # pooled streams: 4 distinct
+    assert all(not c.any() for _, c in launch._scratch.values())
+    assert len(launch._scratch) == (THREADS if private_streams else 1)  # pooled streams: 4 distinct
 
 
 def test_static_cache_from_threads_on_the_default_stream():

@@ -125,7 +125,8 @@ class SplitKVLauncher:
         ]  # fmt: skip
         self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
         self._n_counters = self.split_grid[1] * self.split_grid[2]
-        self._counters: dict[int, torch.Tensor] = {}  # raw stream -> its counters (eager calls)
+        # raw stream -> (partials, counters) of the fused merge's eager calls
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS, FUSED_MERGE
         self._split_end = [
             interp_bf16,
@@ -171,9 +172,13 @@ class SplitKVLauncher:
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
         write_lse = lse is not None
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
-        part = None
-        if self.n_part:  # owned by this call: concurrent calls never share partials
+        part = counters = None
+        if self.fused:  # one kernel: its scratch may be the stream's (see _scratch_for_call)
+            part, counters = self._scratch_for_call(q.device)
+        elif self.n_part:  # owned by this call: a merge kernel reads it after the split kernel, and a call
+            # from another thread on the same stream may launch between the two
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
+        if part is not None:
             part_ptr = part.data_ptr()
             part_lse_ptr = part_ptr + 4 * self.n_part * self.problem.head_dim
         else:
@@ -181,7 +186,6 @@ class SplitKVLauncher:
         lse_strides = lse.stride()[:2] if write_lse else (0, 0)
         o_strides = out.stride()[:3]
         k_scale, v_scale = scales if scales is not None else (None, None)
-        counters = self._counters_for_call(q.device) if self.fused else None
         ptrs = [
             out.data_ptr(), lse.data_ptr() if write_lse else part_lse_ptr, part_ptr, part_lse_ptr,
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lens_ptr,
@@ -217,25 +221,37 @@ class SplitKVLauncher:
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
 
-    def _counters_for_call(self, device: torch.device) -> torch.Tensor:
-        """The fused merge's counters (int32 zeros, one per program row) for this call.
+    def _scratch_for_call(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused merge's scratch for this call: the partials (float32) and the counters (int32 zeros,
+        one per program row).
 
-        Eager: one buffer per stream, made once and left at zero by every call (the last split of a row
-        zeroes its counter); calls on one stream run in order, so they never share it at once, and calls
-        on other streams have their own. Under CUDA-graph capture: a buffer owned by this call (zeroed in
-        the graph, so every replay starts at zero), never one an eager call or another graph uses.
+        Eager: one pair per stream, made once and reused. A call is one kernel, so calls on one stream
+        never use it at once: each runs after the previous one ended (with PDL, a kernel touches nothing
+        before ``griddepcontrol.wait``, which waits for its predecessor's end), and every call leaves the
+        counters at zero (the last split of a row zeroes its counter). Calls on other streams have their
+        own pair. Held: ``B * H_q * T_q * splits * (D + 1)`` floats of partials per stream used (up to 64
+        streams a launcher, then the old ones are forgotten); saved: an allocation per call.
+        Under CUDA-graph capture: a pair owned by this call (the counters zeroed in the graph, so every
+        replay starts at zero), never one an eager call or another graph uses.
         A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
         behind; nothing else can, since every program of a call counts once and the last one zeroes."""
         index = self.device_index
         if index is not None and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(self._n_counters, dtype=torch.int32, device=device)
+            return (
+                torch.empty(self._part_elems, dtype=torch.float32, device=device),
+                torch.zeros(self._n_counters, dtype=torch.int32, device=device),
+            )
         stream = self._split.current_stream()
-        found = self._counters.get(stream)
+        found = self._scratch.get(stream)
         if found is None:
-            if len(self._counters) >= 64:  # streams come and go: forget the old ones (stream-ordered frees)
-                self._counters.clear()
-            found = self._counters.setdefault(
-                stream, torch.zeros(self._n_counters, dtype=torch.int32, device=device)
+            if len(self._scratch) >= 64:  # streams come and go: forget the old ones (stream-ordered frees)
+                self._scratch.clear()
+            found = self._scratch.setdefault(
+                stream,
+                (
+                    torch.empty(self._part_elems, dtype=torch.float32, device=device),
+                    torch.zeros(self._n_counters, dtype=torch.int32, device=device),
+                ),
             )
         return found
 

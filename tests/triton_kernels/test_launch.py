@@ -198,9 +198,9 @@ def test_a_mask_shared_by_every_query_row_takes_the_one_row_kernel(shape, q_len,
 
 @pytest.mark.gpu
 def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
-    """The fused merge's counters: eager calls on the current stream and on a side stream (one buffer
-    each, left at zero), and a CUDA graph whose replays zero their own (captured) buffer; every output
-    NaN-poisoned first and checked against the reference."""
+    """The fused merge's scratch: eager calls on the current stream and on a side stream (partials and
+    counters each, the counters left at zero), and a CUDA graph whose replays zero their own (captured)
+    counters; every output NaN-poisoned first and checked against the reference."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     q = torch.randn(3, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
     k = torch.randn(3, 8, 4096, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -234,11 +234,11 @@ def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
                 stream.synchronize()
                 for i, o in enumerate(outs):
                     assert_close_to_reference(o, ref, torch.bfloat16, f"{cfg.name} back-to-back call {i}")
-        assert len(launch._counters) == 2 and all(not c.any() for c in launch._counters.values())
+        assert len(launch._scratch) == 2 and all(not c.any() for _, c in launch._scratch.values())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):  # (captured on the side stream: its buffer is not used)
             launch(q, k, v, lens, None, None, out, lse)
-        assert len(launch._counters) == 2  # the graph took a buffer of its own
+        assert len(launch._scratch) == 2  # the graph took scratch of its own
         for i in range(3):
             out.fill_(float("nan"))
             lse.fill_(float("nan"))

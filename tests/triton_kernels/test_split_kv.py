@@ -258,9 +258,12 @@ def test_fused_merge_matches_reference_call_after_call(device, data):
     case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, kv_heads, (1,), splits,
                                                                fused_merge=True)  # fmt: skip
     assert launch.fused
+    scratch = []
     for call in range(2):
         launch_and_check(case, x, launch, f"config {cfg.name}, call {call}", ref_out, ref_lse, device)
-    (counters,) = launch._counters.values()
+        ((partials, counters),) = launch._scratch.values()
+        scratch.append((partials.data_ptr(), counters.data_ptr()))
+    assert scratch[0] == scratch[1]  # the second call used the first one's partials and counters
     assert counters.numel() == launch.split_grid[1] * launch.split_grid[2] and not counters.any()
 
 
