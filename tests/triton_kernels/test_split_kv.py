@@ -17,6 +17,7 @@ from conftest import smoke_examples
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import (
+    DTYPES,
     TOLERANCES,
     Case,
     cases,
@@ -47,6 +48,13 @@ DEVICES = [
     ),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
+# The slowest GPU properties (each example a new kernel family to compile) run as one item per dtype there,
+# so that three workers share their examples; one item drawing every dtype under the interpreter.
+DTYPE_SHARDS = DTYPES if torch.cuda.is_available() else (None,)
+
+
+def _dtypes(shard: torch.dtype | None) -> tuple[torch.dtype, ...]:
+    return DTYPES if shard is None else (shard,)
 
 
 def run_triton(case: Case, x, **kw):
@@ -212,25 +220,26 @@ def test_split_count_invariance(device, data):
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
-@smoke_examples(25)
+@pytest.mark.parametrize("shard", DTYPE_SHARDS, ids=str)
+@smoke_examples(9)
 @given(data=st.data())
-def test_packed_kv_heads_match_reference(device, data):
+def test_packed_kv_heads_match_reference(device, shard, data):
     """Several KV heads per program (``heads_per_cta``: their query rows share one row block, one dot per
     head summed into one score tile, one softmax) against the float64 reference, with everything the one-head
     path has: masks, kv_start, T_q > 1, windows, softcap, sinks, layouts, one split (the output written
     directly) and several (the merge); NaN-poisoned out and lse prove every element is written."""
     kv_heads = (2, 4) if device == "cpu" else (2, 4, 8)
     splits = (1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)
-    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, kv_heads, (), splits)
+    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, shard, kv_heads, (), splits)
     assert launch.split_grid[1:] == (case.batch * case.num_kv_heads // cfg.heads_per_cta, 1)
     launch_and_check(case, x, launch, f"config {cfg.name}", ref_out, ref_lse, device)
 
 
-def _draw_packed_call(data, device, kv_heads, extra_heads, splits, **config):
-    """A case with ``kv_heads`` KV heads, a ``heads_per_cta`` that serves it (or one of ``extra_heads``),
-    a split count of ``splits`` and a tile that fits the shared memory: ``(case, inputs, config, launcher,
-    reference out, reference lse)``."""
-    case = data.draw(cases(device, kv_heads=kv_heads), label="case")
+def _draw_packed_call(data, device, shard, kv_heads, extra_heads, splits, **config):
+    """A case of the ``shard``'s dtypes with ``kv_heads`` KV heads, a ``heads_per_cta`` that serves it (or
+    one of ``extra_heads``), a split count of ``splits`` and a tile that fits the shared memory: ``(case,
+    inputs, config, launcher, reference out, reference lse)``."""
+    case = data.draw(cases(device, dtypes=_dtypes(shard), kv_heads=kv_heads), label="case")
     options = [*extra_heads, *packed_heads_options(case)]
     assume(options)
     heads = data.draw(st.sampled_from(options), label="heads_per_cta")
@@ -247,15 +256,16 @@ def _draw_packed_call(data, device, kv_heads, extra_heads, splits, **config):
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
-@smoke_examples(25)
+@pytest.mark.parametrize("shard", DTYPE_SHARDS, ids=str)
+@smoke_examples(9)
 @given(data=st.data())
-def test_fused_merge_matches_reference_call_after_call(device, data):
+def test_fused_merge_matches_reference_call_after_call(device, shard, data):
     """The last split of each program row merges (``fused_merge``; no merge kernel): against the float64
     reference, one KV head or several per program, several calls in a row on one launcher (the
     counters it leaves at zero serve the next call), NaN-poisoned outputs each time."""
     kv_heads = (1, 2, 4) if device == "cpu" else (1, 2, 4, 8)
     splits = (2, 3, 5) if device == "cpu" else (2, 8, 33, 128)
-    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, kv_heads, (1,), splits,
+    case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, shard, kv_heads, (1,), splits,
                                                                fused_merge=True)  # fmt: skip
     assert launch.fused
     scratch = []
@@ -349,14 +359,16 @@ def test_masks_that_hide_whole_rows(device, data):
 
 @pytest.mark.slow  # tens of seconds on the GPU: started first (conftest)
 @pytest.mark.parametrize("device", DEVICES)
-# each example a new shape family (compiles): 162 s of the 252 s pass at 50 smoke examples (12-05),
-# 261 s with 14 workers (12-05b: bench/results/h200-2026-12-05b/call11-gpu-test-times.txt)
-@smoke_examples(25)
+# Each example a new shape family (compiles): 162 s of the 252 s pass at 50 smoke examples (12-05), 261 s
+# at 25 with 14 workers, the pass's critical path (12-05b: bench/results/h200-2026-12-05b/
+# call11-gpu-test-times.txt): one item per dtype on the GPU (DTYPE_SHARDS).
+@pytest.mark.parametrize("shard", DTYPE_SHARDS, ids=str)
+@smoke_examples(9)
 @given(data=st.data())
-def test_lengths_past_capacity_never_nan(device, data):
+def test_lengths_past_capacity_never_nan(device, shard, data):
     """seq_lens > capacity is invalid (validate=True rejects it); without validation the kernel clamps:
     it must still write every element, finite, and never read outside the cache."""
-    case = data.draw(cases(device, masks=False), label="case")
+    case = data.draw(cases(device, dtypes=_dtypes(shard), masks=False), label="case")
     lens = tuple(n + data.draw(st.integers(0, 2 * case.capacity)) for n in case.seq_lens)
     case = with_(case, seq_lens=lens)
     x = make_inputs(case, device)
