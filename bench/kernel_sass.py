@@ -9,6 +9,7 @@ Triton wheel ships them); the GPU machine's Triton may lower differently, so che
     python bench/kernel_sass.py --kv fp8e4nv --mode 3 --stages 3 --block-n 64 --top 30
     python bench/kernel_sass.py --heads 1 4 --kv bf16 --stages 2 --block-n 32   # KV heads per CTA
     python bench/kernel_sass.py --kernel /tmp/old_split_kv.py                   # another version's kernel
+    python bench/kernel_sass.py --kv bf16 --stages 2 --mask-kind 3 --kv-start --loops 2  # a transformers step
 
 With ``--heads``, the loop count is also given per KV head (a program with 4 heads runs 4 heads' tiles
 per iteration), and the shared memory each variant asks for (the H200 gives a CTA at most 227 KB).
@@ -66,6 +67,9 @@ def compile_sass(
     heads: int = 1,
     kernel: Path = KERNEL,
     fused: bool = False,
+    mask_kind: int = 0,
+    kv_start: bool = False,
+    mask_check: bool = True,
 ) -> tuple[str, str]:
     """``(SASS, its resources: shared memory, registers, local memory)`` of the split kernel: H_q 32 /
     H_kv 8 (GROUP 4), D 128, T_q 1, bf16 q, several splits, ``heads`` KV heads per program."""
@@ -82,6 +86,11 @@ def compile_sass(
         const.update(HEADS=heads, BLOCK_M=max(16, 4 * heads))
     elif heads != 1:
         raise SystemExit(f"{kernel} has no HEADS parameter (one KV head per program)")
+    const.update(MASK_KIND=mask_kind, HAS_KV_START=kv_start)
+    if "MASK_CHECK" in names:
+        const.update(MASK_CHECK=mask_check and mask_kind == 3)
+    if mask_kind in (1, 3):
+        ptr["Mask"] = "*i1"
     if "FUSED_MERGE" in names:
         const.update(FUSED_MERGE=fused)
     elif fused:
@@ -114,22 +123,32 @@ def compile_sass(
     )
 
 
-def loop_opcodes(sass: str) -> collections.Counter:
-    """Opcodes of the longest backward-branch loop (the K/V tile loop)."""
+def loops_opcodes(sass: str) -> list[collections.Counter]:
+    """Opcodes of each backward-branch loop that no other contains, longest first (the K/V tile loop;
+    with ``MASK_KIND`` 3 two: the masked one and the one a program runs when its mask is all True)."""
     ins = [
         (int(m.group(1), 16), m.group(2).strip())
         for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
     ]
-    loops = []
+    spans = []
     for addr, text in ins:
         if "BRA" in text:
             targets = re.findall(r"0x([0-9a-f]+)", text)
             if targets and int(targets[-1], 16) < addr:
-                loops.append((int(targets[-1], 16), addr))
-    lo, hi = max(loops, key=lambda span: span[1] - span[0])
-    return collections.Counter(
-        t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi
-    )
+                spans.append((int(targets[-1], 16), addr))
+    outer = [a for a in spans if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in spans)]
+    counts = [
+        collections.Counter(
+            t.split()[1] if t.startswith("@") else t.split()[0] for a, t in ins if lo <= a <= hi
+        )
+        for lo, hi in outer
+    ]
+    return sorted(counts, key=lambda c: -sum(c.values()))
+
+
+def loop_opcodes(sass: str) -> collections.Counter:
+    """Opcodes of the longest backward-branch loop (the K/V tile loop)."""
+    return loops_opcodes(sass)[0]
 
 
 def main() -> int:
@@ -144,6 +163,10 @@ def main() -> int:
     ap.add_argument("--heads", type=int, nargs="+", default=[1], help="KV heads per program (HEADS)")
     ap.add_argument("--kernel", type=Path, default=KERNEL, help="a split_kv.py (default: this tree's)")
     ap.add_argument("--fused-merge", action="store_true", help="the last split merges (FUSED_MERGE)")
+    ap.add_argument("--mask-kind", type=int, choices=[0, 1, 2, 3], default=0, help="MASK_KIND (0: none)")
+    ap.add_argument("--kv-start", action="store_true", help="HAS_KV_START (left padding)")
+    ap.add_argument("--no-mask-check", action="store_true", help="MASK_CHECK off (mask kind 3)")
+    ap.add_argument("--loops", type=int, default=1, help="how many loops to count, longest first")
     args = ap.parse_args()
     variants = DEFAULT if args.kv is None else [(args.kv, args.mode or 0, args.stages, args.block_n)]
     print(
@@ -153,13 +176,17 @@ def main() -> int:
     for kv, mode, stages, block_n in variants:
         for heads in args.heads:
             sass, shared = compile_sass(
-                kv, mode, stages, block_n, args.warps, heads, args.kernel, args.fused_merge
-            )
-            ops = loop_opcodes(sass)
-            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+                kv, mode, stages, block_n, args.warps, heads, args.kernel, args.fused_merge, args.mask_kind,
+                args.kv_start, not args.no_mask_check,
+            )  # fmt: skip
             head = f"{kv:<8} KV_FP8={mode} stages={stages} block_n={block_n} heads={heads}"
-            total = sum(ops.values())
-            print(f"{head}: {total} instructions ({total / heads:.0f} per KV head), {shared}; {top}")
+            head += f" mask={args.mask_kind}" + (" kv_start" if args.kv_start else "")
+            head += " no-check" if args.no_mask_check and args.mask_kind == 3 else ""
+            for i, ops in enumerate(loops_opcodes(sass)[: args.loops]):
+                top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+                total = sum(ops.values())
+                per_head = f"({total / heads:.0f} per KV head)"
+                print(f"{head} loop {i}: {total} instructions {per_head}, {shared}; {top}")
     return 0
 
 

@@ -58,6 +58,11 @@ class SplitKVConfig:
         With several splits, the last split of each (row, KV heads) to finish merges the partials, so one
         kernel runs instead of two (one launch less on the host). It counts finished splits in a small
         int32 buffer per stream that it leaves at zero (under CUDA-graph capture: one zeroed per call).
+    mask_check : bool or None
+        With a bool mask row shared by the query rows (a transformers step's ``[B, 1, 1, L]``), each
+        program first reads the mask on all its tiles' visible keys (up to 2048) and, where it is True on
+        every one, runs its tiles without mask loads. ``None`` = where a program has two tiles or more
+        (with one, the check is one more memory round trip and saves no load).
     """
 
     num_splits: int
@@ -67,6 +72,7 @@ class SplitKVConfig:
     use_pdl: bool | None = None
     heads_per_cta: int = 1
     fused_merge: bool = False
+    mask_check: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_splits <= MAX_SPLITS:
@@ -82,14 +88,18 @@ class SplitKVConfig:
             raise KVDecodeError(f"heads_per_cta must be a power of two >= 1, got {hp!r}")
         if not isinstance(self.fused_merge, bool):
             raise KVDecodeError(f"fused_merge must be True or False, got {self.fused_merge!r}")
+        if self.mask_check is not None and not isinstance(self.mask_check, bool):
+            raise KVDecodeError(f"mask_check must be True, False or None, got {self.mask_check!r}")
 
     @property
     def name(self) -> str:
         pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
         heads = "" if self.heads_per_cta == 1 else f"_hp{self.heads_per_cta}"
         fused = "_fm" if self.fused_merge else ""
+        check = "" if self.mask_check is None else f"_mc{self.mask_check:d}"
         return (
             f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}{heads}{fused}"
+            f"{check}"
         )
 
 
@@ -165,7 +175,16 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
     block_d = tile_shape(problem)[1]
     block_n = max(16, min(config.block_n, FP8_TILE_BYTES // block_d))
     splits = cap_splits(problem, max(1, config.num_splits // config.heads_per_cta), block_n)
-    return SplitKVConfig(splits, block_n, config.num_warps, FP8_STAGES, config.use_pdl, 1, config.fused_merge)
+    return SplitKVConfig(
+        splits,
+        block_n,
+        config.num_warps,
+        FP8_STAGES,
+        config.use_pdl,
+        1,
+        config.fused_merge,
+        config.mask_check,
+    )
 
 
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:

@@ -20,6 +20,7 @@ from .config import (
     check_heads_per_cta,
     default_config,
     interpreter_active,
+    row_tiles,
     tile_shape,
 )
 from .split_kv import merge_kernel, split_kv_kernel
@@ -124,10 +125,15 @@ class SplitKVLauncher:
             p.has_sinks, self.mask_kind,
         ]  # fmt: skip
         self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
+        self.mask_check = self.mask_kind == 3 and (
+            cfg.mask_check
+            if cfg.mask_check is not None
+            else triton.cdiv(row_tiles(p, cfg.block_n), splits) >= 2
+        )  # (a program's tiles at full length)
         self._n_counters = self.split_grid[1] * self.split_grid[2]
         # raw stream -> (partials, counters) of the fused merge's eager calls
         self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS, FUSED_MERGE
+        # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS, FUSED_MERGE, MASK_CHECK
         self._split_end = [
             interp_bf16,
             "ieee",
@@ -136,6 +142,7 @@ class SplitKVLauncher:
             _SCALE_KIND[p.kv_scale_kind],
             heads,
             self.fused,
+            self.mask_check,
         ]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0

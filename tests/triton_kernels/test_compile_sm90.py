@@ -4,8 +4,8 @@ The interpreter runs the kernel's Python, not Triton's compiler: a kernel it run
 refused by the compiler (a loop-carried variable whose type changes, a layout the lowering rejects), and
 that would first show on the GPU. Here the local Triton compiles it for an H100/H200 (``sm_90``) with
 its own ``ptxas``, as ``bench/kernel_sass.py`` does, for the variants that differ in structure: one and
-several KV heads per program, 16-bit and fp8 K/V, masks, windows, softcap, sinks, T_q > 1, one split,
-the fused merge.
+several KV heads per program, 16-bit and fp8 K/V, masks (the one-row mask with and without its check),
+windows, softcap, sinks, T_q > 1, one split, the fused merge.
 
 The compiles run in a child process without ``TRITON_INTERPRET``: in this one, where the interpreter is
 on, Triton's own ``tl`` functions are interpreter objects that its compiler cannot use.
@@ -27,19 +27,21 @@ POINTERS = ("Out", "Lse", "PartO", "PartLse", "Q", "K", "V", "SeqLens", "KvStart
 FLOATS = ("qk_scale", "softcap")
 RUNTIME_INTS = ("capacity", "window", "num_splits")
 
-# (HEADS, T_Q, KV, KV_FP8, MASK_KIND, window, softcap, sinks, SINGLE, FUSED_MERGE, stages)
+# (HEADS, T_Q, KV, KV_FP8, MASK_KIND, window, softcap, sinks, SINGLE, FUSED_MERGE, stages, MASK_CHECK)
 VARIANTS = [
-    (1, 1, "bf16", 0, 0, False, False, False, False, False, 2),
-    (1, 1, "fp8e4nv", 3, 3, False, False, False, False, True, 3),
-    (4, 1, "bf16", 0, 3, False, False, False, False, True, 2),
-    (4, 1, "fp8e4nv", 3, 0, False, False, False, False, False, 3),
-    (2, 3, "bf16", 0, 1, True, True, True, True, False, 3),
-    (4, 1, "fp8e5", 3, 2, True, False, True, False, True, 2),
+    (1, 1, "bf16", 0, 0, False, False, False, False, False, 2, False),
+    (1, 1, "fp8e4nv", 3, 3, False, False, False, False, True, 3, True),
+    (4, 1, "bf16", 0, 3, False, False, False, False, True, 2, True),
+    (4, 1, "fp8e4nv", 3, 0, False, False, False, False, False, 3, False),
+    (2, 3, "bf16", 0, 1, True, True, True, True, False, 3, False),
+    (4, 1, "fp8e5", 3, 2, True, False, True, False, True, 2, False),
+    (1, 1, "bf16", 0, 3, True, False, False, False, False, 2, True),  # the mask check without the peel
+    (1, 3, "bf16", 0, 3, False, True, False, True, False, 2, False),
 ]
 
 
 def _name(v) -> str:
-    return "h{}_tq{}_{}_m{}_fm{:d}".format(*v[:3], v[4], v[9])
+    return "h{}_tq{}_{}_m{}_fm{:d}_mc{:d}".format(*v[:3], v[4], v[9], v[11])
 
 
 def compile_variant(variant) -> dict:
@@ -50,7 +52,7 @@ def compile_variant(variant) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    heads, t_q, kv, kv_fp8, mask_kind, window, softcap, sinks, single, fused, stages = variant
+    heads, t_q, kv, kv_fp8, mask_kind, window, softcap, sinks, single, fused, stages, check = variant
     spec = importlib.util.spec_from_file_location("split_kv_for_sm90", KERNEL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -60,7 +62,8 @@ def compile_variant(variant) -> dict:
     const = dict(SINGLE=single, H_KV=8, GROUP=4, T_Q=t_q, HEAD_DIM=128, BLOCK_M=block_m, BLOCK_N=64,
                  BLOCK_D=128, HAS_KV_START=True, HAS_WINDOW=window, HAS_SOFTCAP=softcap, HAS_SINKS=sinks,
                  MASK_KIND=mask_kind, WRITE_LSE=True, INTERP_BF16=False, DOT_PRECISION="ieee", USE_PDL=True,
-                 KV_FP8=kv_fp8, SCALE_KIND=2 if kv_fp8 else 0, HEADS=heads, FUSED_MERGE=fused)  # fmt: skip
+                 KV_FP8=kv_fp8, SCALE_KIND=2 if kv_fp8 else 0, HEADS=heads, FUSED_MERGE=fused,
+                 MASK_CHECK=check)  # fmt: skip
     unknown = [n for n in names if n not in const and n not in POINTERS + FLOATS + RUNTIME_INTS]
     unknown = [n for n in unknown if not n.startswith("stride_")]
     if unknown or set(const) - set(names):

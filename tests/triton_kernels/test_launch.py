@@ -196,6 +196,35 @@ def test_a_mask_shared_by_every_query_row_takes_the_one_row_kernel(shape, q_len,
     assert SplitKVLauncher(problem, SplitKVConfig(num_splits=1)).mask_kind == kind
 
 
+@pytest.mark.parametrize(
+    "capacity, mask_shape, config, checked",
+    [
+        (2048, (1, 1, 1, 2048), dict(num_splits=64, block_n=32), False),  # one tile a program: no check
+        (2048, (1, 1, 1, 2048), dict(num_splits=32, block_n=32), True),  # two
+        (2048, (1, 1, 1, 2048), dict(num_splits=4, block_n=128), True),
+        (2048, (1, 1, 1, 2048), dict(num_splits=4, block_n=128, mask_check=False), False),
+        (2048, (1, 1, 1, 2048), dict(num_splits=64, block_n=32, mask_check=True), True),
+        (2048, (1, 8, 1, 2048), dict(num_splits=4, block_n=128, mask_check=True), False),  # a row per head
+        (2048, None, dict(num_splits=4, block_n=128, mask_check=True), False),  # no mask
+    ],
+)
+def test_the_mask_row_check_runs_where_a_program_has_tiles_to_skip(capacity, mask_shape, config, checked):
+    """``mask_check``: by default where a program has two tiles or more of a one-row mask; forced on or
+    off by the config; never for other masks or none."""
+    q = torch.zeros(1, 8, 1, 16)
+    k = torch.zeros(1, 2, capacity, 16)
+    mask = None if mask_shape is None else torch.ones(mask_shape, dtype=torch.bool)
+    problem = DecodeProblem.from_tensors(q, k, k, torch.full((1,), 64, dtype=torch.int32), mask=mask)
+    assert SplitKVLauncher(problem, SplitKVConfig(**config)).mask_check == checked
+
+
+def test_mask_check_must_be_a_bool_or_none():
+    assert SplitKVConfig(4, mask_check=True).name.endswith("_mc1")
+    assert SplitKVConfig(4).name.endswith("pdlauto")
+    with pytest.raises(kvdecode.KVDecodeError, match=r"mask_check must be True, False or None, got 1"):
+        SplitKVConfig(4, mask_check=1)
+
+
 @pytest.mark.gpu
 def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
     """The fused merge's scratch: eager calls on the current stream and on a side stream (partials and

@@ -141,6 +141,75 @@ def test_many_packed_rows_span_several_row_blocks(device):
         launch_and_check(case, x, launch, f"{cfg.name}, call {call}", ref_out, ref_lse, device)
 
 
+def _step_mask(case: Case, hole: tuple[int, int] | None = None) -> torch.Tensor:
+    """A transformers step's mask ``[B, 1, 1, capacity]``: True on each row's keys ``kv_start .. seq_len - 1``
+    (what the lengths already admit), False before (left padding) and after (unfilled slots), and False at
+    ``hole = (row, key)`` when given."""
+    mask = torch.zeros(case.batch, 1, 1, case.capacity, dtype=torch.bool)
+    for b, n in enumerate(case.seq_lens):
+        mask[b, ..., (case.kv_start[b] if case.kv_start else 0) : n] = True
+    if hole is not None:
+        mask[hole[0], ..., hole[1]] = False
+    return mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@smoke_examples(25)
+@given(data=st.data())
+def test_a_step_mask_true_on_every_visible_key_gives_the_masked_result(device, data):
+    """A one-row mask (``MASK_KIND`` 3) True on every key a row's lengths admit lets a program skip its
+    loads (it checks its own tiles first: ``mask_check``, on, off or by default); one hole among those
+    keys must still be seen by the programs whose tiles hold it. Any split count, tile, KV heads per
+    program, T_q, kv_start, window; the cache outside the lengths poisoned with NaN."""
+    case = data.draw(cases(device, dtypes=(torch.bfloat16, torch.float32), masks=False), label="case")
+    assume(all(n > (case.kv_start[b] if case.kv_start else 0) for b, n in enumerate(case.seq_lens)))
+    hole = None
+    if data.draw(st.booleans(), label="hole"):
+        row = data.draw(st.integers(0, case.batch - 1), label="row")
+        start = case.kv_start[row] if case.kv_start else 0
+        hole = (row, data.draw(st.integers(start, case.seq_lens[row] - 1), label="key"))
+    case = with_(case, mask_kind="bool", mask_shape=(case.batch, 1, 1, case.capacity))
+    x = make_inputs(with_(case, mask_kind="none", mask_shape=None), device)
+    x.mask = _step_mask(case, hole).to(device)
+    heads = data.draw(st.sampled_from([1, *packed_heads_options(case)]), label="heads_per_cta")
+    block_n = data.draw(st.sampled_from(tiles_that_fit(case, heads)), label="block_n")
+    splits = data.draw(st.sampled_from((1, 2, 3, 5) if device == "cpu" else (1, 2, 8, 33)), label="splits")
+    check = data.draw(st.sampled_from((None, True, False)), label="mask_check")
+    ref_out, ref_lse = reference(x)
+    poison_unfilled(x, case)
+    problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+    cfg = SplitKVConfig(num_splits=splits, block_n=block_n, heads_per_cta=heads, mask_check=check)
+    launch = TritonBackend().make_launcher(problem, config=cfg)
+    assert launch.mask_kind == 3 and (check is None or launch.mask_check == check)
+    launch_and_check(case, x, launch, f"config {cfg.name}, hole {hole}", ref_out, ref_lse, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "splits, block_n, holes",
+    [(1, 16, (2540, 3, 2549)), (2, 64, (2437, 2497, 3))],
+    ids=["more-tiles-than-checked", "tiles-spread-past-the-checked-span"],
+)
+def test_a_program_checks_its_own_tiles_of_the_mask(device, splits, block_n, holes):
+    """A program checks at most 2048 keys of its mask row up front (``CHECK_TILES`` tiles): one with more
+    tiles (160 of 16 keys) must read the mask per tile, and one whose tiles are dealt every ``num_splits``
+    (20 of 64 keys each, spread over 40) must check those, not the next 32: a hole past either span (tile
+    158; tiles 38 and 39) is seen."""
+    case = Case(
+        batch=1, num_q_heads=2, num_kv_heads=1, head_dim=16, q_len=1, capacity=2560, dtype=torch.float32,
+        seq_lens=(2550,), kv_start=(3,), mask_kind="bool", mask_shape=(1, 1, 1, 2560), seed=17,
+    )  # fmt: skip
+    x = make_inputs(with_(case, mask_kind="none", mask_shape=None), device)
+    for hole in (None, *((0, key) for key in holes)):
+        x.mask = _step_mask(case, hole).to(device)
+        ref_out, ref_lse = reference(x)
+        problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, **x.kwargs(), out=x.out)
+        cfg = SplitKVConfig(num_splits=splits, block_n=block_n)
+        launch = TritonBackend().make_launcher(problem, config=cfg)
+        assert launch.mask_check  # (several tiles a program: on by default)
+        launch_and_check(case, x, launch, f"{cfg.name}, hole {hole}", ref_out, ref_lse, device)
+
+
 def test_packed_heads_with_a_shared_mask_row_and_several_tokens():
     """Packed heads (2 per program) with the one-row mask kernel (MASK_KIND 3: a ``[B, 1, 1, L]`` bool
     mask broadcast over heads and tokens, with holes), T_q 3, kv_start, sinks, one split and several."""
