@@ -58,6 +58,10 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "hp4n32s*2": r(min(MAX_SPLITS, 8 * s), 32, base.num_warps, base.num_stages, heads_per_cta=4),
         "hp4w8": r(min(MAX_SPLITS, 4 * s), base.block_n, 8, min(2, st), heads_per_cta=4),
         "hp4s1": r(1, base.block_n, base.num_warps, min(2, st), heads_per_cta=4),
+        # with a one-row mask (--mask): the mask checked on a program's tiles first, then skipped where it
+        # is all True (mc1), against a mask load per tile (mc0); by default on where a program has 2+ tiles
+        "mc0": r(s, base.block_n, base.num_warps, st, mask_check=False),
+        "mc1": r(s, base.block_n, base.num_warps, st, mask_check=True),
         # the last split merges (no merge kernel): captured here, so with a memset node per call
         "fm": r(s, base.block_n, base.num_warps, st, fused_merge=True),
         "hp4fm": r(
