@@ -56,8 +56,9 @@ def parts(q, k, lens, out) -> None:
     from kvdecode.triton_kernels.bound import _hooks
 
     tri = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
-    tri.run(q, k, k, lens, out=out)
-    la = tri.launcher
+    tri.run(q, k, k, lens, out=out)  # (eager: the fused merge by default)
+    la = SplitKVLauncher(tri.problem, replace(tri.launcher.config, fused_merge=False))  # split + merge
+    la(q, k, k, lens, None, None, out, None)
     captured = {}
 
     def spy(bound):
@@ -70,10 +71,11 @@ def parts(q, k, lens, out) -> None:
 
         return call
 
-    split, merge = la._split, la._merge
-    la._split, la._merge = spy(split), spy(merge)
+    split, merge, fused_split = la._split, la._merge, tri.launcher._split_fused
+    la._split, la._merge, tri.launcher._split_fused = spy(split), spy(merge), spy(fused_split)
+    la(q, k, k, lens, None, None, out, None)
     tri.run(q, k, k, lens, out=out)
-    la._split, la._merge = split, merge
+    la._split, la._merge, tri.launcher._split_fused = split, merge, fused_split
     rows = {
         "python loop (lambda: None)": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
@@ -82,7 +84,7 @@ def parts(q, k, lens, out) -> None:
         "inputs_match": lambda: inputs_match(tri._sig, q, k, k, lens),
         "torch.empty(partials)": lambda: torch.empty(la._part_elems, dtype=torch.float32, device=q.device),
     }
-    for bound in (split, merge):
+    for bound in (split, merge, fused_split):
         if bound.name not in captured:
             continue
         grid, args, spec, with_tensors = captured[bound.name]
@@ -95,14 +97,17 @@ def parts(q, k, lens, out) -> None:
                 rows[f"bare kernel.run {bound.name}, {label}"] = lambda kn=kernel, g=grid, a=a, st=stream: (
                     kn.run(g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a)
                 )
-    rows["launcher (allocation + both launches)"] = lambda: la(q, k, k, lens, None, None, out, None)
-    fused = SplitKVLauncher(la.problem, replace(la.config, fused_merge=True))
-    rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: fused(
+    rows["launcher, merge kernel (allocation + both launches)"] = lambda: la(
         q, k, k, lens, None, None, out, None
     )
-    rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
-    fused_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, fused)
-    rows["DecodePlan.run, fused merge (triton, out=)"] = lambda: fused_plan.run(q, k, k, lens, out=out)
+    rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: tri.launcher(
+        q, k, k, lens, None, None, out, None
+    )
+    two_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, la)
+    rows["DecodePlan.run, merge kernel (fused_merge=False, out=)"] = lambda: two_plan.run(
+        q, k, k, lens, out=out
+    )
+    rows["DecodePlan.run (triton, out=): fused in eager calls"] = lambda: tri.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out
     )

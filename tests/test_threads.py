@@ -88,20 +88,24 @@ def test_one_fused_merge_launcher_from_threads(private_streams):
     """The fused merge's scratch (partials and counters per stream, the counters left at zero by each call)
     shared by threads: on one stream their calls run in order; on their own streams each has its own."""
     from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher
+    from kvdecode.triton_kernels.launcher import FUSED_SCRATCH
 
     q, k, v, lens, _ = _inputs(0)
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
     launch = SplitKVLauncher(problem, SplitKVConfig(num_splits=16, block_n=64, fused_merge=True))
-    assert launch.fused
+    assert launch.fused_eager and launch.fused_captured
 
     def call(q, k, v, lens):
         out = torch.full_like(q, float("nan"))
         launch(q, k, v, lens, None, None, out, None)
         return out
 
+    FUSED_SCRATCH.clear()
     _hammer(call, private_streams)
-    assert all(not c.any() for _, c in launch._scratch.values())
-    assert len(launch._scratch) == (THREADS if private_streams else 1)  # pooled streams: 4 distinct
+    torch.cuda.synchronize()
+    held = FUSED_SCRATCH.buffers()
+    assert all(not c.any() for _, c in held.values())
+    assert len(held) == (THREADS if private_streams else 1)  # pooled streams: 4 distinct
 
 
 def test_static_cache_from_threads_on_the_default_stream():

@@ -111,11 +111,7 @@ class BoundKernel:
         self.device_index = device_index
         self.direct = device_index is not None and not interpreter_active()
         self._compiled: dict[tuple, object] = {}
-        get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        self._stream = get_stream if get_stream is not None else self._torch_stream
-
-    def _torch_stream(self, index: int) -> int:
-        return torch.cuda.current_stream(index).cuda_stream
+        self._stream = raw_stream
 
     def current_stream(self) -> int:
         """The raw handle of the stream this kernel launches on now (0 under the interpreter)."""
@@ -157,6 +153,13 @@ class BoundKernel:
         if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             self._compiled[spec] = kernel
 
+
+def _torch_stream(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# the raw handle of a CUDA device's current stream (what Triton's launcher takes), without a Stream object
+raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _torch_stream
 
 _REGISTRY: dict[tuple, BoundKernel] = {}
 

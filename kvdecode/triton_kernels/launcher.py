@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 
 import torch
 import triton
@@ -12,7 +13,7 @@ from .._interpret import interpreter_problem
 from ..backends import Launcher
 from ..errors import KVDecodeError
 from ..problem import DecodeProblem
-from .bound import BoundKernel
+from .bound import BoundKernel, raw_stream
 from .config import (
     LOG2E_CONST,
     MAX_SPLITS,
@@ -25,7 +26,7 @@ from .config import (
 )
 from .split_kv import merge_kernel, split_kv_kernel
 
-__all__ = ["SplitKVLauncher", "TritonBackend"]
+__all__ = ["FUSED_SCRATCH", "SplitKVLauncher", "TritonBackend"]
 
 _MASK_KIND = {"none": 0, "bool": 1, "additive": 2}
 _SCALE_KIND = {"none": 0, "scalar": 1, "per_head": 2}
@@ -54,6 +55,53 @@ def _pdl_available(device: torch.device) -> bool:
 def _default_fp8_compute() -> str:
     return "fp16" if interpreter_active() else "fp16-ptx"  # the interpreter runs no inline PTX
 
+
+class FusedScratch:
+    """The fused merge's scratch for eager calls: per (device, stream), one float32 buffer of partials and
+    one int32 buffer of finished-split counters (zeros), shared by every launcher and grown as calls
+    need. Calls on one stream run one after another (with PDL a kernel touches nothing before
+    ``griddepcontrol.wait``, which waits for its predecessor's end), and every call leaves the counters
+    it used at zero (the last split of a row zeroes its counter), so the next call on that stream, of
+    any launcher, finds them so. A buffer outgrown is dropped: torch's allocator frees it in the order
+    of its stream, after the calls already queued there. At most 64 (device, stream) pairs are held
+    (streams come and go): past that the oldest are forgotten the same way."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # for changes; a lookup reads the dict as it is (atomic in CPython)
+        # (device index, raw stream) -> (partials, counters, their sizes)
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+
+    def get(self, device: torch.device, stream: int, part_elems: int, counters: int):
+        """``(partials, counters)`` with at least ``part_elems`` floats and ``counters`` zeros."""
+        key = (device.index if device.index is not None else -1, stream)
+        found = self._buffers.get(key)
+        if found is None or found[2] < part_elems or found[3] < counters:
+            with self._lock:
+                found = self._buffers.get(key)
+                if found is None or found[2] < part_elems or found[3] < counters:
+                    size = max(part_elems, 0 if found is None else found[2])
+                    count = max(counters, 0 if found is None else found[3])
+                    if found is None and len(self._buffers) >= 64:
+                        del self._buffers[next(iter(self._buffers))]
+                    found = self._buffers[key] = (
+                        torch.empty(size, dtype=torch.float32, device=device),
+                        torch.zeros(count, dtype=torch.int32, device=device),
+                        size,
+                        count,
+                    )
+        return found[0], found[1]
+
+    def buffers(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of what is held, by (device index, raw stream): for tests."""
+        with self._lock:
+            return {key: found[:2] for key, found in self._buffers.items()}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+FUSED_SCRATCH = FusedScratch()
 
 MERGE_BUCKETS = (4, 16, 64, MAX_SPLITS)  # compile-time split capacities of the merge (one variant each)
 GRID_Y_MAX = 65535  # CUDA's limit on grid dimensions y and z
@@ -124,15 +172,15 @@ class SplitKVLauncher:
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
             p.has_sinks, self.mask_kind,
         ]  # fmt: skip
-        self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
+        # the last split merges (no merge kernel): in eager calls by default, in captured ones if asked
+        self.fused_eager = splits > 1 and cfg.fused_merge is not False
+        self.fused_captured = splits > 1 and cfg.fused_merge is True
         self.mask_check = self.mask_kind == 3 and (
             cfg.mask_check
             if cfg.mask_check is not None
             else triton.cdiv(row_tiles(p, cfg.block_n), splits) >= 2
         )  # (a program's tiles at full length)
         self._n_counters = self.split_grid[1] * self.split_grid[2]
-        # raw stream -> (partials, counters) of the fused merge's eager calls
-        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # INTERP_BF16, DOT_PRECISION, USE_PDL, KV_FP8, SCALE_KIND, HEADS, FUSED_MERGE, MASK_CHECK
         self._split_end = [
             interp_bf16,
@@ -141,18 +189,21 @@ class SplitKVLauncher:
             0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
             heads,
-            self.fused,
+            False,
             self.mask_check,
         ]
+        self._split_end_fused = [*self._split_end[:-2], True, self.mask_check]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
         self._part_elems = self.n_part * (p.head_dim + 1)
         self.device_index = p.device.index if p.device.type == "cuda" and not interpreter_active() else None
         pdl = {"launch_pdl": True} if self.use_pdl else {}
-        self._split = BoundKernel(
-            split_kv_kernel, "split_kv_kernel",
-            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
-        )  # fmt: skip
+        split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        self._split = BoundKernel(split_kv_kernel, "split_kv_kernel", split_options, self.device_index)
+        # the same kernel with the fused merge (its own compiled variants: FUSED_MERGE is a constexpr)
+        self._split_fused = BoundKernel(
+            split_kv_kernel, "split_kv_kernel_fm", split_options, self.device_index
+        )
         bucket = merge_bucket(splits)
         # then WRITE_LSE, INTERP_BF16, USE_PDL
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
@@ -160,28 +211,37 @@ class SplitKVLauncher:
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
         self._merge = (
             None
-            if self.fused
+            if self.fused_eager and self.fused_captured
             else BoundKernel(
                 merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
             )
         )  # (with the fused merge the split kernel merges)
 
     def __call__(
-        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None, *, fused=None
     ) -> None:
+        """Launch for these tensors (checked by the caller). ``fused``: the fused merge or not for this
+        call (None: the configuration's choice for an eager or a captured call; ``warmup`` compiles both)."""
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
-                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
             return
-        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused) -> None:
         write_lse = lse is not None
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
+        capturing = None
+        if fused is None:
+            fused = self.fused_eager
+            if fused != self.fused_captured:
+                capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+                fused = self.fused_captured if capturing else fused
+        fused = fused and self.n_part > 0
         part = counters = None
-        if self.fused:  # one kernel: its scratch may be the stream's (see _scratch_for_call)
-            part, counters = self._scratch_for_call(q.device)
+        if fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
+            part, counters = self._fused_scratch(q.device, capturing)
         elif self.n_part:  # owned by this call: a merge kernel reads it after the split kernel, and a call
             # from another thread on the same stream may launch between the two
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
@@ -218,56 +278,41 @@ class SplitKVLauncher:
             return (out, lse if write_lse else part_lse_t, part_t, part_lse_t, q, k_cache, v_cache, seq_lens,
                     *[seq_lens if t is None else t for t in found])  # fmt: skip
 
-        self._split(
-            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse), spec,
-            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse),
+        end = self._split_end_fused if fused else self._split_end
+        (self._split_fused if fused else self._split)(
+            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse, end), spec,
+            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse, end),
         )  # fmt: skip
-        if self.n_part and not self.fused:
+        if self.n_part and not fused:
             self._merge(
                 self.merge_grid, self._merge_args(ptrs, o_strides, lse_strides, write_lse), spec,
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
 
-    def _scratch_for_call(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused merge's scratch for this call: the partials (float32) and the counters (int32 zeros,
-        one per program row).
-
-        Eager: one pair per stream, made once and reused. A call is one kernel, so calls on one stream
-        never use it at once: each runs after the previous one ended (with PDL, a kernel touches nothing
-        before ``griddepcontrol.wait``, which waits for its predecessor's end), and every call leaves the
-        counters at zero (the last split of a row zeroes its counter). Calls on other streams have their
-        own pair. Held: ``B * H_q * T_q * splits * (D + 1)`` floats of partials per stream used (up to 64
-        streams a launcher, then the old ones are forgotten); saved: an allocation per call.
-        Under CUDA-graph capture: a pair owned by this call (the counters zeroed in the graph, so every
-        replay starts at zero), never one an eager call or another graph uses.
+    def _fused_scratch(
+        self, device: torch.device, capturing: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused merge's partials and counters (zeros, one per program row) for this call: under
+        CUDA-graph capture its own (the counters zeroed in the graph, so every replay starts at zero),
+        never what an eager call or another graph uses; eager, the stream's (:class:`FusedScratch`).
         A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
         behind; nothing else can, since every program of a call counts once and the last one zeroes."""
-        index = self.device_index
-        if index is not None and torch.cuda.is_current_stream_capturing():
+        if capturing is None:
+            capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+        if capturing:
             return (
                 torch.empty(self._part_elems, dtype=torch.float32, device=device),
                 torch.zeros(self._n_counters, dtype=torch.int32, device=device),
             )
-        stream = self._split.current_stream()
-        found = self._scratch.get(stream)
-        if found is None:
-            if len(self._scratch) >= 64:  # streams come and go: forget the old ones (stream-ordered frees)
-                self._scratch.clear()
-            found = self._scratch.setdefault(
-                stream,
-                (
-                    torch.empty(self._part_elems, dtype=torch.float32, device=device),
-                    torch.zeros(self._n_counters, dtype=torch.int32, device=device),
-                ),
-            )
-        return found
+        stream = 0 if self.device_index is None else raw_stream(self.device_index)
+        return FUSED_SCRATCH.get(device, stream, self._part_elems, self._n_counters)
 
-    def _split_args(self, t, o_strides, lse_strides, write_lse) -> list:
+    def _split_args(self, t, o_strides, lse_strides, write_lse, end) -> list:
         """The split kernel's arguments, ``t`` the call's tensors (or their pointers) in the order of
-        ``_launch``'s ``tensors``."""
+        ``_launch``'s ``tensors``, ``end`` its last constexprs (``_split_end`` or ``_split_end_fused``)."""
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[4], *self._q_strides, t[5],
                 *self._k_strides, t[6], *self._v_strides, t[7], t[8], t[9], *self._mask_strides,
-                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
+                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *end]  # fmt: skip
 
     def _merge_args(self, t, o_strides, lse_strides, write_lse) -> list:
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[12], *self._merge_tail, write_lse,

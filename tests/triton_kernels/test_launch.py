@@ -15,7 +15,7 @@ from kvdecode.reference import assert_close_to_reference, assert_lse_close, refe
 from kvdecode.triton_kernels import config as config_module
 from kvdecode.triton_kernels.bound import compile_counts
 from kvdecode.triton_kernels.config import SplitKVConfig
-from kvdecode.triton_kernels.launcher import MERGE_BUCKETS, SplitKVLauncher, merge_bucket
+from kvdecode.triton_kernels.launcher import FUSED_SCRATCH, MERGE_BUCKETS, SplitKVLauncher, merge_bucket
 
 
 def test_merge_buckets_cover_every_split_count():
@@ -78,16 +78,19 @@ def test_direct_launch_matches_the_binder_path():
     lens = torch.tensor([4096, 17, 2000], dtype=torch.int32, device="cuda")
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
     direct, binder = SplitKVLauncher(problem), SplitKVLauncher(problem)
-    binder._split.direct = binder._merge.direct = False
+    binder._split.direct = binder._merge.direct = binder._split_fused.direct = False
     assert direct.num_splits > 1
-    outs = []
-    for launcher in (direct, direct, binder):
-        out = torch.full_like(q, float("nan"))
-        launcher(q, k, v, lens, None, None, out, None)
-        outs.append(out)
-    assert direct._split._compiled and direct._merge._compiled and direct._split.direct
-    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[1])
-    assert_close_to_reference(outs[1], reference_decode_attention(q, k, v, lens)[0], q.dtype, problem.name)
+    for fused in (False, True):  # split and merge kernels (captured calls), the fused merge (eager ones)
+        outs = []
+        for launcher in (direct, direct, binder):
+            out = torch.full_like(q, float("nan"))
+            launcher(q, k, v, lens, None, None, out, None, fused=fused)
+            outs.append(out)
+        assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[1])
+        ref = reference_decode_attention(q, k, v, lens)[0]
+        assert_close_to_reference(outs[1], ref, q.dtype, f"{problem.name} fused {fused}")
+    assert direct._split._compiled and direct._merge._compiled and direct._split_fused._compiled
+    assert direct._split.direct and direct._split_fused.direct
 
 
 @pytest.mark.gpu
@@ -123,17 +126,22 @@ def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(splits):
         q, k8, v8, lens, kv_start=kv_start, mask=mask, k_scale=k_scale, v_scale=v_scale, sinks=sinks
     )
     launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16))
-    seen = []
-    launcher._split = launcher._merge = lambda grid, args, spec, binder_args: seen.append(
-        (args, binder_args())
-    )
-    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
-    launcher(q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks)
-    assert len(seen) == (2 if splits > 1 else 1)
-    for args, binder in seen:
-        assert check_direct_arguments(args, binder) >= 5  # the merge: out, lse, the two partials, sinks
-    named = {id(t) for t in (out, lse, q, k8, v8, lens, kv_start, mask, k_scale, v_scale, sinks)}
-    assert named <= {id(b) for b in seen[0][1] if isinstance(b, torch.Tensor)}
+    for fused in (False, True):  # (the fused merge: one kernel, with the counters' pointer)
+        seen = []
+
+        def spy(grid, args, spec, binder_args, seen=seen):
+            seen.append((args, binder_args()))
+
+        launcher._split = launcher._merge = launcher._split_fused = spy
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+        launcher(
+            q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks, fused=fused
+        )
+        assert len(seen) == (2 if splits > 1 and not fused else 1)
+        for args, binder in seen:
+            assert check_direct_arguments(args, binder) >= 5  # the merge: out, lse, the two partials, sinks
+        named = {id(t) for t in (out, lse, q, k8, v8, lens, kv_start, mask, k_scale, v_scale, sinks)}
+        assert named <= {id(b) for b in seen[0][1] if isinstance(b, torch.Tensor)}
 
 
 def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
@@ -147,7 +155,9 @@ def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
     lens = torch.tensor([64, 30], dtype=torch.int32)
     launcher = SplitKVLauncher(kvdecode.DecodeProblem.from_tensors(q_aligned, k, k, lens))
     keys = []
-    launcher._split = launcher._merge = lambda grid, args, spec, binder: keys.append(spec)
+    launcher._split = launcher._merge = launcher._split_fused = lambda grid, args, spec, binder: keys.append(
+        spec
+    )
     for q in (q_aligned, q_off, q_aligned):
         launcher(q, k, k, lens, None, None, torch.empty_like(q_aligned), None)
     first, off, again = (keys[0], keys[len(keys) // 3], keys[2 * len(keys) // 3])
@@ -194,6 +204,44 @@ def test_a_mask_shared_by_every_query_row_takes_the_one_row_kernel(shape, q_len,
     mask = torch.ones(shape, dtype=dtype) if dtype == torch.bool else torch.zeros(shape, dtype=dtype)
     problem = DecodeProblem.from_tensors(q, k, k, torch.full((2,), 64, dtype=torch.int32), mask=mask)
     assert SplitKVLauncher(problem, SplitKVConfig(num_splits=1)).mask_kind == kind
+
+
+@pytest.mark.gpu
+def test_gpu_eager_calls_fuse_the_merge_and_captured_ones_do_not_by_default():
+    """``fused_merge=None``: eager calls are one kernel (the stream's scratch, shared by every launcher:
+    two launchers of other sizes alternate on it back to back, no sync between them), a captured call
+    launches the split and merge kernels; all against the reference, outputs NaN-poisoned."""
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    cases = []
+    for batch, cap, splits in ((2, 4096, 24), (5, 2048, 7)):
+        q = torch.randn(batch, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+        k = torch.randn(batch, 8, cap, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+        lens = torch.randint(1, cap + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+        launch = SplitKVLauncher(DecodeProblem.from_tensors(q, k, k, lens), SplitKVConfig(splits, 64))
+        assert launch.fused_eager and not launch.fused_captured
+        cases.append((launch, q, k, lens, reference_decode_attention(q, k, k, lens)[0]))
+    merges = []
+    for launch, *_ in cases:
+        real = launch._merge.__call__
+        launch._merge = lambda *a, real=real: merges.append(1) or real(*a)
+    outs = []
+    for _ in range(3):
+        for launch, q, k, lens, _ in cases:
+            outs.append(torch.full_like(q, float("nan")))
+            launch(q, k, k, lens, None, None, outs[-1], None)
+    torch.cuda.synchronize()
+    assert not merges  # eager: no merge kernel
+    for i, out in enumerate(outs):
+        assert_close_to_reference(out, cases[i % 2][4], torch.bfloat16, f"eager call {i}")
+    launch, q, k, lens, ref = cases[0]
+    out = torch.full_like(q, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(q, k, k, lens, None, None, out, None)
+    assert merges == [1]  # captured: the merge kernel
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(out, ref, torch.bfloat16, "captured")
 
 
 @pytest.mark.parametrize(
@@ -248,6 +296,7 @@ def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
             assert_lse_close(lse, ref_lse, torch.bfloat16, f"{name} {what}")
 
         side = torch.cuda.Stream()
+        streams = {torch.cuda.current_stream().cuda_stream, side.cuda_stream}
         for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream()):
             with torch.cuda.stream(stream):
                 for i in range(3):
@@ -263,11 +312,13 @@ def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
                 stream.synchronize()
                 for i, o in enumerate(outs):
                     assert_close_to_reference(o, ref, torch.bfloat16, f"{cfg.name} back-to-back call {i}")
-        assert len(launch._scratch) == 2 and all(not c.any() for _, c in launch._scratch.values())
+        held = {key: c for key, (_, c) in FUSED_SCRATCH.buffers().items() if key[1] in streams}
+        assert len(held) == 2 and all(not c.any() for c in held.values())
+        before = FUSED_SCRATCH.buffers().keys()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side):  # (captured on the side stream: its buffer is not used)
             launch(q, k, v, lens, None, None, out, lse)
-        assert len(launch._scratch) == 2  # the graph took scratch of its own
+        assert FUSED_SCRATCH.buffers().keys() == before  # the graph took scratch of its own
         for i in range(3):
             out.fill_(float("nan"))
             lse.fill_(float("nan"))

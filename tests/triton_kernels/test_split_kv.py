@@ -37,6 +37,7 @@ from kvdecode import DecodeProblem, UnsupportedError, reference_decode_attention
 from kvdecode.problem import SUPPORTED_DTYPES
 from kvdecode.triton_kernels import SplitKVConfig, SplitKVLauncher, TritonBackend
 from kvdecode.triton_kernels.config import MAX_SPLITS, interpreter_active
+from kvdecode.triton_kernels.launcher import FUSED_SCRATCH
 
 DEVICES = [
     pytest.param(
@@ -336,14 +337,15 @@ def test_fused_merge_matches_reference_call_after_call(device, shard, data):
     splits = (2, 3, 5) if device == "cpu" else (2, 8, 33, 128)
     case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, shard, kv_heads, (1,), splits,
                                                                fused_merge=True)  # fmt: skip
-    assert launch.fused
+    assert launch.fused_eager and launch.fused_captured
+    FUSED_SCRATCH.clear()
     scratch = []
     for call in range(2):
         launch_and_check(case, x, launch, f"config {cfg.name}, call {call}", ref_out, ref_lse, device)
-        ((partials, counters),) = launch._scratch.values()
+        ((partials, counters),) = FUSED_SCRATCH.buffers().values()
         scratch.append((partials.data_ptr(), counters.data_ptr()))
     assert scratch[0] == scratch[1]  # the second call used the first one's partials and counters
-    assert counters.numel() == launch.split_grid[1] * launch.split_grid[2] and not counters.any()
+    assert counters.numel() >= launch.split_grid[1] * launch.split_grid[2] and not counters.any()
 
 
 def test_packed_kv_heads_that_do_not_fit_are_refused_by_name():
