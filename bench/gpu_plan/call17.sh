@@ -1,5 +1,5 @@
-# Next GPU session, call 1 (~480 s): the GPU suite on the code after 5a6f9c6 (packed KV heads, the one-row mask, the
-# fused merge, the mask-row check, the fused scratch per stream: CPU-tested only) and the host pieces (one launch).
+# GPU call (~480 s): the GPU suite on the code after a23a673 (the eager fused merge by default, the shared fused
+# scratch, the mask-row check; first run 12-05d on an H100 before a23a673) and the host pieces of one call, both forms.
 source .whl/env.sh
 W=/tmp/w17; mkdir -p $W; snap() { tar czf $OUT/results.tgz -C $W . ; }
 { date -u; nvidia-smi -L; git log --oneline -1; git status --short | head; python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__)"; } > $W/env.log 2>&1
