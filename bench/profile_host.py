@@ -56,9 +56,11 @@ def parts(q, k, lens, out) -> None:
     from kvdecode.triton_kernels.bound import _hooks
 
     tri = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
-    tri.run(q, k, k, lens, out=out)  # (eager: the fused merge by default)
-    la = SplitKVLauncher(tri.problem, replace(tri.launcher.config, fused_merge=False))  # split + merge
-    la(q, k, k, lens, None, None, out, None)
+    tri.run(q, k, k, lens, out=out)
+    la = tri.launcher  # split + merge kernels
+    fused = SplitKVLauncher(tri.problem, replace(la.config, fused_merge=True))  # one kernel
+    fused_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, fused)
+    fused_plan.run(q, k, k, lens, out=out)
     captured = {}
 
     def spy(bound):
@@ -71,11 +73,11 @@ def parts(q, k, lens, out) -> None:
 
         return call
 
-    split, merge, fused_split = la._split, la._merge, tri.launcher._split_fused
-    la._split, la._merge, tri.launcher._split_fused = spy(split), spy(merge), spy(fused_split)
-    la(q, k, k, lens, None, None, out, None)
+    split, merge, fused_split = la._split, la._merge, fused._split_fused
+    la._split, la._merge, fused._split_fused = spy(split), spy(merge), spy(fused_split)
     tri.run(q, k, k, lens, out=out)
-    la._split, la._merge, tri.launcher._split_fused = split, merge, fused_split
+    fused_plan.run(q, k, k, lens, out=out)
+    la._split, la._merge, fused._split_fused = split, merge, fused_split
     rows = {
         "python loop (lambda: None)": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
@@ -100,14 +102,11 @@ def parts(q, k, lens, out) -> None:
     rows["launcher, merge kernel (allocation + both launches)"] = lambda: la(
         q, k, k, lens, None, None, out, None
     )
-    rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: tri.launcher(
+    rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: fused(
         q, k, k, lens, None, None, out, None
     )
-    two_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, la)
-    rows["DecodePlan.run, merge kernel (fused_merge=False, out=)"] = lambda: two_plan.run(
-        q, k, k, lens, out=out
-    )
-    rows["DecodePlan.run (triton, out=): fused in eager calls"] = lambda: tri.run(q, k, k, lens, out=out)
+    rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
+    rows["DecodePlan.run, fused merge (triton, out=)"] = lambda: fused_plan.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out
     )

@@ -2,10 +2,9 @@
 
 The split count is a run-time argument of the kernels, so batch size, capacity and length never compile
 anything new by themselves; what does is a new launch *configuration* (tile size, warps, stages, from the
-tuning table or the heuristic), a new merge bucket (16, 64 or 128 splits), the LSE output, the fused
-merge (eager calls) or the merge kernel (captured ones), or a new alignment of the tensors. ``warmup``
-works out which of those the given batch sizes and capacities lead to and launches each once on small
-tensors, so that serving never waits for a compile.
+tuning table or the heuristic), a new merge bucket (16, 64 or 128 splits), the LSE output, or a new
+alignment of the tensors. ``warmup`` works out which of those the given batch sizes and capacities
+lead to and launches each once on small tensors, so that serving never waits for a compile.
 
 Compiled kernels are also kept on disk by Triton (``$TRITON_CACHE_DIR``, by default
 ``~/.triton/cache``): a second process with the same kvdecode, Triton and GPU loads them instead of
@@ -133,8 +132,7 @@ def warmup(
 
 
 def _launch_once(launcher, p: DecodeProblem, return_lse: bool) -> None:
-    """One launch of ``launcher`` on zero-filled tensors of ``p``'s shapes (lengths = capacity), in each
-    form its calls may take: with the merge kernel (captured steps) and with the fused merge (eager)."""
+    """One launch of ``launcher`` on zero-filled tensors of ``p``'s shapes (lengths = capacity)."""
     q = torch.zeros((p.batch, p.num_q_heads, p.q_len, p.head_dim), dtype=p.dtype, device=p.device)
     k = torch.zeros((p.batch, p.num_kv_heads, p.capacity, p.head_dim), dtype=p.dtype, device=p.device)
     lens = torch.full((p.batch,), p.capacity, dtype=torch.int32, device=p.device)
@@ -142,5 +140,4 @@ def _launch_once(launcher, p: DecodeProblem, return_lse: bool) -> None:
     out = torch.empty_like(q)
     for lse in (False, True) if return_lse else (False,):
         lse_t = torch.empty(q.shape[:3], dtype=torch.float32, device=p.device) if lse else None
-        for fused in sorted({launcher.fused_eager, launcher.fused_captured}):
-            launcher(q, k, k, lens, starts, None, out, lse_t, fused=fused)
+        launcher(q, k, k, lens, starts, None, out, lse_t)

@@ -172,9 +172,7 @@ class SplitKVLauncher:
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
             p.has_sinks, self.mask_kind,
         ]  # fmt: skip
-        # the last split merges (no merge kernel): in eager calls by default, in captured ones if asked
-        self.fused_eager = splits > 1 and cfg.fused_merge is not False
-        self.fused_captured = splits > 1 and cfg.fused_merge is True
+        self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
         self.mask_check = self.mask_kind == 3 and (
             cfg.mask_check
             if cfg.mask_check is not None
@@ -209,19 +207,16 @@ class SplitKVLauncher:
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
         self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
-        self._merge = (
-            None
-            if self.fused_eager and self.fused_captured
-            else BoundKernel(
-                merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
-            )
-        )  # (with the fused merge the split kernel merges)
+        # (with the fused merge the split kernel merges; a call may still ask for the merge kernel)
+        self._merge = BoundKernel(
+            merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
+        )
 
     def __call__(
         self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None, *, fused=None
     ) -> None:
         """Launch for these tensors (checked by the caller). ``fused``: the fused merge or not for this
-        call (None: the configuration's choice for an eager or a captured call; ``warmup`` compiles both)."""
+        call (None: the configuration's ``fused_merge``)."""
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
@@ -232,16 +227,10 @@ class SplitKVLauncher:
     def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused) -> None:
         write_lse = lse is not None
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
-        capturing = None
-        if fused is None:
-            fused = self.fused_eager
-            if fused != self.fused_captured:
-                capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
-                fused = self.fused_captured if capturing else fused
-        fused = fused and self.n_part > 0
+        fused = (self.fused if fused is None else fused) and self.n_part > 0
         part = counters = None
         if fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
-            part, counters = self._fused_scratch(q.device, capturing)
+            part, counters = self._fused_scratch(q.device)
         elif self.n_part:  # owned by this call: a merge kernel reads it after the split kernel, and a call
             # from another thread on the same stream may launch between the two
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
@@ -289,17 +278,13 @@ class SplitKVLauncher:
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
 
-    def _fused_scratch(
-        self, device: torch.device, capturing: bool | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused merge's partials and counters (zeros, one per program row) for this call: under
         CUDA-graph capture its own (the counters zeroed in the graph, so every replay starts at zero),
         never what an eager call or another graph uses; eager, the stream's (:class:`FusedScratch`).
         A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
         behind; nothing else can, since every program of a call counts once and the last one zeroes."""
-        if capturing is None:
-            capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
-        if capturing:
+        if self.device_index is not None and torch.cuda.is_current_stream_capturing():
             return (
                 torch.empty(self._part_elems, dtype=torch.float32, device=device),
                 torch.zeros(self._n_counters, dtype=torch.int32, device=device),
