@@ -1,5 +1,5 @@
-# A short GPU call (~300 s) for the eager fused merge by default (a23a673): the GPU tests it touches (launches in both
-# forms, threads, capture, compiled steps, warmup, transformers) and the host pieces of one call in both forms.
+# A short GPU call (~300 s) for the code after 12-05d: the GPU tests of the fused merge (opt-in; shared scratch), the
+# mask-row check, capture, compiled steps, warmup, transformers; then the host pieces of one call in both forms.
 source .whl/env.sh
 W=/tmp/w23; mkdir -p $W; snap() { tar czf $OUT/results.tgz -C $W . ; }
 { date -u; nvidia-smi -L; git log --oneline -1; } > $W/env.log 2>&1
