@@ -348,6 +348,36 @@ def test_fused_merge_matches_reference_call_after_call(device, shard, data):
     assert counters.numel() >= launch.split_grid[1] * launch.split_grid[2] and not counters.any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_launchers_of_other_sizes_share_and_grow_one_scratch(device):
+    """Two fused launchers of other sizes (the second needs more partials and more counters) alternate on
+    one stream's scratch, which grows once and is then reused; every output against the reference, the
+    counters left at zero; a fused launcher asked for the merge kernel (``fused=False``) gives the same."""
+    FUSED_SCRATCH.clear()
+    calls = []
+    for i, (batch, kv_heads, splits) in enumerate(((1, 1, 2), (3, 2, 3))):
+        case = Case(batch=batch, num_q_heads=2 * kv_heads, num_kv_heads=kv_heads, head_dim=16, q_len=1,
+                    capacity=48, dtype=torch.float32, seq_lens=(48, 17, 1)[:batch], seed=40 + i)  # fmt: skip
+        x = make_inputs(case, device)
+        problem = DecodeProblem.from_tensors(x.q, x.k, x.v, x.seq_lens, out=x.out)
+        cfg = SplitKVConfig(num_splits=splits, block_n=16, fused_merge=True)
+        calls.append((case, x, TritonBackend().make_launcher(problem, config=cfg), *reference(x)))
+    sizes = []
+    for round_ in range(2):
+        for case, x, launch, ref_out, ref_lse in calls:
+            launch_and_check(case, x, launch, f"fused, round {round_}", ref_out, ref_lse, device)
+            ((partials, counters),) = FUSED_SCRATCH.buffers().values()
+            sizes.append((partials.data_ptr(), partials.numel(), counters.numel()))
+            assert not counters.any()
+    assert sizes[1][1:] == (calls[1][2]._part_elems, calls[1][2]._n_counters)  # grown for the larger
+    assert sizes[1] == sizes[2] == sizes[3]  # then reused by both
+    case, x, launch, ref_out, ref_lse = calls[1]
+    out = make_out(case, device)
+    lse = torch.full((case.batch, case.num_q_heads, case.q_len), math.nan, device=device)
+    launch(x.q, x.k, x.v, x.seq_lens, None, None, out, lse, fused=False)
+    check_all(case, out, lse, ref_out, ref_lse)
+
+
 def test_packed_kv_heads_that_do_not_fit_are_refused_by_name():
     """A ``heads_per_cta`` that does not divide H_kv, or whose rows overflow a row block, is a clear
     ``KVDecodeError`` before any launch; a value that is not a power of two is refused by the config."""
