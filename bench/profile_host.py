@@ -63,21 +63,22 @@ def parts(q, k, lens, out) -> None:
     fused_plan.run(q, k, k, lens, out=out)
     captured = {}
 
-    def spy(bound):
+    def spy(bound, label):
         real = bound.__call__
 
         def call(grid, args, spec, binder_args=None):
             # the direct launch's arguments (pointers as integers) and the binder's (tensors)
-            captured[bound.name] = (grid, list(args), spec, list(binder_args() if binder_args else args))
+            captured[label] = (grid, list(args), spec, list(binder_args() if binder_args else args))
             real(grid, args, spec, binder_args)
 
         return call
 
-    split, merge, fused_split = la._split, la._merge, fused._split_fused
-    la._split, la._merge, fused._split_fused = spy(split), spy(merge), spy(fused_split)
+    split, merge, fused_split = la._split, la._merge, fused._split
+    labels = {split: split.name, merge: merge.name, fused_split: f"{fused_split.name} (fused merge)"}
+    la._split, la._merge, fused._split = (spy(b, labels[b]) for b in (split, merge, fused_split))
     tri.run(q, k, k, lens, out=out)
     fused_plan.run(q, k, k, lens, out=out)
-    la._split, la._merge, fused._split_fused = split, merge, fused_split
+    la._split, la._merge, fused._split = split, merge, fused_split
     rows = {
         "python loop (lambda: None)": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
@@ -86,18 +87,18 @@ def parts(q, k, lens, out) -> None:
         "inputs_match": lambda: inputs_match(tri._sig, q, k, k, lens),
         "torch.empty(partials)": lambda: torch.empty(la._part_elems, dtype=torch.float32, device=q.device),
     }
-    for bound in (split, merge, fused_split):
-        if bound.name not in captured:
+    for bound, label in labels.items():
+        if label not in captured:
             continue
-        grid, args, spec, with_tensors = captured[bound.name]
-        name = f"BoundKernel {bound.name} ({len(args)} args)"
+        grid, args, spec, with_tensors = captured[label]
+        name = f"BoundKernel {label} ({len(args)} args)"
         rows[name] = lambda b=bound, g=grid, a=args, s=spec, t=with_tensors: b(g, a, s, lambda: t)
         kernel = bound._compiled.get(spec)
         if kernel is not None:
             stream = torch._C._cuda_getCurrentRawStream(0)
-            for label, a in (("pointers as integers", args), ("tensors", with_tensors)):
-                rows[f"bare kernel.run {bound.name}, {label}"] = lambda kn=kernel, g=grid, a=a, st=stream: (
-                    kn.run(g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a)
+            for how, a in (("pointers as integers", args), ("tensors", with_tensors)):
+                rows[f"bare kernel.run {label}, {how}"] = lambda kn=kernel, g=grid, a=a, st=stream: kn.run(
+                    g[0], g[1], g[2], st, kn.function, kn.packed_metadata, None, None, None, *a
                 )
     rows["launcher, merge kernel (allocation + both launches)"] = lambda: la(
         q, k, k, lens, None, None, out, None

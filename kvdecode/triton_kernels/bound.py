@@ -111,11 +111,6 @@ class BoundKernel:
         self.device_index = device_index
         self.direct = device_index is not None and not interpreter_active()
         self._compiled: dict[tuple, object] = {}
-        self._stream = raw_stream
-
-    def current_stream(self) -> int:
-        """The raw handle of the stream this kernel launches on now (0 under the interpreter)."""
-        return 0 if self.device_index is None else self._stream(self.device_index)
 
     def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple, binder_args=None) -> None:
         """Launch on ``grid``; ``spec`` must determine Triton's specialization of ``args`` (alignments and
@@ -125,7 +120,7 @@ class BoundKernel:
         kernel = self._compiled.get(spec) if self.direct else None
         if kernel is not None:
             try:
-                stream = self._stream(self.device_index)
+                stream = raw_stream(self.device_index)
                 enter, leave = _hooks()
                 meta = (
                     None if enter is None and leave is None else kernel.launch_metadata(grid, stream, *args)

@@ -6,7 +6,7 @@ The split count is fixed per problem (it sets the grid), never per step: lengths
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -180,16 +180,7 @@ def fp8_config(problem: DecodeProblem, config: SplitKVConfig) -> SplitKVConfig:
     block_d = tile_shape(problem)[1]
     block_n = max(16, min(config.block_n, FP8_TILE_BYTES // block_d))
     splits = cap_splits(problem, max(1, config.num_splits // config.heads_per_cta), block_n)
-    return SplitKVConfig(
-        splits,
-        block_n,
-        config.num_warps,
-        FP8_STAGES,
-        config.use_pdl,
-        1,
-        config.fused_merge,
-        config.mask_check,
-    )
+    return replace(config, num_splits=splits, block_n=block_n, num_stages=FP8_STAGES, heads_per_cta=1)
 
 
 def tuned_config(problem: DecodeProblem, sm_count_: int | None = None) -> tuple[SplitKVConfig, str] | None:

@@ -187,49 +187,46 @@ class SplitKVLauncher:
             0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
             heads,
-            False,
+            self.fused,
             self.mask_check,
         ]
-        self._split_end_fused = [*self._split_end[:-2], True, self.mask_check]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
         self._part_elems = self.n_part * (p.head_dim + 1)
         self.device_index = p.device.index if p.device.type == "cuda" and not interpreter_active() else None
         pdl = {"launch_pdl": True} if self.use_pdl else {}
-        split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
-        self._split = BoundKernel(split_kv_kernel, "split_kv_kernel", split_options, self.device_index)
-        # the same kernel with the fused merge (its own compiled variants: FUSED_MERGE is a constexpr)
-        self._split_fused = BoundKernel(
-            split_kv_kernel, "split_kv_kernel_fm", split_options, self.device_index
-        )
+        self._split = BoundKernel(
+            split_kv_kernel, "split_kv_kernel",
+            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
+        )  # fmt: skip
         bucket = merge_bucket(splits)
         # then WRITE_LSE, INTERP_BF16, USE_PDL
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
         self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
-        # (with the fused merge the split kernel merges; a call may still ask for the merge kernel)
-        self._merge = BoundKernel(
-            merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
-        )
+        self._merge = (
+            None
+            if self.fused
+            else BoundKernel(
+                merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
+            )
+        )  # (with the fused merge the split kernel merges)
 
     def __call__(
-        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None, *, fused=None
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
     ) -> None:
-        """Launch for these tensors (checked by the caller). ``fused``: the fused merge or not for this
-        call (None: the configuration's ``fused_merge``)."""
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
-                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
             return
-        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused) -> None:
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
         write_lse = lse is not None
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
-        fused = (self.fused if fused is None else fused) and self.n_part > 0
         part = counters = None
-        if fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
+        if self.fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
             part, counters = self._fused_scratch(q.device)
         elif self.n_part:  # owned by this call: a merge kernel reads it after the split kernel, and a call
             # from another thread on the same stream may launch between the two
@@ -267,12 +264,11 @@ class SplitKVLauncher:
             return (out, lse if write_lse else part_lse_t, part_t, part_lse_t, q, k_cache, v_cache, seq_lens,
                     *[seq_lens if t is None else t for t in found])  # fmt: skip
 
-        end = self._split_end_fused if fused else self._split_end
-        (self._split_fused if fused else self._split)(
-            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse, end), spec,
-            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse, end),
+        self._split(
+            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse), spec,
+            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse),
         )  # fmt: skip
-        if self.n_part and not fused:
+        if self.n_part and not self.fused:
             self._merge(
                 self.merge_grid, self._merge_args(ptrs, o_strides, lse_strides, write_lse), spec,
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
@@ -292,12 +288,12 @@ class SplitKVLauncher:
         stream = 0 if self.device_index is None else raw_stream(self.device_index)
         return FUSED_SCRATCH.get(device, stream, self._part_elems, self._n_counters)
 
-    def _split_args(self, t, o_strides, lse_strides, write_lse, end) -> list:
+    def _split_args(self, t, o_strides, lse_strides, write_lse) -> list:
         """The split kernel's arguments, ``t`` the call's tensors (or their pointers) in the order of
-        ``_launch``'s ``tensors``, ``end`` its last constexprs (``_split_end`` or ``_split_end_fused``)."""
+        ``_launch``'s ``tensors``."""
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[4], *self._q_strides, t[5],
                 *self._k_strides, t[6], *self._v_strides, t[7], t[8], t[9], *self._mask_strides,
-                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *end]  # fmt: skip
+                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
 
     def _merge_args(self, t, o_strides, lse_strides, write_lse) -> list:
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[12], *self._merge_tail, write_lse,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from strategies import check_direct_arguments
@@ -14,7 +16,7 @@ from kvdecode.quant import quantize_fp8
 from kvdecode.reference import assert_close_to_reference, assert_lse_close, reference_decode_attention
 from kvdecode.triton_kernels import config as config_module
 from kvdecode.triton_kernels.bound import compile_counts
-from kvdecode.triton_kernels.config import SplitKVConfig
+from kvdecode.triton_kernels.config import SplitKVConfig, default_config
 from kvdecode.triton_kernels.launcher import FUSED_SCRATCH, MERGE_BUCKETS, SplitKVLauncher, merge_bucket
 
 
@@ -77,20 +79,23 @@ def test_direct_launch_matches_the_binder_path():
     v = torch.randn(3, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor([4096, 17, 2000], dtype=torch.int32, device="cuda")
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
-    direct, binder = SplitKVLauncher(problem), SplitKVLauncher(problem)
-    binder._split.direct = binder._merge.direct = binder._split_fused.direct = False
-    assert direct.num_splits > 1
-    for fused in (False, True):  # split and merge kernels (captured calls), the fused merge (eager ones)
+    for fused in (False, True):  # split and merge kernels; the fused merge (one kernel, its counters)
+        cfg = replace(default_config(problem), fused_merge=fused)
+        direct, binder = SplitKVLauncher(problem, cfg), SplitKVLauncher(problem, cfg)
+        assert direct.num_splits > 1
+        for bound in (binder._split, binder._merge):
+            if bound is not None:
+                bound.direct = False
         outs = []
         for launcher in (direct, direct, binder):
             out = torch.full_like(q, float("nan"))
-            launcher(q, k, v, lens, None, None, out, None, fused=fused)
+            launcher(q, k, v, lens, None, None, out, None)
             outs.append(out)
         assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[1])
         ref = reference_decode_attention(q, k, v, lens)[0]
         assert_close_to_reference(outs[1], ref, q.dtype, f"{problem.name} fused {fused}")
-    assert direct._split._compiled and direct._merge._compiled and direct._split_fused._compiled
-    assert direct._split.direct and direct._split_fused.direct
+        assert direct._split._compiled and direct._split.direct
+        assert (direct._merge is None) if fused else bool(direct._merge._compiled)
 
 
 @pytest.mark.gpu
@@ -125,18 +130,16 @@ def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(splits):
     problem = kvdecode.DecodeProblem.from_tensors(
         q, k8, v8, lens, kv_start=kv_start, mask=mask, k_scale=k_scale, v_scale=v_scale, sinks=sinks
     )
-    launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16))
     for fused in (False, True):  # (the fused merge: one kernel, with the counters' pointer)
+        launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16, fused_merge=fused))
         seen = []
 
         def spy(grid, args, spec, binder_args, seen=seen):
             seen.append((args, binder_args()))
 
-        launcher._split = launcher._merge = launcher._split_fused = spy
+        launcher._split = launcher._merge = spy
         out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
-        launcher(
-            q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks, fused=fused
-        )
+        launcher(q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks)
         assert len(seen) == (2 if splits > 1 and not fused else 1)
         for args, binder in seen:
             assert check_direct_arguments(args, binder) >= 5  # the merge: out, lse, the two partials, sinks
@@ -155,9 +158,7 @@ def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
     lens = torch.tensor([64, 30], dtype=torch.int32)
     launcher = SplitKVLauncher(kvdecode.DecodeProblem.from_tensors(q_aligned, k, k, lens))
     keys = []
-    launcher._split = launcher._merge = launcher._split_fused = lambda grid, args, spec, binder: keys.append(
-        spec
-    )
+    launcher._split = launcher._merge = lambda grid, args, spec, binder: keys.append(spec)
     for q in (q_aligned, q_off, q_aligned):
         launcher(q, k, k, lens, None, None, torch.empty_like(q_aligned), None)
     first, off, again = (keys[0], keys[len(keys) // 3], keys[2 * len(keys) // 3])
