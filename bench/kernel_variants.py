@@ -11,6 +11,12 @@ Usage: python3 bench/kernel_variants.py --out DIR [--shapes 1x1024,8x4096] [--va
 columns, as kvdecode's marked mask is) and ``kv_start``, against torch SDPA with that mask. A masked
 problem gets :func:`heuristic_config` (the tuning table was measured without masks); the variants
 ``heuristic`` and ``tuned`` (the table's configuration for the mask-free twin) say which serves it better.
+
+``--kv bf16,fp8`` times each shape twice: 16-bit caches (torch SDPA beside them), then the same caches as
+e4m3 with scalar scales 1.0 (what ``kvdecode.hf.FP8StaticCache`` holds by default), the variants reshaped
+for fp8 as the planner does. ``--fill F`` fills a fraction of the capacity (``L`` is the capacity; the
+mask, with ``--mask``, is True on the filled keys only): a transformers row of ``bench_generate.py``
+(B 8, cap 32k, L 16k) is ``--shapes 8x32768 --fill 0.5 --mask``. The floor counts the bytes filled.
 """
 
 from __future__ import annotations
@@ -76,28 +82,45 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
 
 
 def run_shape(
-    batch: int, length: int, names: list[str], floor_gbps: float, masked: bool = False
+    batch: int,
+    length: int,
+    names: list[str],
+    floor_gbps: float,
+    masked: bool = False,
+    kv: str = "bf16",
+    fill: float = 1.0,
 ) -> list[dict]:
-    nbytes = kv_bytes(batch, HKV, length, D, DT)
-    n_layers = steady_state_layers(nbytes)
+    filled = max(1, min(length, round(length * fill)))
+    fp8 = kv == "fp8"
+    nbytes = kv_bytes(batch, HKV, filled, D, DT) // (2 if fp8 else 1)  # (fp8: one byte an element)
+    n_layers = steady_state_layers(nbytes, layer_alloc_bytes=kv_bytes(batch, HKV, length, D, DT))
     dev = torch.device("cuda")
     layers = LayerStack.random(n_layers, (batch, HQ, 1, D), (batch, HKV, length, D), DT, dev)
+    scales = None
+    if fp8:  # e4m3 caches with scalar scales 1.0 (standard normal values fit e4m3's range)
+        layers = LayerStack([(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)) for q, k, v in layers])
+        scales = (torch.ones((), device=dev), torch.ones((), device=dev))
     (q0, k0, v0) = layers[0]
-    lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+    lens = torch.full((batch,), filled, dtype=torch.int32, device=dev)
     mask = starts = None
-    if masked:  # every key visible: the cost of reading the mask, not of skipping keys
-        mask = torch.ones(batch, 1, 1, length + 1, dtype=torch.bool, device=dev)[..., :length]
+    if masked:  # every filled key visible: the cost of reading the mask, not of skipping keys
+        mask = torch.zeros(batch, 1, 1, length + 1, dtype=torch.bool, device=dev)
+        mask[..., :filled] = True
+        mask = mask[..., :length]
         starts = torch.zeros(batch, dtype=torch.int32, device=dev)
-    problem = DecodeProblem.from_tensors(q0, k0, v0, lens, kv_start=starts, mask=mask)
+    kw = {} if scales is None else dict(k_scale=scales[0], v_scale=scales[1])
+    problem = DecodeProblem.from_tensors(q0, k0, v0, lens, kv_start=starts, mask=mask, **kw)
     rows = []
+    tag = dict(B=batch, L=length, filled=filled, kv=kv)
 
     def sdpa(q, k, v, _out) -> None:
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    rows.append(dict(B=batch, L=length, variant="sdpa", us=layers.steady_us(sdpa), layers=n_layers))
+    if not fp8:
+        rows.append(dict(**tag, variant="sdpa", us=layers.steady_us(sdpa), layers=n_layers))
     configs = variants(default_config(problem))
     configs["heuristic"] = heuristic_config(problem)
-    tuned = tuned_config(DecodeProblem.from_tensors(q0, k0, v0, lens))
+    tuned = tuned_config(DecodeProblem.from_tensors(q0, k0, v0, lens, **kw))
     if tuned is not None:
         configs["tuned"] = tuned[0]
     for name, cfg in configs.items():
@@ -105,21 +128,21 @@ def run_shape(
             continue
         try:
             launcher = TritonBackend().make_launcher(problem, config=cfg)
-            ragged = torch.randint(1, length + 1, (batch,), dtype=torch.int32, device=dev)
-            ragged[0] = length
+            ragged = torch.randint(1, filled + 1, (batch,), dtype=torch.int32, device=dev)
+            ragged[0] = filled
             out = torch.full_like(q0, float("nan"))
-            launcher(q0, k0, v0, ragged, starts, mask, out, None)
-            ref, _ = reference_decode_attention(q0, k0, v0, ragged, kv_start=starts, mask=mask)
+            launcher(q0, k0, v0, ragged, starts, mask, out, None, scales=scales)
+            ref, _ = reference_decode_attention(q0, k0, v0, ragged, kv_start=starts, mask=mask, **kw)
             err = relative_l2_error(out, ref)
 
             def step(q, k, v, o, launcher=launcher) -> None:
-                launcher(q, k, v, lens, starts, mask, o, None)
+                launcher(q, k, v, lens, starts, mask, o, None, scales=scales)
 
             us = layers.steady_us(step)
-            rows.append(dict(B=batch, L=length, variant=name, config=cfg.name, us=us, err=err,
+            rows.append(dict(**tag, variant=name, config=cfg.name, us=us, err=err,
                              pdl=launcher.use_pdl, layers=n_layers))  # fmt: skip
         except Exception as exc:  # record and go on: one bad variant must not lose the others
-            rows.append(dict(B=batch, L=length, variant=name, error=repr(exc)[:300]))
+            rows.append(dict(**tag, variant=name, error=repr(exc)[:300]))
         print(rows[-1], flush=True)
     floor = floor_us(nbytes, floor_gbps)
     for r in rows:
@@ -134,25 +157,32 @@ def main() -> int:
     ap.add_argument("--shapes", default="1x1024,1x4096,1x16384,8x1024,8x4096,8x16384")
     ap.add_argument("--variants", default="")
     ap.add_argument("--mask", action="store_true", help="a bool mask and kv_start, as a transformers step")
+    ap.add_argument("--kv", default="bf16", help="cache dtypes, in order: bf16, fp8 or bf16,fp8")
+    ap.add_argument("--fill", type=float, default=1.0, help="filled fraction of the capacity L (0, 1]")
     args = ap.parse_args()
+    kvs = args.kv.split(",")
+    if not set(kvs) <= {"bf16", "fp8"} or not 0.0 < args.fill <= 1.0:
+        ap.error(f"--kv takes bf16, fp8 or both and --fill a fraction in (0, 1], got {args.kv!r} {args.fill}")
     names = [v for v in args.variants.split(",") if v]
     ceiling = measure_ceiling(torch.cuda.get_device_name())
     print(f"floor bandwidth {ceiling['floor_gbps']:.0f} GB/s ({ceiling['floor_source']})", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
-        rows += run_shape(b, n, names, ceiling["floor_gbps"], args.mask)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, bandwidth=ceiling, mask=args.mask)
+        for kv in kvs:
+            rows += run_shape(b, n, names, ceiling["floor_gbps"], args.mask, kv, args.fill)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, bandwidth=ceiling, mask=args.mask,
+                fill=args.fill)  # fmt: skip
     name = "kernel_variants_masked.json" if args.mask else "kernel_variants.json"
     with open(f"{args.out}/{name}", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"{'B':>3} {'L':>6} {'variant':>9} {'us':>7} {'floor':>6} {'err':>8}")
+    print(f"{'B':>3} {'L':>6} {'kv':>4} {'variant':>9} {'us':>7} {'floor':>6} {'err':>8}")
     for r in rows:
         if "us" in r:
-            print(f"{r['B']:>3} {r['L']:>6} {r['variant']:>9} {r['us']:7.2f} {r['floor_us']:6.1f} "
-                  f"{r.get('err', 0):8.1e}")  # fmt: skip
+            print(f"{r['B']:>3} {r['L']:>6} {r['kv']:>4} {r['variant']:>9} {r['us']:7.2f} "
+                  f"{r['floor_us']:6.1f} {r.get('err', 0):8.1e}")  # fmt: skip
         else:
-            print(r["B"], r["L"], r["variant"], r.get("error"))
+            print(r["B"], r["L"], r["kv"], r["variant"], r.get("error"))
     return 0
 
 

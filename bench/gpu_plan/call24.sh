@@ -9,6 +9,9 @@ for cell in 16x1024 16x4096; do
   timeout 120 ncu --clock-control none --profile-from-start off $S --csv --page details python3 bench/ncu_cells.py --cell $cell --launches 2 > $W/ncu-$cell.csv 2> $W/ncu-$cell.err; echo "$cell rc=$?" >> $W/env.log; snap
 done
 timeout 100 python3 bench/kernel_variants.py --out $W --shapes 16x1024,16x4096 --variants base,splits/2,splits*2,st3,st4,n128,w8,fm > $W/kernel-variants.log 2>&1; tail -24 $W/kernel-variants.log; snap
+# issue 19 item 4: the HF headline row's attention (B 8, cap 32k, L 16k, step mask), bf16 against fp8 (captured
+# 3.25 vs 3.38 ms a step on 12-05b: fp8 slower where it reads half the bytes)
+timeout 120 python3 bench/kernel_variants.py --mask --fill 0.5 --kv bf16,fp8 --out $W --shapes 8x32768 --variants base,heuristic,tuned,st1,st3,n32,n128,splits/2,splits*2,w8,fm > $W/kernel-variants-hf-row.log 2>&1; tail -24 $W/kernel-variants-hf-row.log; snap
 timeout 60 python3 bench/ncu_cells.py --cell 16x1024 --kernels --launches 20 > $W/kernels-16x1024.log 2>&1; cat $W/kernels-16x1024.log; snap
 python3 - <<'PY' $W/ncu-16x1024.csv $W/ncu-16x4096.csv
 import csv, sys
