@@ -53,6 +53,12 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "st4": r(s, base.block_n, base.num_warps, 4),
         "w2": r(s, base.block_n, 2, base.num_stages),
         "w8": r(s, base.block_n, 8, base.num_stages),
+        # deeper pipelines at few splits (issue 18 item 1: B 16 L 1k, where cuDNN runs one CTA per (b, KV
+        # head) with 128-key tiles): more bytes in flight per CTA instead of more CTAs
+        "s1n128st3": r(1, 128, base.num_warps, 3),
+        "s1st4": r(1, base.block_n, base.num_warps, 4),
+        "s2st4": r(min(2, s), base.block_n, base.num_warps, 4),
+        "s2n128st3": r(min(2, s), 128, base.num_warps, 3),
         # one warp: no cross-warp softmax (2 CTA syncs a tile instead of 9), more splits to fill the SMs
         "w1s*4": r(min(64, 4 * s), base.block_n, 1, base.num_stages),
         # several KV heads per CTA (GQA 32/8: 4 heads fill the dot's 16 rows): the loop's instructions per
