@@ -56,6 +56,7 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         # deeper pipelines at few splits (issue 18 item 1: B 16 L 1k, where cuDNN runs one CTA per (b, KV
         # head) with 128-key tiles): more bytes in flight per CTA instead of more CTAs
         "s1n128st3": r(1, 128, base.num_warps, 3),
+        "s1n128st3w8": r(1, 128, 8, 3),
         "s1st4": r(1, base.block_n, base.num_warps, 4),
         "s2st4": r(min(2, s), base.block_n, base.num_warps, 4),
         "s2n128st3": r(min(2, s), 128, base.num_warps, 3),

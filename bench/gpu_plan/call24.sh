@@ -8,7 +8,7 @@ S="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateSt
 for cell in 16x1024 16x4096; do
   timeout 120 ncu --clock-control none --profile-from-start off $S --csv --page details python3 bench/ncu_cells.py --cell $cell --launches 2 > $W/ncu-$cell.csv 2> $W/ncu-$cell.err; echo "$cell rc=$?" >> $W/env.log; snap
 done
-timeout 100 python3 bench/kernel_variants.py --out $W --shapes 16x1024,16x4096 --variants base,splits/2,splits*2,st3,st4,n128,w8,fm,s1n128st3,s1st4,s2st4,s2n128st3 > $W/kernel-variants.log 2>&1; tail -24 $W/kernel-variants.log; snap
+timeout 100 python3 bench/kernel_variants.py --out $W --shapes 16x1024,16x4096 --variants base,splits/2,splits*2,st3,st4,n128,w8,fm,s1n128st3,s1n128st3w8,s1st4,s2st4,s2n128st3 > $W/kernel-variants.log 2>&1; tail -24 $W/kernel-variants.log; snap
 # issue 19 item 4: the HF headline row's attention (B 8, cap 32k, L 16k, step mask), bf16 against fp8 (captured
 # 3.25 vs 3.38 ms a step on 12-05b: fp8 slower where it reads half the bytes)
 timeout 120 python3 bench/kernel_variants.py --mask --fill 0.5 --kv bf16,fp8 --out $W --shapes 8x32768 --variants base,heuristic,tuned,st1,st3,n32,n128,splits/2,splits*2,w8,fm > $W/kernel-variants-hf-row.log 2>&1; tail -24 $W/kernel-variants-hf-row.log; snap
