@@ -16,7 +16,7 @@ from kvdecode.triton_kernels.config import SplitKVConfig, packing_options
 from kvdecode.tuning import crossover
 from kvdecode.tuning.measure import config_dict
 from kvdecode.tuning.runner import Progress
-from kvdecode.tuning.search import search, split_candidates, split_cap
+from kvdecode.tuning.search import search, search_size, split_candidates, split_cap
 from kvdecode.tuning.spec import length_grid, parse_int_list
 
 
@@ -150,6 +150,26 @@ def test_search_tries_one_warp_and_then_the_splits_again():
     default = SplitKVConfig(num_splits=8, block_n=64, num_warps=4, num_stages=2)
     found, us, _ = search(default, 65536, 128, measure, coarse=False)
     assert found.num_warps == 1 and found.num_splits >= 32 and us == 7.0
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_search_reaches_one_split_with_a_deep_pipeline(coarse):
+    """The H200's B 16 L 1k (``call25-kernel-variants.log``, µs): 3 splits x 2 stages 24.1 (where the axes
+    meet), 1 split x 2 stages 28.6, 3 splits x 4 stages 29.5, but 1 split x 4 stages 20.4. Coordinate
+    descent along one axis at a time stays at the first; the few-split, deep-pipeline corner finds the
+    last, in coarse runs too."""
+
+    def measure(cfg):
+        if cfg.num_splits == 1 and cfg.num_stages == 4:
+            return 20.4
+        if cfg.num_splits == 3 and cfg.num_stages == 2:
+            return 24.1
+        return 28.0 + cfg.num_stages + cfg.num_splits / 64  # every other config slower
+
+    default = SplitKVConfig(num_splits=3, block_n=64, num_warps=4, num_stages=2)
+    found, us, n = search(default, 1024, 128, measure, coarse=coarse)
+    assert (found.num_splits, found.num_stages, found.block_n, us) == (1, 4, 64, 20.4)
+    assert n <= search_size(3, 16, 128, coarse=coarse) + 2  # (the estimate the dry run prints)
 
 
 def test_search_tries_packed_heads_with_the_splits_scaled_and_only_when_asked():

@@ -13,9 +13,16 @@ compiles per family. The search is coordinate descent from the heuristic default
    ``heads_per_cta`` in ``heads``, the best so far with that many KV heads per CTA, the split count
    scaled by it (as many CTAs as before) and the split axis around that, and ``block_n`` halved
    (a packed CTA stages that many K/V tiles per pipeline stage);
-4. **stages**: other ``num_stages`` for the best so far.
+4. **stages**: other ``num_stages`` for the best so far;
+5. **deep pipelines at few splits**: ``num_splits`` in (1, 2) with ``num_stages`` in (3, 4), the best's tile.
+   Coordinate descent cannot reach this corner: at the heuristic's two stages one split is slow (its CTA
+   has all the row's tiles and one tile in flight), and at the split count chosen there four stages are
+   slow (a CTA has a few tiles: the pipeline never fills). On the H200 at B 16 L 1k (H 32/8, D 128) one
+   split with four stages took 20.4 µs where the search's three splits with two took 24.1, and three
+   splits with four 29.5 (``bench/results/h200-2026-12-05e/call25-kernel-variants.log``): one CTA per
+   (row, KV head), as cuDNN runs it there, with the bytes in flight of a deep pipeline, and no merge.
 
-``--coarse`` trims each axis. Compiles are shared across batch sizes and lengths: the kernel's
+``--coarse`` trims each axis (not the corner). Compiles are shared across batch sizes and lengths: the kernel's
 constants are the family's shape and the configuration, not B or L.
 """
 
@@ -60,6 +67,10 @@ def stage_candidates(*, coarse: bool) -> list[int]:
     return [1, 3] if coarse else [1, 3, 4]
 
 
+DEEP_SPLITS = (1, 2)  # the few-split, deep-pipeline corner (step 5)
+DEEP_STAGES = (3, 4)
+
+
 def search_size(
     heuristic: int, tiles: int, block_d: int, *, coarse: bool, heads: tuple[int, ...] = ()
 ) -> int:
@@ -71,6 +82,7 @@ def search_size(
         - 2
         + len(heads) * (splits + 1)
         + len(stage_candidates(coarse=coarse))
+        + len(DEEP_SPLITS) * len(DEEP_STAGES)
     )
 
 
@@ -131,4 +143,6 @@ def search(
         halved = with_(packed, block_n=max(16, packed.block_n // 2), num_splits=2 * packed.num_splits)
         best = best_of([best, packed, halved])
     best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
+    deep = [with_(best, num_splits=n, num_stages=s) for n in DEEP_SPLITS for s in DEEP_STAGES]
+    best = best_of([best] + deep)
     return best, seen[best], len(seen)
