@@ -51,6 +51,7 @@ def _clean(monkeypatch, tmp_path):
         (["--preset", "llama3-8b", "--capacity", "12q"], "--capacity must be a positive integer"),
         (["--preset", "llama3-8b", "--dtype", "fp8"], "--dtype must be bf16 or fp16"),
         ([], "needs --preset"),
+        (["--preset", "llama3-8b", "--fresh", "--remeasure"], "--fresh and --remeasure exclude each other"),
     ],
 )
 def test_tune_argument_errors_exit_nonzero_with_one_line(args, match, capsys):
@@ -365,6 +366,43 @@ def test_a_masked_familys_problem_is_the_one_its_tensors_make(heads, q_len, batc
     lens = torch.full((batch,), 64, dtype=torch.int32)
     made = DecodeProblem.from_tensors(q, k, k, lens, kv_start=starts, mask=mask)
     assert made == family_problem(fam, batch, 64, cpu)
+
+
+def test_remeasure_runs_the_named_points_again_and_keeps_the_others(tmp_path, monkeypatch):
+    """``tune --remeasure`` (after the search changed): the run's points are measured again although the
+    table holds them, the table's other points stay as they were, and the command is recorded."""
+    from kvdecode.tuning import measure
+    from kvdecode.tuning.runner import run_tune
+    from kvdecode.tuning.spec import Family, TuneSpec
+
+    prefer = {"splits": 2}
+    launched = []
+
+    def fake_time(self, launch, replays):
+        (q, k, v), o = self.layers[0], self.outs[0]
+        launch(q, k, v, self.seq_lens, None, None, o, None)
+        launched.append(launch.config)
+        return 10.0 + abs(launch.config.num_splits - prefer["splits"])
+
+    monkeypatch.setattr(measure.PointBench, "_time", fake_time)
+    fam = Family(4, 2, 16, "fp16")
+    out, cpu = tmp_path / "t.json", torch.device("cpu")
+    run_tune(TuneSpec((fam,), (1,), (128, 256), coarse=True), out, stream=io.StringIO(), device=cpu)
+    before = thresholds.load_table(out).families[fam.key]["batches"]["1"]["lengths"]
+    assert {n: p["config"]["num_splits"] for n, p in before.items()} == {"128": 2, "256": 2}
+    prefer["splits"] = 1  # "the search changed": another best
+    n_launched, stream = len(launched), io.StringIO()
+    run_tune(TuneSpec((fam,), (1,), (256,), coarse=True), out, stream=stream, device=cpu, remeasure=True,
+             command="kvdecode tune --remeasure")  # fmt: skip
+    after = thresholds.load_table(out)
+    lengths = after.families[fam.key]["batches"]["1"]["lengths"]
+    assert len(launched) > n_launched and "remeasuring 1 of" in stream.getvalue()
+    assert lengths["256"]["config"]["num_splits"] == 1 and lengths["128"] == before["128"]
+    assert after.metadata["command"].endswith("kvdecode tune --remeasure ({}, remeasured)".format(
+        after.metadata["date"]))  # fmt: skip
+    n_launched = len(launched)
+    run_tune(TuneSpec((fam,), (1,), (256,), coarse=True), out, stream=io.StringIO(), device=cpu)
+    assert len(launched) == n_launched  # without it, a point in the table is not measured again
 
 
 def test_tune_plumbing_on_the_interpreter_resumes_and_writes_a_checked_table(tmp_path, monkeypatch):

@@ -87,12 +87,16 @@ def run_tune(
     out: Path,
     *,
     fresh: bool = False,
+    remeasure: bool = False,
     search_replays: int = 10,
     command: str = "",
     stream: TextIO | None = None,
     device: torch.device | None = None,
 ) -> dict:
     """Measure every point of ``spec`` not yet in ``out``; write ``out`` after each; returns the table.
+
+    ``remeasure``: measure the spec's points already in ``out`` again too (a new search, say), keeping
+    every other point of the table; the crossovers are recomputed from the whole table.
 
     ``device`` defaults to the current CUDA device (a CPU device runs the plumbing through the Triton
     interpreter; its timings mean nothing).
@@ -111,10 +115,16 @@ def run_tune(
     if raw is None:
         raw = new_table(meta)
     done = measured_points(raw)
-    todo = [p for p in spec.points() if (p.family.key, p.batch, p.length) not in done]
+    todo = [p for p in spec.points() if remeasure or (p.family.key, p.batch, p.length) not in done]
     progress = Progress(len(todo), stream)
     if len(todo) < len(spec.points()):
         progress.stream.write(f"resuming {out}: {len(spec.points()) - len(todo)} points already measured\n")
+    elif remeasure and done:
+        again = sum((p.family.key, p.batch, p.length) in done for p in todo)
+        progress.stream.write(f"remeasuring {again} of {out}'s points; its other points are kept\n")
+        if again and command:  # the table says which of its points came from which command
+            before = raw["metadata"].get("command") or ""
+            raw["metadata"]["command"] = f"{before}; {command} ({meta['date']}, remeasured)".lstrip("; ")
     try:
         for point in todo:
             record = _measure(point, device, sm_count, spec.coarse, search_replays)

@@ -22,8 +22,8 @@ compiles per family. The search is coordinate descent from the heuristic default
    splits with four 29.5 (``bench/results/h200-2026-12-05e/call25-kernel-variants.log``): one CTA per
    (row, KV head), as cuDNN runs it there, with the bytes in flight of a deep pipeline, and no merge.
 
-``--coarse`` trims each axis (not the corner). Compiles are shared across batch sizes and lengths: the kernel's
-constants are the family's shape and the configuration, not B or L.
+``--coarse`` trims each axis (not the corner). Compiles are shared across batch sizes and lengths: the
+kernel's constants are the family's shape and the configuration, not B or L.
 """
 
 from __future__ import annotations
@@ -144,5 +144,5 @@ def search(
         best = best_of([best, packed, halved])
     best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
     deep = [with_(best, num_splits=n, num_stages=s) for n in DEEP_SPLITS for s in DEEP_STAGES]
-    best = best_of([best] + deep)
+    best = best_of([best, *deep])
     return best, seen[best], len(seen)

@@ -62,6 +62,11 @@ def add_tune_parser(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("run")
     o.add_argument("--out", help="table to write (default: the user table for this GPU)")
     o.add_argument("--fresh", action="store_true", help="ignore points already in --out; start over")
+    o.add_argument(
+        "--remeasure", action="store_true",
+        help="measure this run's points again where --out has them (e.g. after the search changed); the "
+        "table's other points are kept and the crossovers recomputed",
+    )  # fmt: skip
     o.add_argument("--dry-run", action="store_true", help="list the points and the estimated time; no GPU")
     o.add_argument("--search-replays", default="10", help="replays per candidate in the search (default 10)")
     o.add_argument("--sm-count", help=f"SMs assumed by --dry-run without a GPU (default: {H100_SMS})")
@@ -124,6 +129,11 @@ def _default_out() -> Path:
 
 
 def run_tune_command(args: argparse.Namespace) -> int:
+    if args.fresh and args.remeasure:
+        raise KVDecodeError(
+            "--fresh and --remeasure exclude each other (--fresh starts a new table, --remeasure measures "
+            "points of --out again and keeps the rest); pass one"
+        )
     spec = spec_from_args(args)
     replays = parse_length(args.search_replays, "--search-replays")
     out = Path(args.out) if args.out else _default_out()
@@ -134,7 +144,9 @@ def run_tune_command(args: argparse.Namespace) -> int:
     from .runner import run_tune
 
     command = "kvdecode " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
-    raw = run_tune(spec, out, fresh=args.fresh, search_replays=replays, command=command)
+    raw = run_tune(
+        spec, out, fresh=args.fresh, remeasure=args.remeasure, search_replays=replays, command=command
+    )
     print(format_results(raw))
     print(f"\nwrote {out}")
     return 0
@@ -159,7 +171,7 @@ def print_dry_run(spec: TuneSpec, out: Path, args: argparse.Namespace, replays: 
 
     machine, sms, free = _machine(args)
     done: frozenset = frozenset()
-    if out.exists() and not args.fresh:
+    if out.exists() and not (args.fresh or args.remeasure):
         try:
             done = frozenset((k, b, n) for k, b, n in _measured(out, measured_points))
         except KVDecodeError as exc:
