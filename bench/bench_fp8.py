@@ -30,7 +30,7 @@ import kvdecode
 from kvdecode.errors import KVDecodeError
 from kvdecode.quant import quantize_fp8
 from kvdecode.reference import reference_decode_attention, relative_l2_error
-from kvdecode.timing import LayerStack, gbps, steady_state_layers
+from kvdecode.timing import LayerStack, gbps, kv_bytes, steady_state_layers
 from kvdecode.triton_kernels.config import MAX_SPLITS, SplitKVConfig
 from kvdecode.triton_kernels.launcher import SplitKVLauncher
 from kvdecode.tuning.environment import current_environment, device_gpu_name
@@ -44,9 +44,8 @@ FP8 = torch.float8_e4m3fn
 def _stack(batch: int, length: int, kv_dtype: torch.dtype, device: torch.device) -> tuple[LayerStack, int]:
     """The layers of one cell in ``kv_dtype`` (fp8 ones quantized layer by layer from bf16 randoms, so
     that the bf16 and fp8 stacks never coexist) and the bytes one layer's call reads."""
-    elem = torch.empty((), dtype=kv_dtype).element_size()
-    read = 2 * batch * HKV * length * D * elem
-    bf16_layer = 2 * batch * HKV * length * D * 2
+    read = kv_bytes(batch, HKV, length, D, kv_dtype)
+    bf16_layer = kv_bytes(batch, HKV, length, D, torch.bfloat16)
     free = int(torch.cuda.mem_get_info(device)[0] * 0.8) - bf16_layer  # one bf16 layer in flight
     n = steady_state_layers(read, budget_bytes=free)
     layers = []

@@ -35,9 +35,6 @@ class _NoLaunch:
     def __call__(self, grid, args, spec, binder_args=None) -> None:
         pass
 
-    def current_stream(self) -> int:  # (the fused merge's scratch is per stream)
-        return 0
-
 
 def _stub_launches() -> None:
     """Every plan made so far launches nothing (its kernels replaced by no-ops)."""

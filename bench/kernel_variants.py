@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from decode_bandwidth import measure_ceiling
 
 from kvdecode.problem import DecodeProblem
+from kvdecode.quant import cache_scales, quantize
 from kvdecode.reference import reference_decode_attention, relative_l2_error
 from kvdecode.timing import LayerStack, floor_us, kv_bytes, steady_state_layers
 from kvdecode.triton_kernels import SplitKVConfig, TritonBackend, default_config
@@ -99,14 +100,17 @@ def run_shape(
 ) -> list[dict]:
     filled = max(1, min(length, round(length * fill)))
     fp8 = kv == "fp8"
-    nbytes = kv_bytes(batch, HKV, filled, D, DT) // (2 if fp8 else 1)  # (fp8: one byte an element)
+    kv_dtype = torch.float8_e4m3fn if fp8 else DT
+    nbytes = kv_bytes(batch, HKV, filled, D, kv_dtype)
     n_layers = steady_state_layers(nbytes, layer_alloc_bytes=kv_bytes(batch, HKV, length, D, DT))
     dev = torch.device("cuda")
     layers = LayerStack.random(n_layers, (batch, HQ, 1, D), (batch, HKV, length, D), DT, dev)
     scales = None
-    if fp8:  # e4m3 caches with scalar scales 1.0 (standard normal values fit e4m3's range)
-        layers = LayerStack([(q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)) for q, k, v in layers])
-        scales = (torch.ones((), device=dev), torch.ones((), device=dev))
+    if fp8:  # what FP8StaticCache holds by default: scalar scales 1.0, saturate(k / scale) in e4m3
+        scales = cache_scales(kv_dtype, 1.0, 1.0, HKV, dev)
+        layers = LayerStack(
+            [(q, quantize(k, scales[0], kv_dtype), quantize(v, scales[1], kv_dtype)) for q, k, v in layers]
+        )
     (q0, k0, v0) = layers[0]
     lens = torch.full((batch,), filled, dtype=torch.int32, device=dev)
     mask = starts = None

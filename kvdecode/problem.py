@@ -23,6 +23,7 @@ import torch
 
 from .errors import KVDecodeError
 from .quant import FP8_DTYPES, FP8_Q_DTYPES, ScaleKind, check_kv_scales
+from .timing import kv_bytes
 
 __all__ = ["SUPPORTED_DTYPES", "DecodeProblem", "MaskKind", "capturing"]
 
@@ -145,8 +146,7 @@ class DecodeProblem:
 
     def kv_bytes(self, seq_len: int) -> int:
         """Bytes of K and V a decode of ``seq_len`` filled tokens per row must read."""
-        elem = torch.empty((), dtype=self.cache_dtype).element_size()
-        return 2 * self.batch * self.num_kv_heads * seq_len * self.head_dim * elem
+        return kv_bytes(self.batch, self.num_kv_heads, seq_len, self.head_dim, self.cache_dtype)
 
     @classmethod
     def from_tensors(

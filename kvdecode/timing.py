@@ -58,7 +58,9 @@ STEADY_REPLAYS = 20
 RESERVE_BYTES = 4 * 10**9  # device memory kept free for scratch, workspaces, graph pools and checks
 CPU_BUDGET_BYTES = 8 * 10**9  # what a CPU "device" (the Triton interpreter, in tests) may allocate
 
-_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+_ELEMENT_SIZE = {
+    torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float8_e4m3fn: 1, torch.float8_e5m2: 1,
+}  # fmt: skip
 
 
 # ---- byte counting and the floor (pure host logic, testable without a GPU) ----
@@ -70,7 +72,9 @@ def kv_bytes(batch: int, num_kv_heads: int, seq_len: int, head_dim: int, dtype: 
     ``seq_len`` is the filled length L, not the capacity: that is what an ideal kernel reads.
     """
     if dtype not in _ELEMENT_SIZE:
-        raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        raise ValueError(
+            f"dtype must be one of float16, bfloat16, float32, float8_e4m3fn, float8_e5m2, got {dtype}"
+        )
     for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

@@ -50,7 +50,9 @@ GB = 10**9
     num_kv_heads=st.sampled_from([1, 2, 8]),
     seq_len=st.integers(1, 300),
     head_dim=st.sampled_from([16, 64, 80, 128]),
-    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    dtype=st.sampled_from(
+        [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2]
+    ),
 )
 def test_kv_bytes_equals_the_bytes_of_the_filled_slices(batch, num_kv_heads, seq_len, head_dim, dtype):
     k = torch.empty(batch, num_kv_heads, seq_len, head_dim, dtype=dtype)
