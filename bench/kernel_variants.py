@@ -61,6 +61,15 @@ def variants(base: SplitKVConfig) -> dict[str, SplitKVConfig]:
         "s1st4": r(1, base.block_n, base.num_warps, 4),
         "s2st4": r(min(2, s), base.block_n, base.num_warps, 4),
         "s2n128st3": r(min(2, s), 128, base.num_warps, 3),
+        # deeper still (s1st4 reached 1.03x / 1.007x of SDPA at B 16 L 1k / 4k): 5 and 6 stages of 64 keys
+        # (160 / 192 KB of K/V in flight), 8 of 32 keys (128 KB in finer steps), 8 warps at 4 stages
+        "s1st5": r(1, base.block_n, base.num_warps, 5),
+        "s1st6": r(1, base.block_n, base.num_warps, 6),
+        "s1n32st8": r(1, 32, base.num_warps, 8),
+        "s1st4w8": r(1, base.block_n, 8, 4),
+        # the same at B 4 (32 CTAs a split): four splits, one CTA an SM
+        "s4st4": r(min(4, s), base.block_n, base.num_warps, 4),
+        "s4st5": r(min(4, s), base.block_n, base.num_warps, 5),
         # one warp: no cross-warp softmax (2 CTA syncs a tile instead of 9), more splits to fill the SMs
         "w1s*4": r(min(64, 4 * s), base.block_n, 1, base.num_stages),
         # several KV heads per CTA (GQA 32/8: 4 heads fill the dot's 16 rows): the loop's instructions per

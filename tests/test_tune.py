@@ -16,7 +16,7 @@ from kvdecode.triton_kernels.config import SplitKVConfig, packing_options
 from kvdecode.tuning import crossover
 from kvdecode.tuning.measure import config_dict
 from kvdecode.tuning.runner import Progress
-from kvdecode.tuning.search import search, search_size, split_candidates, split_cap
+from kvdecode.tuning.search import search, search_size, split_candidates, split_cap, wave_splits
 from kvdecode.tuning.spec import length_grid, parse_int_list
 
 
@@ -171,6 +171,25 @@ def test_search_reaches_one_split_with_a_deep_pipeline(coarse):
     found, us, n = search(default, 1024, 128, measure, coarse=coarse)
     assert (found.num_splits, found.num_stages, found.block_n, us) == (1, 4, 64, 20.4)
     assert n <= search_size(3, 16, 128, coarse=coarse) + 2  # (the estimate the dry run prints)
+
+
+def test_the_deep_corner_tries_one_wave_of_ctas():
+    """At B 4 (32 CTAs a split on 132 SMs) the deep-pipeline shape is four splits, one CTA an SM: the
+    corner tries the one-wave split count beside 1 and 2, and stages up to 5; without ``wave`` it does
+    not reach it."""
+
+    def measure(cfg):
+        if (cfg.num_splits, cfg.num_stages) == (4, 5):
+            return 18.0
+        return 22.0 + cfg.num_stages + cfg.num_splits / 64
+
+    default = SplitKVConfig(num_splits=9, block_n=64, num_warps=4, num_stages=2)
+    assert wave_splits(132, 4 * 8) == 4 and wave_splits(132, 64 * 8) == 1 and wave_splits(132, 0) == 132
+    for coarse in (False, True):
+        found, us, n = search(default, 4096, 128, measure, coarse=coarse, wave=4)
+        assert (found.num_splits, found.num_stages, us) == (4, 5, 18.0)
+        assert n <= search_size(9, 64, 128, coarse=coarse) + 2
+    assert search(default, 4096, 128, measure, coarse=True)[0].num_splits != 4
 
 
 def test_search_tries_packed_heads_with_the_splits_scaled_and_only_when_asked():

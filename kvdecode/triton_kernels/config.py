@@ -24,6 +24,7 @@ __all__ = [
     "heuristic_config",
     "interpreter_active",
     "packing_options",
+    "programs_per_split",
     "tile_shape",
     "tuned_config",
 ]
@@ -242,6 +243,12 @@ def row_tiles(problem: DecodeProblem, block_n: int) -> int:
     return min(triton.cdiv(problem.capacity, block_n), triton.cdiv(problem.reach, block_n) + 1)
 
 
+def programs_per_split(problem: DecodeProblem) -> int:
+    """CTAs of one split with one KV head a CTA: rows x KV heads x query-row blocks."""
+    block_m = tile_shape(problem)[0]
+    return problem.batch * problem.num_kv_heads * triton.cdiv(problem.group_size * problem.q_len, block_m)
+
+
 def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> SplitKVConfig:
     """Pick a configuration from the problem's shape and the SM count (no device values are read).
 
@@ -250,10 +257,8 @@ def heuristic_config(problem: DecodeProblem, sm_count_: int | None = None) -> Sp
     alone fill the GPU.
     """
     sms = sm_count(problem.device) if sm_count_ is None else sm_count_
-    block_m, block_d = tile_shape(problem)
+    block_d = tile_shape(problem)[1]
     block_n = {16: 128, 32: 128, 64: 128, 128: 64}.get(block_d, 32)  # ~16 KB of K per tile
-    m_blocks = triton.cdiv(problem.group_size * problem.q_len, block_m)
-    programs = problem.batch * problem.num_kv_heads * m_blocks
-    splits = triton.cdiv(WAVES * sms, programs)
+    splits = triton.cdiv(WAVES * sms, programs_per_split(problem))
     splits = cap_splits(problem, splits, block_n)
     return SplitKVConfig(num_splits=splits, block_n=block_n, num_warps=4, num_stages=2)

@@ -20,8 +20,14 @@ from ..errors import KVDecodeError
 from ..problem import DecodeProblem
 from ..reference import float32_reference_rows, within_tolerance
 from ..timing import RESERVE_BYTES, STEADY_REPLAYS, LayerStack, layers_that_fit
-from ..triton_kernels.config import SplitKVConfig, heuristic_config, packing_options, tile_shape
-from .search import search
+from ..triton_kernels.config import (
+    SplitKVConfig,
+    heuristic_config,
+    packing_options,
+    programs_per_split,
+    tile_shape,
+)
+from .search import search, wave_splits
 from .spec import Point, family_mask
 
 __all__ = ["RESERVE_BYTES", "PointBench", "SkipPoint", "config_dict", "tune_point"]
@@ -128,6 +134,7 @@ def tune_point(bench: PointBench, *, sm_count: int, coarse: bool, search_replays
         lambda cfg: bench.triton_us(cfg, search_replays),
         coarse=coarse,
         heads=packing_options(problem),
+        wave=wave_splits(sm_count, programs_per_split(problem)),
     )
     note = None
     ok, err = bench.check(best) if best != default else (True, 0.0)

@@ -14,13 +14,17 @@ compiles per family. The search is coordinate descent from the heuristic default
    scaled by it (as many CTAs as before) and the split axis around that, and ``block_n`` halved
    (a packed CTA stages that many K/V tiles per pipeline stage);
 4. **stages**: other ``num_stages`` for the best so far;
-5. **deep pipelines at few splits**: ``num_splits`` in (1, 2) with ``num_stages`` in (3, 4), the best's tile.
+5. **deep pipelines at few splits**: ``num_splits`` in (1, 2 and the count that makes one wave of CTAs,
+   ``wave_splits``) with ``num_stages`` in (3, 4, 5), the best's tile (a configuration whose stages do not
+   fit in shared memory fails to compile and is skipped).
    Coordinate descent cannot reach this corner: at the heuristic's two stages one split is slow (its CTA
    has all the row's tiles and one tile in flight), and at the split count chosen there four stages are
    slow (a CTA has a few tiles: the pipeline never fills). On the H200 at B 16 L 1k (H 32/8, D 128) one
    split with four stages took 20.4 µs where the search's three splits with two took 24.1, and three
    splits with four 29.5 (``bench/results/h200-2026-12-05e/call25-kernel-variants.log``): one CTA per
    (row, KV head), as cuDNN runs it there, with the bytes in flight of a deep pipeline, and no merge.
+   At B 4 one split is 32 CTAs for 132 SMs: the same shape there is four splits (one CTA an SM, a
+   merge), hence the one-wave count beside 1 and 2.
 
 ``--coarse`` trims each axis (not the corner). Compiles are shared across batch sizes and lengths: the
 kernel's constants are the family's shape and the configuration, not B or L.
@@ -33,7 +37,7 @@ from collections.abc import Callable
 
 from ..triton_kernels.config import MAX_SPLITS, SplitKVConfig
 
-__all__ = ["search", "split_candidates", "split_cap", "stage_candidates", "tile_candidates"]
+__all__ = ["search", "split_candidates", "split_cap", "stage_candidates", "tile_candidates", "wave_splits"]
 
 
 def split_cap(block_d: int) -> int:
@@ -67,8 +71,14 @@ def stage_candidates(*, coarse: bool) -> list[int]:
     return [1, 3] if coarse else [1, 3, 4]
 
 
-DEEP_SPLITS = (1, 2)  # the few-split, deep-pipeline corner (step 5)
-DEEP_STAGES = (3, 4)
+DEEP_SPLITS = (1, 2)  # the few-split, deep-pipeline corner (step 5), with the one-wave count
+DEEP_STAGES = (3, 4, 5)
+
+
+def wave_splits(sm_count: int, programs: int) -> int:
+    """The split count that puts one CTA on each SM: ``programs`` CTAs a split (rows x KV heads x query
+    blocks), at least 1."""
+    return max(1, sm_count // max(1, programs))
 
 
 def search_size(
@@ -82,7 +92,7 @@ def search_size(
         - 2
         + len(heads) * (splits + 1)
         + len(stage_candidates(coarse=coarse))
-        + len(DEEP_SPLITS) * len(DEEP_STAGES)
+        + (len(DEEP_SPLITS) + 1) * len(DEEP_STAGES)
     )
 
 
@@ -94,10 +104,12 @@ def search(
     *,
     coarse: bool,
     heads: tuple[int, ...] = (),
+    wave: int = 1,
 ) -> tuple[SplitKVConfig, float, int]:
     """Coordinate descent from ``default``; returns (best config, its time, configurations measured).
 
     ``heads``: the ``heads_per_cta`` values > 1 to try (``config.packing_options`` of the problem).
+    ``wave``: the split count of one CTA per SM (:func:`wave_splits`), tried in the deep corner.
 
     ``measure(config)`` returns µs, or ``math.inf`` when the configuration failed (compile error, out of
     resources): it is then skipped. Each configuration is measured once.
@@ -143,6 +155,7 @@ def search(
         halved = with_(packed, block_n=max(16, packed.block_n // 2), num_splits=2 * packed.num_splits)
         best = best_of([best, packed, halved])
     best = best_of([best] + [with_(best, num_stages=s) for s in stage_candidates(coarse=coarse)])
-    deep = [with_(best, num_splits=n, num_stages=s) for n in DEEP_SPLITS for s in DEEP_STAGES]
+    deep_splits = sorted({*DEEP_SPLITS, max(1, wave)})
+    deep = [with_(best, num_splits=n, num_stages=s) for n in deep_splits for s in DEEP_STAGES]
     best = best_of([best, *deep])
     return best, seen[best], len(seen)
