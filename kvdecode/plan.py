@@ -45,9 +45,10 @@ class DecodePlan:
     A plan holds no per-call state: scratch (the Triton partials, cuDNN's workspace and clamped lengths)
     is allocated per call from torch's caching allocator on the current stream, so one plan may be run
     from any number of threads and streams at once (and captured in several CUDA graphs). The one
-    exception is a Triton configuration with ``fused_merge`` (off by default): its eager calls take their
-    partials from a buffer per (device, stream) that every such plan shares (a call is one kernel, and
-    calls on a stream run one after another); under capture each call still gets its own.
+    exception: an eager Triton call with several splits is one kernel (the fused merge, see
+    ``SplitKVConfig.fused_merge``) and takes its partials from a buffer per (device, stream) that every
+    plan shares (calls on a stream run one after another); under capture each call gets its own and the
+    merge runs as a kernel of its own.
     """
 
     problem: DecodeProblem

@@ -2,9 +2,10 @@
 
 The split count is a run-time argument of the kernels, so batch size, capacity and length never compile
 anything new by themselves; what does is a new launch *configuration* (tile size, warps, stages, from the
-tuning table or the heuristic), a new merge bucket (16, 64 or 128 splits), the LSE output, or a new
-alignment of the tensors. ``warmup`` works out which of those the given batch sizes and capacities
-lead to and launches each once on small tensors, so that serving never waits for a compile.
+tuning table or the heuristic), a new merge bucket (16, 64 or 128 splits), the LSE output, the fused
+merge (eager calls) and the merge kernel (captured ones: compiled with the fused form's first eager
+call), or a new alignment of the tensors. ``warmup`` works out which of those the given batch sizes and
+capacities lead to and launches each once on small tensors, so that serving never waits for a compile.
 
 Compiled kernels are also kept on disk by Triton (``$TRITON_CACHE_DIR``, by default
 ``~/.triton/cache``): a second process with the same kvdecode, Triton and GPU loads them instead of

@@ -148,6 +148,25 @@ class BoundKernel:
         if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             self._compiled[spec] = kernel
 
+    def is_new(self, spec: tuple) -> bool:
+        """Whether a direct launch of ``spec`` has no compiled kernel yet (always False off the GPU)."""
+        return self.direct and spec not in self._compiled
+
+    def prepare(self, grid: tuple[int, int, int], spec: tuple, binder_args) -> None:
+        """Compile and load the kernel of ``spec`` without launching it (``binder_args()``: the tensors a
+        launch of that specialization would get), so that a later launch of it, under CUDA-graph capture
+        say, neither compiles nor loads a module. Nothing to do off the GPU or once ``spec`` is known."""
+        if not self.is_new(spec):
+            return
+        try:
+            kernel = self.fn.warmup(*binder_args(), grid=grid, **self.options)
+            getattr(kernel, "_init_handles", lambda: None)()  # loads the module (lazy until a launch)
+        except OutOfResources as exc:
+            raise KVDecodeError(f"{self.name} does not fit this GPU: {exc}") from exc
+        _note_variant(self.name, kernel)
+        if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            self._compiled.setdefault(spec, kernel)
+
 
 def _torch_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream

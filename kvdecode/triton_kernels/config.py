@@ -55,15 +55,18 @@ class SplitKVConfig:
         row block: with GQA group 4 at ``T_q = 1``, 4 heads fill the 16 rows a dot needs, so the softmax
         works on no padding rows. ``heads_per_cta * group * T_q`` must fit one row block
         (:func:`tile_shape`); :func:`check_heads_per_cta` says why a value does not serve a problem.
-    fused_merge : bool
+    fused_merge : bool or None
         With several splits, the last split of each (row, KV heads) to finish merges the partials, so one
-        kernel runs instead of two: one launch less on the host (``DecodePlan.run`` 25.0 -> 16.9 us on the
-        H100 host), -2% to +5% on the GPU in CUDA graphs (``bench/NOTES.md``, 12-05). Eager calls take the
-        partials and finished-split counters from one buffer per (device, stream) that every fused launcher
-        shares (calls on a stream run in order, and each leaves the counters at zero); a call under
-        CUDA-graph capture takes its own. Off by default: with ``torch.compile(mode="reduce-overhead")``
-        the graph trees' warm-up runs a call eagerly while allocations go to the graph's private pool,
-        where the shared buffer must not live (a step to make first; see ``bench/NOTES.md``).
+        kernel runs instead of two: one launch less on the host (``DecodePlan.run`` 27.0 -> 18.1 us on the
+        H200's host, 25.0 -> 16.9 on the H100's), -2% to +5% on the GPU (``bench/NOTES.md``, 12-05).
+        ``None`` (the default) fuses eager calls, where the host's time counts, and keeps the merge
+        kernel under CUDA-graph capture (captured and compiled steps, where only the GPU's time does);
+        ``True`` fuses every call, ``False`` none. A deterministic plan takes one form for both (the
+        merge kernel unless ``True``): the two forms round differently. Eager fused calls take their
+        partials and finished-split counters from one buffer per (device, stream) that every launcher
+        shares (calls on a stream run in order, and each leaves the counters at zero), allocated outside
+        any CUDA-graph memory pool; a captured call takes its own. The first eager fused call of a launch
+        shape also compiles and loads the other form, so a capture that follows compiles nothing.
     mask_check : bool or None
         With a bool mask row shared by the query rows (a transformers step's ``[B, 1, 1, L]``), each
         program first reads the mask on all its tiles' visible keys (up to 2048) and, where it is True on
@@ -77,7 +80,7 @@ class SplitKVConfig:
     num_stages: int = 2
     use_pdl: bool | None = None
     heads_per_cta: int = 1
-    fused_merge: bool = False
+    fused_merge: bool | None = None
     mask_check: bool | None = None
 
     def __post_init__(self) -> None:
@@ -92,8 +95,8 @@ class SplitKVConfig:
         hp = self.heads_per_cta
         if not isinstance(hp, int) or hp < 1 or hp & (hp - 1):
             raise KVDecodeError(f"heads_per_cta must be a power of two >= 1, got {hp!r}")
-        if not isinstance(self.fused_merge, bool):
-            raise KVDecodeError(f"fused_merge must be True or False, got {self.fused_merge!r}")
+        if self.fused_merge is not None and not isinstance(self.fused_merge, bool):
+            raise KVDecodeError(f"fused_merge must be True, False or None, got {self.fused_merge!r}")
         if self.mask_check is not None and not isinstance(self.mask_check, bool):
             raise KVDecodeError(f"mask_check must be True, False or None, got {self.mask_check!r}")
 
@@ -101,7 +104,7 @@ class SplitKVConfig:
     def name(self) -> str:
         pdl = {None: "auto", True: "on", False: "off"}[self.use_pdl]
         heads = "" if self.heads_per_cta == 1 else f"_hp{self.heads_per_cta}"
-        fused = "_fm" if self.fused_merge else ""
+        fused = {None: "", True: "_fm", False: "_nofm"}[self.fused_merge]
         check = "" if self.mask_check is None else f"_mc{self.mask_check:d}"
         return (
             f"s{self.num_splits}_n{self.block_n}_w{self.num_warps}_st{self.num_stages}_pdl{pdl}{heads}{fused}"

@@ -64,7 +64,13 @@ class FusedScratch:
     it used at zero (the last split of a row zeroes its counter), so the next call on that stream, of
     any launcher, finds them so. A buffer outgrown is dropped: torch's allocator frees it in the order
     of its stream, after the calls already queued there. At most 64 (device, stream) pairs are held
-    (streams come and go): past that the oldest are forgotten the same way."""
+    (streams come and go): past that the oldest are forgotten the same way.
+
+    The buffers are allocated on the caller's stream by a short-lived thread of their own: torch routes a
+    thread's allocations to a CUDA graph's private pool while ``torch.compile(mode="reduce-overhead")``
+    warms a graph up (running the op eagerly) or captures it, and a shared buffer made there could be
+    handed to the graph's own tensors when the pool is checkpointed. Another thread's allocations go to
+    the ordinary pool, in the order of the stream it names."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # for changes; a lookup reads the dict as it is (atomic in CPython)
@@ -83,12 +89,14 @@ class FusedScratch:
                     count = max(counters, 0 if found is None else found[3])
                     if found is None and len(self._buffers) >= 64:
                         del self._buffers[next(iter(self._buffers))]
-                    found = self._buffers[key] = (
-                        torch.empty(size, dtype=torch.float32, device=device),
-                        torch.zeros(count, dtype=torch.int32, device=device),
-                        size,
-                        count,
+                    part, zeros = _outside_graph_pools(
+                        key[0],
+                        lambda: (
+                            torch.empty(size, dtype=torch.float32, device=device),
+                            torch.zeros(count, dtype=torch.int32, device=device),
+                        ),
                     )
+                    found = self._buffers[key] = (part, zeros, size, count)
         return found[0], found[1]
 
     def buffers(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
@@ -99,6 +107,31 @@ class FusedScratch:
     def clear(self) -> None:
         with self._lock:
             self._buffers.clear()
+
+
+def _outside_graph_pools(device_index: int, make):
+    """``make()`` run on another thread with this thread's current CUDA device and stream (directly off
+    CUDA): its allocations go to torch's ordinary pool, never to a CUDA graph's private pool that this
+    thread's allocations may be routed to (see :class:`FusedScratch`). Exceptions propagate."""
+    if device_index < 0:
+        return make()
+    stream = torch.cuda.current_stream(device_index)
+    result: list = []
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device_index), torch.cuda.stream(stream):
+                result.append((True, make()))
+        except BaseException as exc:  # handed to the caller
+            result.append((False, exc))
+
+    worker = threading.Thread(target=run, name="kvdecode-fused-scratch", daemon=True)
+    worker.start()
+    worker.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 FUSED_SCRATCH = FusedScratch()
@@ -114,6 +147,14 @@ def merge_bucket(num_splits: int) -> int:
         if num_splits <= bucket:
             return bucket
     raise ValueError(f"num_splits {num_splits} exceeds the largest merge bucket {MERGE_BUCKETS[-1]}")
+
+
+def _spec(write_lse: bool, o_strides, lse_strides, ptrs: list[int]) -> tuple:
+    """What a launch's compiled kernel depends on beyond the launcher's constants. Triton specializes on
+    each pointer's 16-byte alignment: one flag when all are aligned (the common case), else one per
+    pointer (the partials' never change within a plan: allocator blocks at a fixed offset)."""
+    flags = True if not (functools.reduce(operator.or_, ptrs) & 15) else tuple(p % 16 == 0 for p in ptrs)
+    return (write_lse, o_strides, lse_strides, flags)
 
 
 class SplitKVLauncher:
@@ -172,7 +213,11 @@ class SplitKVLauncher:
             block_m, cfg.block_n, block_d, p.has_kv_start, p.window is not None, p.softcap is not None,
             p.has_sinks, self.mask_kind,
         ]  # fmt: skip
-        self.fused = cfg.fused_merge and splits > 1  # the last split merges: no merge kernel
+        # the last split merges (no merge kernel): eager calls by default, captured ones when asked; one form
+        # for a deterministic plan (the two round differently)
+        fused = cfg.fused_merge
+        self.fused_captured = splits > 1 and fused is True
+        self.fused_eager = splits > 1 and (fused is True or (fused is None and not deterministic))
         self.mask_check = self.mask_kind == 3 and (
             cfg.mask_check
             if cfg.mask_check is not None
@@ -187,18 +232,21 @@ class SplitKVLauncher:
             0 if p.kv_dtype is None else _FP8_COMPUTE[fp8_compute or _default_fp8_compute()],
             _SCALE_KIND[p.kv_scale_kind],
             heads,
-            self.fused,
+            False,
             self.mask_check,
         ]
+        self._split_end_fused = [*self._split_end[:-2], True, self.mask_check]
         self._q_strides, self._k_strides, self._v_strides = p.q_strides[:3], p.k_strides[:3], p.v_strides[:3]
         self.n_part = p.batch * p.num_kv_heads * rows * splits if splits > 1 else 0
         self._part_elems = self.n_part * (p.head_dim + 1)
         self.device_index = p.device.index if p.device.type == "cuda" and not interpreter_active() else None
         pdl = {"launch_pdl": True} if self.use_pdl else {}
-        self._split = BoundKernel(
-            split_kv_kernel, "split_kv_kernel",
-            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl), self.device_index,
-        )  # fmt: skip
+        split_options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+        self._split = BoundKernel(split_kv_kernel, "split_kv_kernel", split_options, self.device_index)
+        # the same kernel with the fused merge: variants of its own (FUSED_MERGE is a constexpr)
+        self._split_fused = BoundKernel(
+            split_kv_kernel, "split_kv_kernel_fm", split_options, self.device_index
+        )
         bucket = merge_bucket(splits)
         # then WRITE_LSE, INTERP_BF16, USE_PDL
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
@@ -206,28 +254,42 @@ class SplitKVLauncher:
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
         self._merge = (
             None
-            if self.fused
+            if self.fused_eager and self.fused_captured
             else BoundKernel(
                 merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
             )
         )  # (with the fused merge the split kernel merges)
 
+    @property
+    def fused(self) -> bool:
+        """Whether an eager call runs the fused merge (one kernel) on the calling thread now."""
+        return self.fused_eager
+
     def __call__(
-        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None
+        self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None, *, fused=None
     ) -> None:
+        """Launch for these tensors (checked by the caller). ``fused``: the fused merge or not for this
+        call (None: the configuration's form for an eager or a captured call)."""
         index = self.device_index
         if index is not None and torch.cuda.current_device() != index:
             with torch.cuda.device(index):  # tensors on another GPU than the current one
-                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
+                self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
             return
-        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks)
+        self._launch(q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused)
 
-    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks) -> None:
+    def _launch(self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales, sinks, fused) -> None:
         write_lse = lse is not None
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
+        capturing = None
+        if fused is None:
+            fused = self.fused_eager
+            if fused != self.fused_captured:  # the forms differ: which one this call takes
+                capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+                fused = self.fused_captured if capturing else fused
+        fused = fused and self.n_part > 0
         part = counters = None
-        if self.fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
-            part, counters = self._fused_scratch(q.device)
+        if fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
+            part, counters = self._fused_scratch(q.device, capturing)
         elif self.n_part:  # owned by this call: a merge kernel reads it after the split kernel, and a call
             # from another thread on the same stream may launch between the two
             part = torch.empty(self._part_elems, dtype=torch.float32, device=q.device)
@@ -249,11 +311,7 @@ class SplitKVLauncher:
             lens_ptr if sinks is None else sinks.data_ptr(),
             lens_ptr if counters is None else counters.data_ptr(),
         ]  # fmt: skip
-        # Triton specializes on each pointer's 16-byte alignment: one flag when all are aligned (the common
-        # case), else one per pointer (the partials' never change within a plan: allocator blocks at a
-        # fixed offset)
-        flags = True if not (functools.reduce(operator.or_, ptrs) & 15) else tuple(p % 16 == 0 for p in ptrs)
-        spec = (write_lse, o_strides, lse_strides, flags)
+        spec = _spec(write_lse, o_strides, lse_strides, ptrs)
 
         def tensors():  # the same arguments as tensors, for Triton's binder (a new specialization)
             if part is None:
@@ -264,23 +322,50 @@ class SplitKVLauncher:
             return (out, lse if write_lse else part_lse_t, part_t, part_lse_t, q, k_cache, v_cache, seq_lens,
                     *[seq_lens if t is None else t for t in found])  # fmt: skip
 
-        self._split(
-            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse), spec,
-            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse),
+        end = self._split_end_fused if fused else self._split_end
+        split = self._split_fused if fused else self._split
+        if fused and capturing is False and self.device_index is not None and split.is_new(spec):
+            self._prepare_captured_form(ptrs, tensors, seq_lens, o_strides, lse_strides, write_lse)
+        split(
+            self.split_grid, self._split_args(ptrs, o_strides, lse_strides, write_lse, end), spec,
+            lambda: self._split_args(tensors(), o_strides, lse_strides, write_lse, end),
         )  # fmt: skip
-        if self.n_part and not self.fused:
+        if self.n_part and not fused:
             self._merge(
                 self.merge_grid, self._merge_args(ptrs, o_strides, lse_strides, write_lse), spec,
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
 
-    def _fused_scratch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare_captured_form(self, ptrs, tensors, seq_lens, o_strides, lse_strides, write_lse) -> None:
+        """At the first eager fused call of a launch shape, compile and load the split and merge kernels a
+        capture of the same call launches (a module load during capture fails): the same tensors, with
+        seq_lens' pointer where the counters' was and the stream's partials standing in for a call's own
+        (both allocator blocks: the same alignment)."""
+        other = [*ptrs[:13], ptrs[7]]
+        spec = _spec(write_lse, o_strides, lse_strides, other)
+
+        def binder():
+            return (*tensors()[:13], seq_lens)
+
+        self._split.prepare(
+            self.split_grid, spec,
+            lambda: self._split_args(binder(), o_strides, lse_strides, write_lse, self._split_end),
+        )  # fmt: skip
+        self._merge.prepare(
+            self.merge_grid, spec, lambda: self._merge_args(binder(), o_strides, lse_strides, write_lse)
+        )
+
+    def _fused_scratch(
+        self, device: torch.device, capturing: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused merge's partials and counters (zeros, one per program row) for this call: under
         CUDA-graph capture its own (the counters zeroed in the graph, so every replay starts at zero),
         never what an eager call or another graph uses; eager, the stream's (:class:`FusedScratch`).
         A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
         behind; nothing else can, since every program of a call counts once and the last one zeroes."""
-        if self.device_index is not None and torch.cuda.is_current_stream_capturing():
+        if capturing is None:
+            capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+        if capturing:
             return (
                 torch.empty(self._part_elems, dtype=torch.float32, device=device),
                 torch.zeros(self._n_counters, dtype=torch.int32, device=device),
@@ -288,12 +373,12 @@ class SplitKVLauncher:
         stream = 0 if self.device_index is None else raw_stream(self.device_index)
         return FUSED_SCRATCH.get(device, stream, self._part_elems, self._n_counters)
 
-    def _split_args(self, t, o_strides, lse_strides, write_lse) -> list:
+    def _split_args(self, t, o_strides, lse_strides, write_lse, end) -> list:
         """The split kernel's arguments, ``t`` the call's tensors (or their pointers) in the order of
-        ``_launch``'s ``tensors``."""
+        ``_launch``'s ``tensors``, ``end`` its last constexprs (``_split_end`` or ``_split_end_fused``)."""
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[4], *self._q_strides, t[5],
                 *self._k_strides, t[6], *self._v_strides, t[7], t[8], t[9], *self._mask_strides,
-                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *self._split_end]  # fmt: skip
+                t[10], t[11], t[12], t[13], *self._split_tail, write_lse, *end]  # fmt: skip
 
     def _merge_args(self, t, o_strides, lse_strides, write_lse) -> list:
         return [t[0], *o_strides, t[1], *lse_strides, t[2], t[3], t[12], *self._merge_tail, write_lse,

@@ -42,7 +42,7 @@ def config_dict(cfg: SplitKVConfig) -> dict:
     merge's form is not tuned)."""
     fields = asdict(cfg)
     del fields["use_pdl"]
-    for name, default in (("heads_per_cta", 1), ("fused_merge", False), ("mask_check", None)):
+    for name, default in (("heads_per_cta", 1), ("fused_merge", None), ("mask_check", None)):
         if fields[name] == default:
             del fields[name]
     return fields

@@ -79,11 +79,13 @@ def test_direct_launch_matches_the_binder_path():
     v = torch.randn(3, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor([4096, 17, 2000], dtype=torch.int32, device="cuda")
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
-    for fused in (False, True):  # split and merge kernels; the fused merge (one kernel, its counters)
+    # split and merge kernels; the fused merge (one kernel, its counters); the default: fused eagerly,
+    # the captured form (split and merge) compiled and loaded at the first call
+    for fused in (False, True, None):
         cfg = replace(default_config(problem), fused_merge=fused)
         direct, binder = SplitKVLauncher(problem, cfg), SplitKVLauncher(problem, cfg)
         assert direct.num_splits > 1
-        for bound in (binder._split, binder._merge):
+        for bound in (binder._split, binder._split_fused, binder._merge):
             if bound is not None:
                 bound.direct = False
         outs = []
@@ -94,8 +96,10 @@ def test_direct_launch_matches_the_binder_path():
         assert torch.equal(outs[1], outs[2]) and torch.equal(outs[0], outs[1])
         ref = reference_decode_attention(q, k, v, lens)[0]
         assert_close_to_reference(outs[1], ref, q.dtype, f"{problem.name} fused {fused}")
-        assert direct._split._compiled and direct._split.direct
+        eager = direct._split_fused if fused is not False else direct._split
+        assert eager._compiled and eager.direct
         assert (direct._merge is None) if fused else bool(direct._merge._compiled)
+        assert bool(direct._split._compiled) == (fused is not True)  # (None: prepared, never launched)
 
 
 @pytest.mark.gpu
@@ -130,21 +134,93 @@ def test_direct_launch_arguments_are_the_binder_arguments_as_pointers(splits):
     problem = kvdecode.DecodeProblem.from_tensors(
         q, k8, v8, lens, kv_start=kv_start, mask=mask, k_scale=k_scale, v_scale=v_scale, sinks=sinks
     )
-    for fused in (False, True):  # (the fused merge: one kernel, with the counters' pointer)
+    for fused in (False, True, None):  # (the fused merge: one kernel, with the counters' pointer)
         launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=splits, block_n=16, fused_merge=fused))
         seen = []
-
-        def spy(grid, args, spec, binder_args, seen=seen):
-            seen.append((args, binder_args()))
-
-        launcher._split = launcher._merge = spy
+        spy = _Spy(lambda grid, args, spec, binder_args, seen=seen: seen.append((args, binder_args())))
+        launcher._split = launcher._split_fused = launcher._merge = spy
         out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
         launcher(q, k8, v8, lens, kv_start, mask, out, lse, scales=(k_scale, v_scale), sinks=sinks)
-        assert len(seen) == (2 if splits > 1 and not fused else 1)
+        assert len(seen) == (2 if splits > 1 and fused is False else 1)  # (None: fused, an eager call)
         for args, binder in seen:
             assert check_direct_arguments(args, binder) >= 5  # the merge: out, lse, the two partials, sinks
         named = {id(t) for t in (out, lse, q, k8, v8, lens, kv_start, mask, k_scale, v_scale, sinks)}
         assert named <= {id(b) for b in seen[0][1] if isinstance(b, torch.Tensor)}
+
+
+class _Spy:
+    """Stands in for a launcher's BoundKernel: ``on_launch(grid, args, spec, binder_args)`` per launch;
+    ``prepare`` calls recorded, every spec new when ``new``."""
+
+    def __init__(self, on_launch, new: bool = False) -> None:
+        self.on_launch, self.new, self.prepared = on_launch, new, []
+
+    def __call__(self, grid, args, spec, binder_args=None) -> None:
+        self.on_launch(grid, args, spec, binder_args)
+
+    def is_new(self, spec) -> bool:
+        return self.new
+
+    def prepare(self, grid, spec, binder_args) -> None:
+        self.prepared.append((grid, spec, binder_args()))
+
+
+def test_default_forms_fused_eagerly_merge_kernel_captured_one_form_when_deterministic():
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 64, 16)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, k, torch.tensor([64, 30], dtype=torch.int32))
+    forms = {}
+    for fused in (None, True, False):
+        for det in (False, True):
+            la = SplitKVLauncher(
+                problem, SplitKVConfig(num_splits=3, block_n=16, fused_merge=fused), deterministic=det
+            )
+            forms[fused, det] = (la.fused_eager, la.fused_captured, la._merge is not None)
+    assert forms[None, False] == (True, False, True)  # the default: one kernel eagerly, two in a graph
+    assert forms[None, True] == (False, False, True)  # deterministic: the same form both ways
+    assert forms[True, False] == forms[True, True] == (True, True, False)  # asked for: fused everywhere
+    assert forms[False, False] == forms[False, True] == (False, False, True)
+    one = SplitKVLauncher(problem, SplitKVConfig(num_splits=1, block_n=16))
+    assert not one.fused_eager and not one.fused_captured  # one split: nothing to merge
+
+
+def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch):
+    """At an eager fused call with a new launch shape, the split and merge kernels a captured call of the
+    same tensors launches are compiled and loaded (prepared) first, for exactly the specialization and
+    arguments that call gives them, but for the partials (the captured call's own, the stream's here);
+    none is prepared for a shape already met."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k, v = torch.randn(2, 2, 64, 16, generator=gen), torch.randn(2, 2, 64, 16, generator=gen)
+    lens = torch.tensor([64, 30], dtype=torch.int32)
+    problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
+    launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=3, block_n=16))
+    monkeypatch.setattr(launcher, "device_index", 0)  # as on a GPU (where a capture can follow)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr("kvdecode.triton_kernels.launcher.raw_stream", lambda index: 0)
+    launches = []
+    launcher._split, launcher._merge = _Spy(lambda *a: launches.append(("split", a))), _Spy(lambda *a: None)
+    launcher._split_fused = _Spy(lambda *a: launches.append(("fused", a)), new=True)
+    out = torch.empty_like(q)
+    launcher._launch(q, k, v, lens, None, None, out, None, None, None, None)
+    assert [name for name, _ in launches] == ["fused"]
+    (split_prep,), (merge_prep,) = launcher._split.prepared, launcher._merge.prepared
+    # what a captured call passes: the same launch with the merge kernel (fused=False)
+    captured = {}
+    launcher._split = _Spy(lambda grid, args, spec, binder: captured.update(split=(grid, spec, binder())))
+    launcher._merge = _Spy(lambda grid, args, spec, binder: captured.update(merge=(grid, spec, binder())))
+    launcher._launch(q, k, v, lens, None, None, out, None, None, None, False)
+    for prep, want in ((split_prep, captured["split"]), (merge_prep, captured["merge"])):
+        assert prep[:2] == want[:2]  # grid and specialization
+        assert len(prep[2]) == len(want[2])
+        for a, b in zip(prep[2], want[2]):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a is not b:
+                assert a.dtype == b.dtype == torch.float32  # the partials (the call's own when captured)
+            else:
+                assert a is b or (not isinstance(a, torch.Tensor) and a == b)
+    launcher._split_fused.new = False  # a shape met before: nothing prepared again
+    launcher._split = _Spy(lambda *a: None)
+    launcher._launch(q, k, v, lens, None, None, out, None, None, None, None)
+    assert launcher._split.prepared == []
 
 
 def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
@@ -325,3 +401,68 @@ def test_gpu_fused_merge_eager_on_two_streams_and_in_a_graph():
             graph.replay()
             torch.cuda.synchronize()
             check(f"replay {i}")
+
+
+def _fused_case(seed: int, batch: int = 3, cap: int = 4096):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, 32, 1, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(batch, 8, cap, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(batch, 8, cap, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lens = torch.randint(1, cap + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+    return q, k, v, lens
+
+
+@pytest.mark.gpu
+def test_gpu_fused_scratch_is_never_allocated_in_a_graph_pool():
+    """torch.compile's graph trees route a thread's allocations to the graph's private pool while they
+    warm a graph up (the op runs eagerly then); the stream's shared scratch made by that call must still
+    come from the ordinary pool (a pool checkpoint could hand it to the graph's tensors), while the
+    call's own output, allocated by the caller, lands in the routed pool."""
+    if not (hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")):
+        pytest.skip("this torch has no torch.cuda.MemPool / use_mem_pool")
+    q, k, v, lens = _fused_case(21)
+    launch = SplitKVLauncher(DecodeProblem.from_tensors(q, k, v, lens), SplitKVConfig(12, 64))
+    assert launch.fused_eager and not launch.fused_captured
+    FUSED_SCRATCH.clear()
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        out = torch.full_like(q, float("nan"))
+        launch(q, k, v, lens, None, None, out, None)
+    torch.cuda.synchronize()
+    assert_close_to_reference(out, reference_decode_attention(q, k, v, lens)[0], q.dtype, "fused in a pool")
+    ((part, counters),) = FUSED_SCRATCH.buffers().values()
+    segments = pool.snapshot()
+
+    def in_pool(t: torch.Tensor) -> bool:
+        return any(s["address"] <= t.data_ptr() < s["address"] + s["total_size"] for s in segments)
+
+    assert in_pool(out) and not in_pool(part) and not in_pool(counters)
+    assert not counters.any()
+
+
+@pytest.mark.gpu
+def test_gpu_eager_call_then_capture_compiles_nothing_and_replays_the_merge_kernel():
+    """The default form: one eager call (fused) is the only warm-up a capture of the same call needs (the
+    merge kernel's form was compiled and loaded with it); the graph replays split + merge kernels with
+    its own partials, every replay close to the reference and to the eager output."""
+    q, k, v, lens = _fused_case(22)
+    the_plan = kvdecode.plan(DecodeProblem.from_tensors(q, k, v, lens), backend="triton")
+    launch = the_plan.launcher
+    assert launch.fused_eager and not launch.fused_captured and launch.num_splits > 1
+    eager = the_plan.run(q, k, v, lens)
+    torch.cuda.synchronize()
+    before = compile_counts()
+    out = torch.full_like(q, float("nan"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        the_plan.run(q, k, v, lens, out=out)
+    assert compile_counts() == before  # nothing compiled (or loaded) during the capture
+    ref = reference_decode_attention(q, k, v, lens)[0]
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_reference(out, ref, q.dtype, "captured after one eager call")
+        assert_close_to_reference(out, eager, q.dtype, "captured against eager")
