@@ -40,7 +40,7 @@ def _stub_launches() -> None:
     """Every plan made so far launches nothing (its kernels replaced by no-ops)."""
     for the_plan in PLANS._plans.values():
         la = the_plan.launcher
-        la._split = la._merge = _NoLaunch()
+        la._split = la._split_fused = la._merge = _NoLaunch()
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def _fused(label: str, the_plan, q, k, v, lens, out) -> None:
         launcher = SplitKVLauncher(the_plan.problem, config)
         split_plan = kvdecode.DecodePlan(the_plan.problem, the_plan.choice, False, launcher)
         split_plan.run(q, k, v, lens, out=out)  # (interpreter launches)
-        launcher._split = launcher._merge = _NoLaunch()
+        launcher._split = launcher._split_fused = launcher._merge = _NoLaunch()
         times["fused merge" if fused else "merge kernel"] = min(
             host_overhead_us(lambda p=split_plan: p.run(q, k, v, lens, out=out), n=20000) for _ in range(5)
         )

@@ -56,8 +56,12 @@ def parts(q, k, lens, out) -> None:
     from kvdecode.triton_kernels.bound import _hooks
 
     tri = kvdecode.plan(kvdecode.DecodeProblem.from_tensors(q, k, k, lens), backend="triton")
-    tri.run(q, k, k, lens, out=out)
-    la = tri.launcher  # split + merge kernels
+    tri.run(q, k, k, lens, out=out)  # the default: the fused merge for an eager call
+    la = SplitKVLauncher(
+        tri.problem, replace(tri.launcher.config, fused_merge=False)
+    )  # split + merge kernels
+    merge_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, la)
+    merge_plan.run(q, k, k, lens, out=out)
     fused = SplitKVLauncher(tri.problem, replace(la.config, fused_merge=True))  # one kernel
     fused_plan = kvdecode.DecodePlan(tri.problem, tri.choice, False, fused)
     fused_plan.run(q, k, k, lens, out=out)
@@ -73,12 +77,12 @@ def parts(q, k, lens, out) -> None:
 
         return call
 
-    split, merge, fused_split = la._split, la._merge, fused._split
+    split, merge, fused_split = la._split, la._merge, fused._split_fused
     labels = {split: split.name, merge: merge.name, fused_split: f"{fused_split.name} (fused merge)"}
-    la._split, la._merge, fused._split = (spy(b, labels[b]) for b in (split, merge, fused_split))
-    tri.run(q, k, k, lens, out=out)
+    la._split, la._merge, fused._split_fused = (spy(b, labels[b]) for b in (split, merge, fused_split))
+    merge_plan.run(q, k, k, lens, out=out)
     fused_plan.run(q, k, k, lens, out=out)
-    la._split, la._merge, fused._split = split, merge, fused_split
+    la._split, la._merge, fused._split_fused = split, merge, fused_split
     rows = {
         "python loop (lambda: None)": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: torch._C._cuda_getCurrentRawStream(0),
@@ -106,8 +110,9 @@ def parts(q, k, lens, out) -> None:
     rows["launcher, fused merge (one launch, the stream's scratch)"] = lambda: fused(
         q, k, k, lens, None, None, out, None
     )
-    rows["DecodePlan.run (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
+    rows["DecodePlan.run, merge kernel (triton, out=)"] = lambda: merge_plan.run(q, k, k, lens, out=out)
     rows["DecodePlan.run, fused merge (triton, out=)"] = lambda: fused_plan.run(q, k, k, lens, out=out)
+    rows["DecodePlan.run, the default (triton, out=)"] = lambda: tri.run(q, k, k, lens, out=out)
     rows["decode_attention(max_seq_len=1000, out=)"] = lambda: kvdecode.decode_attention(
         q, k, k, lens, max_seq_len=1000, out=out
     )
