@@ -45,10 +45,10 @@ class DecodePlan:
     A plan holds no per-call state: scratch (the Triton partials, cuDNN's workspace and clamped lengths)
     is allocated per call from torch's caching allocator on the current stream, so one plan may be run
     from any number of threads and streams at once (and captured in several CUDA graphs). The one
-    exception: an eager Triton call with several splits is one kernel (the fused merge, see
-    ``SplitKVConfig.fused_merge``) and takes its partials from a buffer per (device, stream) that every
-    plan shares (calls on a stream run one after another); under capture each call gets its own and the
-    merge runs as a kernel of its own.
+    exception: by default an eager Triton call with several splits is one kernel (the fused merge, see
+    ``SplitKVConfig.fused_merge``; not for a deterministic plan) and takes its partials from a buffer per
+    (device, stream) that every plan shares (calls on a stream run one after another); under capture each
+    call gets its own and the merge runs as a kernel of its own.
     """
 
     problem: DecodeProblem

@@ -168,6 +168,19 @@ def call_times_us(fn: Callable[[], object], reps: int, *, warmup: int = 2) -> li
     return _time_events([fn] * reps)
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(index: int) -> torch.cuda.Stream:
+    """One warm-up stream per device for :func:`capture_graph`: eager fused-merge calls keep a scratch
+    pair per stream they ran on (``launcher.FUSED_SCRATCH``), so a new stream per capture would leave
+    one behind each time (up to torch's pool of streams)."""
+    found = _SIDE_STREAMS.get(index)
+    if found is None:
+        found = _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(index))
+    return found
+
+
 def capture_graph(steps: Sequence[Callable[[], object]], *, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Run ``steps`` ``warmup`` times on a side stream, then capture them, in order, in one CUDA graph.
 
@@ -175,7 +188,7 @@ def capture_graph(steps: Sequence[Callable[[], object]], *, warmup: int = 3) -> 
     capture (``run`` must not allocate or sync once captured). ``torch.cuda.graph`` captures on its own
     side stream.
     """
-    side = torch.cuda.Stream()
+    side = _side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):

@@ -111,6 +111,7 @@ class BoundKernel:
         self.device_index = device_index
         self.direct = device_index is not None and not interpreter_active()
         self._compiled: dict[tuple, object] = {}
+        self._tried: set[tuple] = set()  # specs whose prepare failed: not tried again
 
     def __call__(self, grid: tuple[int, int, int], args: list, spec: tuple, binder_args=None) -> None:
         """Launch on ``grid``; ``spec`` must determine Triton's specialization of ``args`` (alignments and
@@ -149,23 +150,29 @@ class BoundKernel:
             self._compiled[spec] = kernel
 
     def is_new(self, spec: tuple) -> bool:
-        """Whether a direct launch of ``spec`` has no compiled kernel yet (always False off the GPU)."""
-        return self.direct and spec not in self._compiled
+        """Whether a direct launch of ``spec`` has no compiled kernel yet and none was tried by
+        :meth:`prepare` (always False off the GPU)."""
+        return self.direct and spec not in self._compiled and spec not in self._tried
 
     def prepare(self, grid: tuple[int, int, int], spec: tuple, binder_args) -> None:
         """Compile and load the kernel of ``spec`` without launching it (``binder_args()``: the tensors a
         launch of that specialization would get), so that a later launch of it, under CUDA-graph capture
-        say, neither compiles nor loads a module. Nothing to do off the GPU or once ``spec`` is known."""
+        say, neither compiles nor loads a module. Nothing to do off the GPU or once ``spec`` is known.
+        A failure (a form that does not fit this GPU) is logged, not raised: the call that prepares runs
+        another form, and a launch of this one raises then; it is not tried again."""
         if not self.is_new(spec):
             return
+        self._tried.add(spec)
         try:
             kernel = self.fn.warmup(*binder_args(), grid=grid, **self.options)
             getattr(kernel, "_init_handles", lambda: None)()  # loads the module (lazy until a launch)
-        except OutOfResources as exc:
-            raise KVDecodeError(f"{self.name} does not fit this GPU: {exc}") from exc
+        except Exception as exc:  # (out of resources, say): the launch of this form will say it
+            log.debug("%s: could not prepare %s (%s)", self.name, spec, exc)
+            return
+        if kernel is None or not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            return  # (a Triton that compiles asynchronously, or a hook that stopped the compile)
         _note_variant(self.name, kernel)
-        if all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
-            self._compiled.setdefault(spec, kernel)
+        self._compiled.setdefault(spec, kernel)
 
 
 def _torch_stream(index: int) -> int:

@@ -65,8 +65,9 @@ class SplitKVConfig:
         merge kernel unless ``True``): the two forms round differently. Eager fused calls take their
         partials and finished-split counters from one buffer per (device, stream) that every launcher
         shares (calls on a stream run in order, and each leaves the counters at zero), allocated outside
-        any CUDA-graph memory pool; a captured call takes its own. The first eager fused call of a launch
-        shape also compiles and loads the other form, so a capture that follows compiles nothing.
+        any CUDA-graph memory pool; a captured call takes its own. The first eager fused call of a plan
+        for given tensor alignments and LSE output also compiles and loads the other form, so a capture
+        of the same call that follows compiles nothing.
     mask_check : bool or None
         With a bool mask row shared by the query rows (a transformers step's ``[B, 1, 1, L]``), each
         program first reads the mask on all its tiles' visible keys (up to 2048) and, where it is True on

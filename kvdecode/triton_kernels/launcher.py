@@ -68,9 +68,11 @@ class FusedScratch:
 
     The buffers are allocated on the caller's stream by a short-lived thread of their own: torch routes a
     thread's allocations to a CUDA graph's private pool while ``torch.compile(mode="reduce-overhead")``
-    warms a graph up (running the op eagerly) or captures it, and a shared buffer made there could be
-    handed to the graph's own tensors when the pool is checkpointed. Another thread's allocations go to
-    the ordinary pool, in the order of the stream it names."""
+    warms a graph up (running the op eagerly) or captures it, and ``torch.cuda.use_mem_pool`` does the
+    same, and a shared buffer made there could be handed to the graph's own tensors when the pool is
+    checkpointed. That routing is per thread (torch 2.11 and later): another thread's allocations go to
+    the ordinary pool, in the order of the stream it names. (A routing keyed on the stream instead would
+    not be escaped this way.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # for changes; a lookup reads the dict as it is (atomic in CPython)
@@ -164,10 +166,13 @@ class SplitKVLauncher:
     passes only the tensors' pointers and launches the compiled kernels directly. The split count is a
     run-time argument: plans of one family share compiled kernels whatever their batch and capacity.
 
-    It holds no mutable state: the fp32 partials (``[B * H_kv, M, num_splits, D]`` and their LSEs) are
-    allocated per call from torch's caching allocator, on the current stream (the graph's private pool
-    under CUDA-graph capture), so one plan may serve any number of threads and streams at once. The merge
-    sums splits in a fixed order, so results are bitwise reproducible for a given config.
+    It holds no per-call state. With several splits, an eager call (by default, see
+    ``SplitKVConfig.fused_merge``) is one kernel whose fp32 partials (``[B * H_kv, M, num_splits, D]`` and
+    their LSEs) and finished-split counters are the stream's (:class:`FusedScratch`); a call under
+    CUDA-graph capture allocates its own partials from torch's caching allocator (the graph's private
+    pool) and merges them in a kernel of its own. Either way one plan may serve any number of threads
+    and streams at once. Both forms sum the splits in a fixed order, so each is bitwise reproducible;
+    the two differ from each other in rounding (a deterministic plan uses one form for both).
 
     ``fp8_compute`` (fp8 caches only, a development switch): ``"fp16-ptx"`` (the default on a GPU) runs the
     dots in fp16 with V converted in inline PTX where it is loaded, ``"fp16"`` (the interpreter's default)
@@ -252,17 +257,16 @@ class SplitKVLauncher:
         self._merge_tail = [splits, *common, bucket, block_d, p.has_sinks]
         self._interp_bf16 = interp_bf16
         merge_warps = 4 if bucket * block_d <= 8192 else 8  # [bucket, BLOCK_D] fp32 in registers
-        self._merge = (
-            None
-            if self.fused_eager and self.fused_captured
-            else BoundKernel(
-                merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
-            )
-        )  # (with the fused merge the split kernel merges)
+        # built whatever the form (a call may ask for the merge kernel: ``fused=False``); compiled only
+        # when launched or prepared
+        self._merge = BoundKernel(
+            merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
+        )
 
     @property
     def fused(self) -> bool:
-        """Whether an eager call runs the fused merge (one kernel) on the calling thread now."""
+        """Whether an eager call runs the fused merge (one kernel); see ``fused_captured`` for captured
+        calls."""
         return self.fused_eager
 
     def __call__(

@@ -12,7 +12,7 @@ winner is first checked against float32 math within :data:`kvdecode.reference.TO
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -35,6 +35,12 @@ __all__ = ["RESERVE_BYTES", "PointBench", "SkipPoint", "config_dict", "tune_poin
 
 class SkipPoint(Exception):
     """The point cannot be measured here (memory); the message says why."""
+
+
+def _captured_form(cfg: SplitKVConfig) -> SplitKVConfig:
+    """``cfg`` in the form its captured calls take (the table times captured calls), eagerly too: the
+    warm-ups and the check then run that form, not the fused merge the default gives eager calls."""
+    return replace(cfg, fused_merge=False) if cfg.fused_merge is None else cfg
 
 
 def config_dict(cfg: SplitKVConfig) -> dict:
@@ -83,7 +89,7 @@ class PointBench:
         from ..triton_kernels import TritonBackend
 
         try:
-            launcher = TritonBackend().make_launcher(self.problem, config=cfg)
+            launcher = TritonBackend().make_launcher(self.problem, config=_captured_form(cfg))
             return self._time(launcher, replays)
         except Exception as exc:  # out of resources, compile errors: skip this configuration
             if "illegal" in str(exc).lower() or isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -113,7 +119,7 @@ class PointBench:
 
         q, k, v = self.layers[0]
         out = self.outs[0].fill_(float("nan"))
-        launcher = TritonBackend().make_launcher(self.problem, config=cfg)
+        launcher = TritonBackend().make_launcher(self.problem, config=_captured_form(cfg))
         launcher(q, k, v, self.seq_lens, self.kv_start, self.mask, out, None)
         rows = sorted({0, q.shape[0] - 1})  # (a masked family's mask hides nothing: the same reference)
         want = float32_reference_rows(q, k, v, self.problem.capacity, rows)

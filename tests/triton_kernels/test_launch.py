@@ -98,7 +98,7 @@ def test_direct_launch_matches_the_binder_path():
         assert_close_to_reference(outs[1], ref, q.dtype, f"{problem.name} fused {fused}")
         eager = direct._split_fused if fused is not False else direct._split
         assert eager._compiled and eager.direct
-        assert (direct._merge is None) if fused else bool(direct._merge._compiled)
+        assert bool(direct._merge._compiled) == (fused is not True)  # (True: never launched nor prepared)
         assert bool(direct._split._compiled) == (fused is not True)  # (None: prepared, never launched)
 
 
@@ -174,24 +174,31 @@ def test_default_forms_fused_eagerly_merge_kernel_captured_one_form_when_determi
             la = SplitKVLauncher(
                 problem, SplitKVConfig(num_splits=3, block_n=16, fused_merge=fused), deterministic=det
             )
-            forms[fused, det] = (la.fused_eager, la.fused_captured, la._merge is not None)
-    assert forms[None, False] == (True, False, True)  # the default: one kernel eagerly, two in a graph
-    assert forms[None, True] == (False, False, True)  # deterministic: the same form both ways
-    assert forms[True, False] == forms[True, True] == (True, True, False)  # asked for: fused everywhere
-    assert forms[False, False] == forms[False, True] == (False, False, True)
+            forms[fused, det] = (la.fused_eager, la.fused_captured)
+    assert forms[None, False] == (True, False)  # the default: one kernel eagerly, two in a graph
+    assert forms[None, True] == (False, False)  # deterministic: the same form both ways
+    assert forms[True, False] == forms[True, True] == (True, True)  # asked for: fused everywhere
+    assert forms[False, False] == forms[False, True] == (False, False)
     one = SplitKVLauncher(problem, SplitKVConfig(num_splits=1, block_n=16))
     assert not one.fused_eager and not one.fused_captured  # one split: nothing to merge
 
 
-def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch):
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "lens-unaligned"])
+def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch, aligned):
     """At an eager fused call with a new launch shape, the split and merge kernels a captured call of the
     same tensors launches are compiled and loaded (prepared) first, for exactly the specialization and
     arguments that call gives them, but for the partials (the captured call's own, the stream's here);
-    none is prepared for a shape already met."""
+    none is prepared for a shape already met. With seq_lens 4 bytes off a 16-byte boundary the captured
+    form's key differs from the fused call's (seq_lens' pointer stands where the counters' was)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 1, 16, generator=gen)
     k, v = torch.randn(2, 2, 64, 16, generator=gen), torch.randn(2, 2, 64, 16, generator=gen)
-    lens = torch.tensor([64, 30], dtype=torch.int32)
+    lens = (
+        torch.tensor([64, 30], dtype=torch.int32)
+        if aligned
+        else torch.tensor([0, 64, 30], dtype=torch.int32)[1:]
+    )
+    assert (lens.data_ptr() % 16 == 0) == aligned
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
     launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=3, block_n=16))
     monkeypatch.setattr(launcher, "device_index", 0)  # as on a GPU (where a capture can follow)
@@ -199,11 +206,12 @@ def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch
     monkeypatch.setattr("kvdecode.triton_kernels.launcher.raw_stream", lambda index: 0)
     launches = []
     launcher._split, launcher._merge = _Spy(lambda *a: launches.append(("split", a))), _Spy(lambda *a: None)
-    launcher._split_fused = _Spy(lambda *a: launches.append(("fused", a)), new=True)
+    launcher._split_fused = _Spy(lambda *a: launches.append(("fused", a[2])), new=True)
     out = torch.empty_like(q)
     launcher._launch(q, k, v, lens, None, None, out, None, None, None, None)
     assert [name for name, _ in launches] == ["fused"]
     (split_prep,), (merge_prep,) = launcher._split.prepared, launcher._merge.prepared
+    assert (split_prep[1] == launches[0][1]) == aligned  # the fused call's own key only when all aligned
     # what a captured call passes: the same launch with the merge kernel (fused=False)
     captured = {}
     launcher._split = _Spy(lambda grid, args, spec, binder: captured.update(split=(grid, spec, binder())))
@@ -221,6 +229,23 @@ def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch
     launcher._split = _Spy(lambda *a: None)
     launcher._launch(q, k, v, lens, None, None, out, None, None, None, None)
     assert launcher._split.prepared == []
+
+
+def test_a_fused_launcher_still_runs_the_merge_kernel_when_asked():
+    """``fused=False`` on a launcher configured with ``fused_merge=True`` runs split + merge (its merge
+    kernel is built whatever the form): the same result as the fused form within rounding."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k, v = torch.randn(2, 2, 64, 16, generator=gen), torch.randn(2, 2, 64, 16, generator=gen)
+    lens = torch.tensor([64, 30], dtype=torch.int32)
+    launcher = SplitKVLauncher(
+        kvdecode.DecodeProblem.from_tensors(q, k, v, lens), SplitKVConfig(3, 16, fused_merge=True)
+    )
+    ref = reference_decode_attention(q, k, v, lens)[0]
+    for fused in (True, False):
+        out = torch.full_like(q, float("nan"))
+        launcher(q, k, v, lens, None, None, out, None, fused=fused)
+        assert_close_to_reference(out, ref, q.dtype, f"fused={fused}")
 
 
 def test_specialization_key_tells_aligned_and_unaligned_pointers_apart():
@@ -441,22 +466,34 @@ def test_gpu_fused_scratch_is_never_allocated_in_a_graph_pool():
 
 
 @pytest.mark.gpu
-def test_gpu_eager_call_then_capture_compiles_nothing_and_replays_the_merge_kernel():
-    """The default form: one eager call (fused) is the only warm-up a capture of the same call needs (the
-    merge kernel's form was compiled and loaded with it); the graph replays split + merge kernels with
-    its own partials, every replay close to the reference and to the eager output."""
-    q, k, v, lens = _fused_case(22)
-    the_plan = kvdecode.plan(DecodeProblem.from_tensors(q, k, v, lens), backend="triton")
-    launch = the_plan.launcher
-    assert launch.fused_eager and not launch.fused_captured and launch.num_splits > 1
+def test_gpu_eager_call_then_capture_compiles_nothing_and_replays_the_merge_kernel(monkeypatch):
+    """The default form: one eager call (fused) is the only warm-up a capture of the same call needs: the
+    split + merge kernels were compiled and loaded with it (prepared: this family, H 12/4 D 96 at 32-key
+    tiles, is met by no other test, so nothing else compiled them), and the capture launches them, not
+    the fused kernel. Every replay is close to the reference and to the eager output."""
+    gen = torch.Generator(device="cuda").manual_seed(22)
+    q = torch.randn(3, 12, 1, 96, device="cuda", generator=gen, dtype=torch.float16)
+    k = torch.randn(3, 4, 2048, 96, device="cuda", generator=gen, dtype=torch.float16)
+    v = torch.randn(3, 4, 2048, 96, device="cuda", generator=gen, dtype=torch.float16)
+    lens = torch.tensor([2048, 5, 1000], device="cuda", dtype=torch.int32)
+    problem = DecodeProblem.from_tensors(q, k, v, lens)
+    launch = SplitKVLauncher(problem, SplitKVConfig(num_splits=9, block_n=32, num_warps=2, num_stages=3))
+    the_plan = kvdecode.DecodePlan(problem, kvdecode.plan(problem, backend="triton").choice, False, launch)
+    assert launch.fused_eager and not launch.fused_captured
+    assert not launch._split._compiled and not launch._merge._compiled
     eager = the_plan.run(q, k, v, lens)
     torch.cuda.synchronize()
+    assert launch._split_fused._compiled  # launched
+    assert launch._split._compiled and launch._merge._compiled  # prepared, never launched
     before = compile_counts()
+
+    def no_fused(*args):
+        raise AssertionError("the fused kernel launched under capture")
+
+    monkeypatch.setattr(launch, "_split_fused", no_fused)
     out = torch.full_like(q, float("nan"))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph):
         the_plan.run(q, k, v, lens, out=out)
     assert compile_counts() == before  # nothing compiled (or loaded) during the capture
     ref = reference_decode_attention(q, k, v, lens)[0]
