@@ -140,8 +140,7 @@ def decode_attention(
     if validate:
         check_lengths(seq_lens, kv_start, q_len=problem.q_len, capacity=problem.capacity)
     max_seq_len = check_max_seq_len(max_seq_len, problem)
-    choice = PLANS.route(problem, backend, deterministic).choose(problem, max_seq_len, seq_lens)
-    the_plan = PLANS.get(problem, choice, asked=backend, deterministic=deterministic)
+    the_plan = PLANS.plan_for_call(problem, backend, deterministic, max_seq_len, seq_lens)
     # the problem was made from these very tensors (and keys the plan): no second round of checks
     return the_plan._launch(
         q, k_cache, v_cache, seq_lens, kv_start, mask, out, None, return_lse, scales, sinks

@@ -172,6 +172,32 @@ class PlanCache:
                     self._routes.popitem(last=False)
         return found
 
+    def plan_for_call(
+        self,
+        problem: DecodeProblem,
+        backend: str,
+        deterministic: bool,
+        max_seq_len: int | None,
+        seq_lens: torch.Tensor | None,
+    ) -> DecodePlan:
+        """``get(problem, route(...).choose(...))`` for one call, the choice's reason made only on a miss
+        (or with DEBUG logging on: :meth:`Route.choose` logs it): a hit is one route lookup, a length
+        compare and one plan lookup."""
+        found_route = self._routes.get((problem, backend, deterministic))  # (a read: atomic under the GIL)
+        if found_route is None:
+            found_route = self.route(problem, backend, deterministic)
+        name, length = found_route.backend_for(problem, max_seq_len, seq_lens)
+        if not log.isEnabledFor(logging.DEBUG):
+            key = (problem, backend, name, deterministic)
+            with self._lock:
+                found = self._plans.get(key)
+                if found is not None:
+                    self._stats["hits"] += 1
+                    self._plans.move_to_end(key)
+                    return found
+        choice = found_route.choose(problem, max_seq_len, seq_lens, length)
+        return self.get(problem, choice, asked=backend, deterministic=deterministic)
+
     def problem_for(self, alias: object) -> DecodeProblem | None:
         """The problem an entry point registered under ``alias`` (None if unknown or evicted)."""
         return self._aliases.get(alias)

@@ -126,8 +126,23 @@ class Route:
     fixed: Choice | None
     threshold: Threshold | None = None
 
-    def choose(
+    def backend_for(
         self, problem: DecodeProblem, max_seq_len: int | None, seq_lens: torch.Tensor | None
+    ) -> tuple[str, tuple[int, str] | None]:
+        """The backend :meth:`choose` picks, without its reason, and the length it compared (None for a
+        fixed choice) to hand to :meth:`choose` so that a miss reads the lengths only once."""
+        if self.fixed is not None:
+            return self.fixed.backend, None
+        value = self.threshold.value
+        length = _length(problem, value, max_seq_len, seq_lens)
+        return ("triton" if length[0] < value else "cudnn"), length
+
+    def choose(
+        self,
+        problem: DecodeProblem,
+        max_seq_len: int | None,
+        seq_lens: torch.Tensor | None,
+        length: tuple[int, str] | None = None,
     ) -> Choice:
         if self.fixed is not None:
             if max_seq_len is None or self.fixed.threshold is not None:
@@ -135,7 +150,7 @@ class Route:
             return Choice(self.fixed.backend, self.fixed.reason, None, max_seq_len)
         threshold = self.threshold
         assert threshold is not None
-        length, how = _length(problem, threshold.value, max_seq_len, seq_lens)
+        length, how = length or _length(problem, threshold.value, max_seq_len, seq_lens)
         tag = f" (provisional: {threshold.source})" if threshold.provisional else ""
         if length < threshold.value:
             reason = f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"

@@ -244,8 +244,7 @@ def _fast_path(
     lens = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
     problem = problem_for_tensors(query, k_buf, v_buf, lens, scale, None, None)
     try:
-        choice = PLANS.route(problem, backend).choose(problem, capacity, None)
-        made = PLANS.get(problem, choice, asked=backend)
+        made = PLANS.plan_for_call(problem, backend, False, capacity, None)
     except UnsupportedError as err:
         if backend != "auto":
             raise

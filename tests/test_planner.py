@@ -201,6 +201,31 @@ def test_rows_below_the_threshold_never_build_a_cudnn_graph(fake_cudnn, monkeypa
     assert len(fake_cudnn.made) == 1
 
 
+def test_plan_for_call_is_route_choose_get_with_one_read_of_the_lengths(fake_cudnn, monkeypatch, caplog):
+    """The call path's one lookup (``PLANS.plan_for_call``, no reason string on a hit) picks what
+    ``choose`` picks on both sides of the threshold, reads the device lengths once per call (a miss
+    included), hands back the cached plan on a hit (counted), and with DEBUG logging still logs each
+    call's choice."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake_triton = FakeCudnn()
+    fake_triton.name = "triton"
+    monkeypatch.setitem(backends._REGISTRY, "triton", fake_triton)
+    p = gpu_problem(capacity=65536)
+    thr = planner.auto_threshold(p).value
+    plans = {}
+    for value in (thr - 1, thr, 1, 65536, thr - 1):
+        lens = SeqLens(value)
+        made = PLANS.plan_for_call(p, "auto", False, None, lens)
+        assert made.backend == choose(p, seq_lens=SeqLens(value)).backend and lens.reads == 1
+        assert plans.setdefault(made.backend, made) is made  # one plan per backend, reused
+    info = PLANS.cache_info()
+    assert (info["size"], info["misses"], info["hits"]) == (2, 2, 3)
+    assert PLANS.plan_for_call(p, "cudnn", False, 7, None).backend == "cudnn"  # explicit: no lengths read
+    with caplog.at_level(logging.DEBUG, logger="kvdecode.planner"):
+        PLANS.plan_for_call(p, "auto", False, thr, None)
+    assert any("max_seq_len" in r.getMessage() and "cudnn" in r.getMessage() for r in caplog.records)
+
+
 def test_explain_on_cpu_names_what_cudnn_lacks():
     q = torch.randn(1, 4, 1, 60, dtype=torch.float16)
     k = torch.randn(1, 1, 128, 60, dtype=torch.float16)
