@@ -188,15 +188,20 @@ class PlanCache:
             found_route = self.route(problem, backend, deterministic)
         name, length = found_route.backend_for(problem, max_seq_len, seq_lens)
         if not log.isEnabledFor(logging.DEBUG):
-            key = (problem, backend, name, deterministic)
-            with self._lock:
-                found = self._plans.get(key)
-                if found is not None:
-                    self._stats["hits"] += 1
-                    self._plans.move_to_end(key)
-                    return found
+            found = self._hit((problem, backend, name, deterministic))
+            if found is not None:
+                return found
         choice = found_route.choose(problem, max_seq_len, seq_lens, length)
         return self.get(problem, choice, asked=backend, deterministic=deterministic)
+
+    def _hit(self, key: tuple) -> DecodePlan | None:
+        """The cached plan of ``key``, counted as a hit and made the newest; None on a miss."""
+        with self._lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._stats["hits"] += 1
+                self._plans.move_to_end(key)
+            return found
 
     def problem_for(self, alias: object) -> DecodeProblem | None:
         """The problem an entry point registered under ``alias`` (None if unknown or evicted)."""
@@ -221,13 +226,10 @@ class PlanCache:
         self, problem: DecodeProblem, choice: Choice, *, asked: str, deterministic: bool = False
     ) -> DecodePlan:
         """The plan for ``choice`` (made on a miss, outside the lock: cuDNN builds take a while)."""
+        found = self._hit((problem, asked, choice.backend, deterministic))
+        if found is not None:
+            return found
         key = (problem, asked, choice.backend, deterministic)
-        with self._lock:
-            found = self._plans.get(key)
-            if found is not None:
-                self._stats["hits"] += 1
-                self._plans.move_to_end(key)
-                return found
         made = plan_for_choice(problem, choice, deterministic=deterministic, auto=asked == "auto")
         if made.backend != choice.backend and capturing(problem.device):
             return made  # a fallback forced by the capture (cuDNN builds outside it): not for later calls
