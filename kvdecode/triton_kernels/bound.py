@@ -158,8 +158,8 @@ class BoundKernel:
         """Compile and load the kernel of ``spec`` without launching it (``binder_args()``: the tensors a
         launch of that specialization would get), so that a later launch of it, under CUDA-graph capture
         say, neither compiles nor loads a module. Nothing to do off the GPU or once ``spec`` is known.
-        A failure (a form that does not fit this GPU) is logged, not raised: the call that prepares runs
-        another form, and a launch of this one raises then; it is not tried again."""
+        A failure (a form that does not fit this GPU) is logged as a warning, not raised: the call that
+        prepares runs another form, and a launch of this one raises then; it is not tried again."""
         if not self.is_new(spec):
             return
         self._tried.add(spec)
@@ -167,7 +167,10 @@ class BoundKernel:
             kernel = self.fn.warmup(*binder_args(), grid=grid, **self.options)
             getattr(kernel, "_init_handles", lambda: None)()  # loads the module (lazy until a launch)
         except Exception as exc:  # (out of resources, say): the launch of this form will say it
-            log.debug("%s: could not prepare %s (%s)", self.name, spec, exc)
+            log.warning(
+                "%s: could not compile ahead the form a CUDA-graph capture launches (%s: %s); a capture "
+                "of this call would compile it then", self.name, type(exc).__name__, str(exc)[:200],
+            )  # fmt: skip
             return
         if kernel is None or not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             return  # (a Triton that compiles asynchronously, or a hook that stopped the compile)

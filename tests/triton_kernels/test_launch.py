@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -503,3 +504,44 @@ def test_gpu_eager_call_then_capture_compiles_nothing_and_replays_the_merge_kern
         torch.cuda.synchronize()
         assert_close_to_reference(out, ref, q.dtype, "captured after one eager call")
         assert_close_to_reference(out, eager, q.dtype, "captured against eager")
+
+
+def test_prepare_compiles_and_loads_once_and_warns_once_when_it_cannot(caplog):
+    """``BoundKernel.prepare``: Triton's ``warmup`` with the launch options, then the module load; the
+    kernel kept for direct launches of that spec. A form that fails is logged as a warning, not raised
+    (the call that prepares runs another form), and not tried again."""
+    from kvdecode.triton_kernels.bound import BoundKernel
+
+    class Compiled:
+        run, function, packed_metadata = object(), object(), object()
+
+        def __init__(self):
+            self.loaded = 0
+
+        def _init_handles(self):
+            self.loaded += 1
+
+    class Fn:
+        def __init__(self, fail):
+            self.fail, self.calls = fail, []
+
+        def warmup(self, *args, grid, **options):
+            self.calls.append((args, grid, options))
+            if self.fail:
+                raise RuntimeError("out of resources: shared memory")
+            return Compiled()
+
+    ok = BoundKernel(Fn(False), "k", {"num_warps": 4, "launch_pdl": True}, None)
+    ok.direct = True  # as on a GPU
+    assert ok.is_new(("spec",))
+    ok.prepare((3, 1, 1), ("spec",), lambda: ["t"])
+    ok.prepare((3, 1, 1), ("spec",), lambda: ["t"])
+    assert ok.fn.calls == [(("t",), (3, 1, 1), {"num_warps": 4, "launch_pdl": True})]  # once
+    assert ok._compiled[("spec",)].loaded == 1 and not ok.is_new(("spec",))
+    bad = BoundKernel(Fn(True), "k", {}, None)
+    bad.direct = True
+    with caplog.at_level(logging.WARNING, logger="kvdecode.triton"):
+        bad.prepare((1, 1, 1), ("s",), lambda: [])
+        bad.prepare((1, 1, 1), ("s",), lambda: [])
+    assert len(bad.fn.calls) == 1 and not bad.is_new(("s",)) and ("s",) not in bad._compiled
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "capture" in caplog.records[0].message
