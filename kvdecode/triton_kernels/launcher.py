@@ -286,11 +286,12 @@ class SplitKVLauncher:
         lens_ptr = seq_lens.data_ptr()  # stands in for every absent tensor: never read then
         capturing = None
         if fused is None:
-            fused = self.fused_eager
+            fused = self.fused_eager  # (only with several splits)
             if fused != self.fused_captured:  # the forms differ: which one this call takes
                 capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
                 fused = self.fused_captured if capturing else fused
-        fused = fused and self.n_part > 0
+        elif fused:
+            fused = self.n_part > 0  # (one split: nothing to merge)
         part = counters = None
         if fused:  # one kernel: its scratch is the stream's in an eager call (see FusedScratch)
             part, counters = self._fused_scratch(q.device, capturing)
