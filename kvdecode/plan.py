@@ -162,8 +162,7 @@ class PlanCache:
 
     def route(self, problem: DecodeProblem, backend: str, deterministic: bool = False) -> Route:
         key = (problem, backend, deterministic)
-        with self._lock:
-            found = self._routes.get(key)
+        found = self._routes.get(key)  # (a read: atomic under the GIL; the lock guards the changes)
         if found is None:
             found = route(problem, backend, deterministic=deterministic)
             with self._lock:
@@ -183,15 +182,13 @@ class PlanCache:
         """``get(problem, route(...).choose(...))`` for one call, the choice's reason made only on a miss
         (or with DEBUG logging on: :meth:`Route.choose` logs it): a hit is one route lookup, a length
         compare and one plan lookup."""
-        found_route = self._routes.get((problem, backend, deterministic))  # (a read: atomic under the GIL)
-        if found_route is None:
-            found_route = self.route(problem, backend, deterministic)
-        name, length = found_route.backend_for(problem, max_seq_len, seq_lens)
+        found_route = self.route(problem, backend, deterministic)
+        decided = found_route.backend_for(problem, max_seq_len, seq_lens)
         if not log.isEnabledFor(logging.DEBUG):
-            found = self._hit((problem, backend, name, deterministic))
+            found = self._hit((problem, backend, decided[0], deterministic))
             if found is not None:
                 return found
-        choice = found_route.choose(problem, max_seq_len, seq_lens, length)
+        choice = found_route.choose(problem, max_seq_len, seq_lens, decided)
         return self.get(problem, choice, asked=backend, deterministic=deterministic)
 
     def _hit(self, key: tuple) -> DecodePlan | None:

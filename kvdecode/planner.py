@@ -130,7 +130,7 @@ class Route:
         self, problem: DecodeProblem, max_seq_len: int | None, seq_lens: torch.Tensor | None
     ) -> tuple[str, tuple[int, str] | None]:
         """The backend :meth:`choose` picks, without its reason, and the length it compared (None for a
-        fixed choice) to hand to :meth:`choose` so that a miss reads the lengths only once."""
+        fixed choice); hand both to :meth:`choose` so that a miss reads the lengths only once."""
         if self.fixed is not None:
             return self.fixed.backend, None
         value = self.threshold.value
@@ -142,22 +142,20 @@ class Route:
         problem: DecodeProblem,
         max_seq_len: int | None,
         seq_lens: torch.Tensor | None,
-        length: tuple[int, str] | None = None,
+        decided: tuple[str, tuple[int, str] | None] | None = None,
     ) -> Choice:
+        """The backend for this call and why. ``decided``: what :meth:`backend_for` returned for the same
+        arguments (the lengths are then not read again)."""
         if self.fixed is not None:
             if max_seq_len is None or self.fixed.threshold is not None:
                 return self.fixed
             return Choice(self.fixed.backend, self.fixed.reason, None, max_seq_len)
         threshold = self.threshold
-        assert threshold is not None
-        length, how = length or _length(problem, threshold.value, max_seq_len, seq_lens)
+        name, (length, how) = decided or self.backend_for(problem, max_seq_len, seq_lens)
+        sign = "<" if name == "triton" else ">="
         tag = f" (provisional: {threshold.source})" if threshold.provisional else ""
-        if length < threshold.value:
-            reason = f"auto: length {length} from {how} < cuDNN threshold {threshold.value}{tag}"
-            choice = Choice("triton", reason, threshold.value, length)
-        else:
-            reason = f"auto: length {length} from {how} >= cuDNN threshold {threshold.value}{tag}"
-            choice = Choice("cudnn", reason, threshold.value, length)
+        reason = f"auto: length {length} from {how} {sign} cuDNN threshold {threshold.value}{tag}"
+        choice = Choice(name, reason, threshold.value, length)
         log.debug("%s -> %s: %s", problem.name, choice.backend, choice.reason)
         return choice
 

@@ -93,7 +93,7 @@ def test_one_fused_merge_launcher_from_threads(private_streams):
     q, k, v, lens, _ = _inputs(0)
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
     launch = SplitKVLauncher(problem, SplitKVConfig(num_splits=16, block_n=64, fused_merge=True))
-    assert launch.fused
+    assert launch.fused_eager and launch.fused_captured
 
     def call(q, k, v, lens):
         out = torch.full_like(q, float("nan"))

@@ -146,7 +146,7 @@ class BoundKernel:
             ) from exc
         if kernel is not None:  # None under the interpreter
             _note_variant(self.name, kernel)
-        if self.direct and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        if self.direct and _launchable(kernel):
             self._compiled[spec] = kernel
 
     def is_new(self, spec: tuple) -> bool:
@@ -172,10 +172,15 @@ class BoundKernel:
                 "of this call would compile it then", self.name, type(exc).__name__, str(exc)[:200],
             )  # fmt: skip
             return
-        if kernel is None or not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        if not _launchable(kernel):
             return  # (a Triton that compiles asynchronously, or a hook that stopped the compile)
         _note_variant(self.name, kernel)
         self._compiled.setdefault(spec, kernel)
+
+
+def _launchable(kernel: object) -> bool:
+    """Whether a compiled kernel has what a direct launch calls (None: Triton compiled nothing)."""
+    return all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
 
 
 def _torch_stream(index: int) -> int:

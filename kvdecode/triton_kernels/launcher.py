@@ -151,6 +151,12 @@ def merge_bucket(num_splits: int) -> int:
     raise ValueError(f"num_splits {num_splits} exceeds the largest merge bucket {MERGE_BUCKETS[-1]}")
 
 
+# whether the current CUDA stream is capturing, without torch.cuda's Python wrapper (a per-call query)
+_stream_capturing = (
+    getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
+)
+
+
 def _spec(write_lse: bool, o_strides, lse_strides, ptrs: list[int]) -> tuple:
     """What a launch's compiled kernel depends on beyond the launcher's constants. Triton specializes on
     each pointer's 16-byte alignment: one flag when all are aligned (the common case), else one per
@@ -263,12 +269,6 @@ class SplitKVLauncher:
             merge_kernel, f"merge_kernel_s{bucket}", dict(num_warps=merge_warps, **pdl), self.device_index
         )
 
-    @property
-    def fused(self) -> bool:
-        """Whether an eager call runs the fused merge (one kernel); see ``fused_captured`` for captured
-        calls."""
-        return self.fused_eager
-
     def __call__(
         self, q, k_cache, v_cache, seq_lens, kv_start, mask, out, lse, scales=None, sinks=None, *, fused=None
     ) -> None:
@@ -288,7 +288,7 @@ class SplitKVLauncher:
         if fused is None:
             fused = self.fused_eager  # (only with several splits)
             if fused != self.fused_captured:  # the forms differ: which one this call takes
-                capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+                capturing = self._capturing()
                 fused = self.fused_captured if capturing else fused
         elif fused:
             fused = self.n_part > 0  # (one split: nothing to merge)
@@ -341,6 +341,11 @@ class SplitKVLauncher:
                 lambda: self._merge_args(tensors(), o_strides, lse_strides, write_lse),
             )  # fmt: skip
 
+    def _capturing(self) -> bool:
+        """Whether this call is being captured in a CUDA graph (the caller made the launcher's device the
+        current one; never off the GPU)."""
+        return self.device_index is not None and _stream_capturing()
+
     def _prepare_captured_form(self, ptrs, tensors, seq_lens, o_strides, lse_strides, write_lse) -> None:
         """At the first eager fused call of a launch shape, compile and load the split and merge kernels a
         capture of the same call launches (a module load during capture fails): the same tensors, with
@@ -369,7 +374,7 @@ class SplitKVLauncher:
         A grid that never finishes (a device fault: the CUDA context is lost with it) would leave counts
         behind; nothing else can, since every program of a call counts once and the last one zeroes."""
         if capturing is None:
-            capturing = self.device_index is not None and torch.cuda.is_current_stream_capturing()
+            capturing = self._capturing()
         if capturing:
             return (
                 torch.empty(self._part_elems, dtype=torch.float32, device=device),

@@ -203,7 +203,7 @@ def test_first_eager_fused_call_prepares_the_form_a_capture_launches(monkeypatch
     problem = kvdecode.DecodeProblem.from_tensors(q, k, v, lens)
     launcher = SplitKVLauncher(problem, SplitKVConfig(num_splits=3, block_n=16))
     monkeypatch.setattr(launcher, "device_index", 0)  # as on a GPU (where a capture can follow)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr("kvdecode.triton_kernels.launcher._stream_capturing", lambda: False)
     monkeypatch.setattr("kvdecode.triton_kernels.launcher.raw_stream", lambda index: 0)
     launches = []
     launcher._split, launcher._merge = _Spy(lambda *a: launches.append(("split", a))), _Spy(lambda *a: None)
@@ -323,7 +323,7 @@ def test_gpu_fused_launchers_of_other_sizes_share_the_streams_scratch_back_to_ba
         launch = SplitKVLauncher(
             DecodeProblem.from_tensors(q, k, k, lens), SplitKVConfig(splits, 64, fused_merge=True)
         )
-        assert launch.fused
+        assert launch.fused_eager and launch.fused_captured
         cases.append((launch, q, k, lens, reference_decode_attention(q, k, k, lens)[0]))
     stream = torch.cuda.Stream()
     key = (torch.cuda.current_device(), stream.cuda_stream)

@@ -337,7 +337,7 @@ def test_fused_merge_matches_reference_call_after_call(device, shard, data):
     splits = (2, 3, 5) if device == "cpu" else (2, 8, 33, 128)
     case, x, cfg, launch, ref_out, ref_lse = _draw_packed_call(data, device, shard, kv_heads, (1,), splits,
                                                                fused_merge=True)  # fmt: skip
-    assert launch.fused
+    assert launch.fused_eager and launch.fused_captured
     FUSED_SCRATCH.clear()
     scratch = []
     for call in range(2):
